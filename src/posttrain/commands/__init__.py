@@ -1,0 +1,1 @@
+"""One module per `posttrain` verb: HELP, add_arguments(parser), run(args) -> int."""

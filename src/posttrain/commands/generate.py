@@ -1,0 +1,41 @@
+"""`posttrain generate`: answer prompts with a model (the embedded one by default)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Answer one or more chat prompts with a model (greedy by default)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.models import EMBEDDED
+
+    parser.add_argument("--model", default=EMBEDDED, help="model spec: embedded name, directory, .gguf, run dir")
+    parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from posttrain.models import load_model
+
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    model, tok = load_model(args.model)
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in args.prompt]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    sample = args.temperature > 0
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature if sample else None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id)
+    for prompt, ids in zip(args.prompt, out[:, batch["input_ids"].shape[1]:]):
+        print(f"\n>>> {prompt}\n{tok.decode(ids, skip_special_tokens=True).strip()}")
+    return 0
