@@ -1,0 +1,77 @@
+"""`posttrain tasks`: list the built-in tasks, show a few rows, export a split to jsonl.
+
+    posttrain tasks                                   # the table of tasks
+    posttrain tasks show arithmetic --n 3 [--split test] [--seed 0] [--opt digits=3]
+    posttrain tasks export arithmetic --split test --n 200 --out test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "List the built-in tasks, show rows of one, or export a split to a jsonl file."
+
+
+def _common(p: argparse.ArgumentParser, default_n: int | None) -> None:
+    p.add_argument("name", help="task name (see `posttrain tasks`)")
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--n", type=int, default=default_n, help="number of rows (default: %(default)s; none = task default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. digits=3 (repeatable)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.add_parser("list", help="list the tasks (the default)")
+    _common(sub.add_parser("show", help="print a few rows of a task"), 3)
+    export = sub.add_parser("export", help="write a split of a task to a jsonl file")
+    _common(export, None)
+    export.add_argument("--out", required=True, help="output .jsonl path")
+
+
+def _options(pairs: list[str]) -> dict:
+    from posttrain.rewards import parse_value
+
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--opt expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from posttrain import tasks
+
+    console, err = Console(width=max(120, Console().width)), Console(stderr=True)
+    action = getattr(args, "action", None) or "list"
+    if action == "list":
+        table = Table(title="built-in tasks")
+        for column in ("task", "splits", "reward", "columns", "description"):
+            table.add_column(column)
+        for t in tasks.list_tasks():
+            table.add_row(t.name, ",".join(t.splits), t.reward, ",".join(t.columns), t.description)
+        console.print(table)
+        return 0
+    try:
+        rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **_options(args.opt))
+    except (KeyError, ValueError, TypeError, ImportError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    if action == "show":
+        for i, row in enumerate(rows):
+            console.rule(f"{args.name} {args.split} #{i}")
+            for key, value in row.items():
+                console.print(f"[bold]{key}[/bold]: ", end="")
+                console.print(value if isinstance(value, str) else json.dumps(value), markup=False, highlight=False)
+        return 0
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    err.print(f"wrote {len(rows)} rows of {args.name} ({args.split}, seed {args.seed}) to {args.out}")
+    return 0
