@@ -1,0 +1,79 @@
+"""`posttrain doctor runs/<name>`: diagnose a run from its metrics and samples.
+
+Replays the doctor's rules (posttrain.doctor) over the run's metrics.jsonl and samples.jsonl and
+prints each problem at the step it appeared: symptom, likely cause and fix, from the doctrine's
+debugging table and reward-hacking section. Thresholds can be changed with --set name=value.
+Exit code 0 when no error-level event fired, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "Diagnose a run: symptoms, likely causes and fixes from the doctrine's debugging table."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (runs/<name>) with metrics.jsonl")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a threshold, e.g. --set kl_target=0.05 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the events as JSON lines")
+
+
+def _thresholds(pairs: list[str]) -> dict:
+    import dataclasses
+
+    from posttrain.doctor import Thresholds
+
+    fields = {f.name: f.type for f in dataclasses.fields(Thresholds)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields:
+            raise ValueError(f"unknown threshold {name!r}; known: {', '.join(fields)}")
+        out[name] = int(value) if fields[name] in ("int", int) else float(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from posttrain.doctor import RULES, diagnose
+    from posttrain.tracking import read_jsonl
+
+    err = Console(stderr=True)
+    run_dir = Path(args.run_dir)
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    if not history:
+        err.print(f"[red]error:[/red] {run_dir / 'metrics.jsonl'}: missing or empty")
+        return 2
+    try:
+        overrides = _thresholds(args.set)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    events = diagnose(history, read_jsonl(run_dir / "samples.jsonl"), **overrides)
+    if args.json:
+        for ev in events:
+            print(json.dumps(ev.to_dict()))
+        return 1 if any(e.severity == "error" for e in events) else 0
+    console = Console(width=max(120, Console().width))
+    last = history[-1].get("step", len(history))
+    if not events:
+        console.print(f"{run_dir}: {len(history)} steps (last {last}), no problems found by "
+                      f"{len(RULES)} rules", style="green")
+        return 0
+    table = Table(title=f"{run_dir}: {len(history)} steps, {len(events)} event(s)", title_justify="left",
+                  show_lines=True)
+    for col in ("step", "severity", "rule", "symptom", "likely cause", "fix"):
+        table.add_column(col, overflow="fold", justify="right" if col == "step" else "left")
+    colors = {"error": "bold red", "warning": "yellow"}
+    for ev in events:
+        table.add_row(str(ev.step), f"[{colors.get(ev.severity, '')}]{ev.severity}[/]", ev.rule, ev.symptom,
+                      ev.cause, ev.fix)
+    console.print(table)
+    return 1 if any(e.severity == "error" for e in events) else 0

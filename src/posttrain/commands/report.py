@@ -1,0 +1,32 @@
+"""`posttrain report runs/<name>`: write the run's report.html with PNG plots (posttrain.report).
+
+Reward vs KL on one figure, length, entropy, clip fraction, each reward function, loss, held-out
+evaluations, the doctor's events on the timeline, and sample completions from early and late in
+training. Trainers write it at the end of a run; this command (re)writes it at any time, also
+while a run is going.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Write runs/<name>/report.html: reward vs KL, length, entropy, doctor events, samples."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (runs/<name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posttrain.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "evals.jsonl").is_file():
+        print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)")
+        return 2
+    path = write_report(run_dir)
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    print(f"wrote {path} ({len(pngs)} plots: {', '.join(pngs)})")
+    return 0
