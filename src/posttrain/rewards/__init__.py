@@ -75,7 +75,7 @@ _BUILTIN: dict[str, tuple[str, str, bool, str | None]] = {
     "format": ("posttrain.rewards.format", "format_reward", False, None),
     "length": ("posttrain.rewards.length", "length_penalty", False, None),
     "countdown": ("posttrain.rewards.countdown", "countdown_reward", False, None),
-    # later issues: "judge": ("posttrain.rewards.judge", "make_judge_reward", True, None),
+    "judge": ("posttrain.rewards.judge", "make_judge_reward", True, None),
     #               "reward_model": ("posttrain.rewards.reward_model", "make_reward_model_reward", True, None),
 }
 # name -> (target, factory?, batch); target is a callable or None for a lazy built-in
