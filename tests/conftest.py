@@ -33,3 +33,60 @@ def embedded():
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny random model saved as a local HF directory (a model spec trainers accept)."""
+    from posttrain.models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tok = tiny_model(seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_prompts(tmp_path_factory) -> str:
+    """A prompt file for toy-reward learning tests."""
+    import json
+
+    path = tmp_path_factory.mktemp("toy") / "prompts.jsonl"
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "music", "light"]
+    path.write_text("".join(json.dumps({"prompt": f"Say a word like {w}."}) + "\n" for w in words))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def peaked_dir(tmp_path_factory) -> str:
+    """A tiny random model with larger initial weights (initializer_range 0.2): its next-token
+    distributions are peaked, as a trained model's are, so a toy reward has variance within a
+    group and a policy-gradient method can move it in a few dozen steps."""
+    from posttrain.models import tiny_model
+
+    path = tmp_path_factory.mktemp("peaked-model")
+    model, tok = tiny_model(seed=0, initializer_range=0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def stoppable_dir(tmp_path_factory) -> str:
+    """The peaked tiny model, with the EOS output row turned toward the typical final hidden state,
+    so completions end at varied lengths (about half of 12 tokens) instead of always running to
+    the limit: what a length-paying reward needs in order to be gamed."""
+    from posttrain.data import encode_prompt
+    from posttrain.models import tiny_model
+
+    path = tmp_path_factory.mktemp("stoppable-model")
+    model, tok = tiny_model(seed=0, initializer_range=0.2)
+    ids = torch.tensor([encode_prompt(tok, "Say a word like apple.")])
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state[0].mean(0)
+        w = model.lm_head.weight
+        w[tok.eos_token_id] = 2.0 * h / h.norm() * w.norm(dim=1).mean()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

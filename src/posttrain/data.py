@@ -212,3 +212,25 @@ def _implicit_prompt(row: dict, fail) -> dict:
 def is_conversational(value: Any) -> bool:
     """True for a list of messages (TRL's conversational format)."""
     return _is_messages(value) and bool(value) and "role" in value[0]
+
+
+def prompt_text(tokenizer, prompt: Any, chat_template: bool = True) -> str:
+    """The text a model is given for ``prompt``: conversational prompts go through the chat
+    template (with the generation prompt); a plain string is wrapped as one user message when
+    ``chat_template`` and the tokenizer has a template, else used as is (TRL's "standard" format)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if is_conversational(prompt):
+        if not has_template:
+            raise ValueError("conversational prompt, but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if chat_template and has_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: Any, chat_template: bool = True) -> list[int]:
+    """Token ids of :func:`prompt_text` (special tokens come from the template, not added twice)."""
+    text = prompt_text(tokenizer, prompt, chat_template)
+    templated = is_conversational(prompt) or (chat_template and bool(getattr(tokenizer, "chat_template", None)))
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]

@@ -194,6 +194,8 @@ def load_model(
     path = Path(spec).expanduser()
     if spec == EMBEDDED:
         path = ensure_embedded()
+    elif (path / "final").is_dir() and not (path / "config.json").is_file():
+        path = path / "final"  # a run directory: its final model
     with _quiet():
         model, tokenizer = _load(spec, path, dtype, padding_side)
     if spec == EMBEDDED:  # adapters saved on top of it then name the portable spec, not a cache path

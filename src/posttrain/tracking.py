@@ -87,6 +87,7 @@ class Tracker:
         self,
         run_dir: str | Path,
         config: dict[str, Any] | None = None,
+        header: str | None = None,
         resume_step: int | None = None,
         tensorboard: bool = False,
         enabled: bool = True,
@@ -105,7 +106,8 @@ class Tracker:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_jsonable(config), sort_keys=False))
+            text = yaml.safe_dump(to_jsonable(config), sort_keys=False)
+            (self.run_dir / "config.yaml").write_text(f"# {header}\n{text}" if header else text)
         if resume_step is not None:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 _truncate_after(self.run_dir / name, resume_step)

@@ -1,0 +1,129 @@
+"""The generate and score stages, shared by GRPO, RLOO, REINFORCE++, PPO and `posttrain pairs`.
+
+``collect`` draws prompts from the stream, samples a group of completions per prompt (prompt
+cache shared, ``generation.sample_groups``), decodes them and scores them with the reward
+functions (plain Python, code rewards in worker processes). With ``dynamic_sampling`` (DAPO, Yu et
+al. 2025) it keeps drawing prompts, for a bounded number of rounds, until the batch holds enough
+groups whose rewards differ: a group whose rewards are all equal has zero advantage everywhere and
+teaches nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+
+from posttrain import rewards as rw
+from posttrain.data import encode_prompt
+from posttrain.generation import Rollouts, SamplingConfig, concat_rollouts, sample_groups, select_groups
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    rows: list[dict[str, Any]]
+    """One dataset row per prompt."""
+    rollouts: Rollouts
+    texts: list[str]
+    """Decoded completions, P*G, grouped."""
+    rewards_B: torch.Tensor
+    """Total reward per completion; NaN where no reward function could judge it."""
+    parts: dict[str, list[float | None]]
+    """Each reward function's values (metrics reward/<name>)."""
+
+    @property
+    def group_size(self) -> int:
+        return self.rollouts.group_size
+
+    @property
+    def valid_B(self) -> torch.Tensor:
+        return ~torch.isnan(self.rewards_B)
+
+    def rewards_PG(self, fill: str = "group-mean") -> torch.Tensor:
+        """[P, G] rewards; an unjudged (NaN) reward takes its group's mean (0 if none judged), so
+        it moves no baseline; its completion is masked out of the loss by the trainer."""
+        r = self.rewards_B.view(-1, self.group_size)
+        valid = ~torch.isnan(r)
+        mean = torch.where(valid, r, torch.zeros_like(r)).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+        return torch.where(valid, r, mean.expand_as(r))
+
+    def group_std_P(self) -> torch.Tensor:
+        return self.rewards_PG().std(dim=1, unbiased=False)
+
+
+def score(rows_B: list[dict], texts: list[str], reward_fn) -> tuple[torch.Tensor, dict[str, list]]:
+    prompts = [r["prompt"] for r in rows_B]
+    totals, parts = rw.score_batch(reward_fn, prompts, texts, rows_B)
+    return torch.tensor([math.nan if t is None else float(t) for t in totals], dtype=torch.float32), parts
+
+
+def generate_and_score(policy, tokenizer, rows, group_size, sampling: SamplingConfig, reward_fn,
+                       generator: torch.Generator | None, chat_template: bool = True) -> ScoredBatch:
+    ids = [encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
+    rollouts = sample_groups(policy, tokenizer, ids, group_size, sampling, generator)
+    texts = rollouts.texts(tokenizer)
+    rows_B = [r for r in rows for _ in range(group_size)]
+    rewards_B, parts = score(rows_B, texts, reward_fn)
+    return ScoredBatch(list(rows), rollouts, texts, rewards_B, parts)
+
+
+def _take(batch: ScoredBatch, idx: list[int]) -> ScoredBatch:
+    G = batch.group_size
+    b = [p * G + g for p in idx for g in range(G)]
+    return ScoredBatch([batch.rows[i] for i in idx], select_groups(batch.rollouts, idx),
+                       [batch.texts[i] for i in b], batch.rewards_B[b],
+                       {k: [v[i] for i in b] for k, v in batch.parts.items()})
+
+
+def _join(batches: list[ScoredBatch], pad_id: int) -> ScoredBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return ScoredBatch(
+        [r for b in batches for r in b.rows],
+        concat_rollouts([b.rollouts for b in batches], pad_id),
+        [t for b in batches for t in b.texts],
+        torch.cat([b.rewards_B for b in batches]),
+        {k: [v for b in batches for v in b.parts[k]] for k in batches[0].parts},
+    )
+
+
+def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling: SamplingConfig, reward_fn,
+            generator: torch.Generator | None, chat_template: bool = True, dynamic_sampling: bool = False,
+            max_rounds: int = 3) -> tuple[ScoredBatch, dict[str, float]]:
+    """Sample and score ``n_prompts`` groups; returns the batch and metrics
+    (``frac_zero_std`` of the groups sampled, ``time/gen``, ``time/score``, ``sampling/rounds``)."""
+    t_gen = t_score = 0.0
+    informative: list[ScoredBatch] = []
+    flat: list[ScoredBatch] = []
+    n_inf = zero = total = rounds = 0
+    while True:
+        rounds += 1
+        rows = stream.take(n_prompts)
+        t0 = time.perf_counter()
+        batch = generate_and_score(policy, tokenizer, rows, group_size, sampling, reward_fn, generator, chat_template)
+        t_gen += batch.rollouts.seconds
+        t_score += time.perf_counter() - t0 - batch.rollouts.seconds
+        std = batch.group_std_P()
+        zero += int((std == 0).sum())
+        total += len(rows)
+        if not dynamic_sampling:
+            result = batch
+            break
+        good = [i for i in range(len(rows)) if std[i] > 0]
+        bad = [i for i in range(len(rows)) if std[i] == 0]
+        if good:
+            informative.append(_take(batch, good))
+            n_inf += len(good)
+        if bad:
+            flat.append(_take(batch, bad))
+        if n_inf >= n_prompts or rounds >= max_rounds:
+            pool = _join(informative + flat, tokenizer.pad_token_id)
+            result = _take(pool, list(range(n_prompts)))  # informative groups first
+            break
+    metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score}
+    if dynamic_sampling:
+        metrics["sampling/rounds"] = rounds
+    return result, metrics
