@@ -14,7 +14,7 @@ COMPLETIONS = [
     " First add the tens: 10 + 30 = 40. Then the ones: 2 + 5 = 7. Together that is 47. Answer: 47",
     " Seven is prime, because its only divisors are one and itself.",
 ]
-CHUNK = 24  # the ~50 scored tokens go through the head in 3 chunks
+CHUNK = 24  # the 56 scored tokens go through the head in 3 chunks (2 in the 40-position batch)
 
 
 def _load():
@@ -29,8 +29,9 @@ def real():
     return _load()
 
 
-def make_batch(tok):
-    """Prompts left-padded, completions right-padded: [pad.. prompt completion ..pad]."""
+def make_batch(tok, T=None):
+    """Prompts left-padded, completions right-padded: [pad.. prompt completion ..pad]; cut to the
+    first T positions if given (shorter, for the float64 tests)."""
     p = [tok(x, add_special_tokens=False).input_ids for x in PROMPTS]
     c = [tok(x, add_special_tokens=False).input_ids for x in COMPLETIONS]
     P, C = max(map(len, p)), max(map(len, c))
@@ -40,7 +41,7 @@ def make_batch(tok):
         ids.append([pad] * (P - len(pi)) + pi + ci + [pad] * (C - len(ci)))
         am.append([0] * (P - len(pi)) + [1] * (len(pi) + len(ci)) + [0] * (C - len(ci)))
         cm.append([0] * P + [1] * len(ci) + [0] * (C - len(ci)))
-    return torch.tensor(ids), torch.tensor(am), torch.tensor(cm)
+    return tuple(torch.tensor(x)[:, :T] for x in (ids, am, cm))
 
 
 def loss_of(out, with_entropy):
@@ -51,21 +52,23 @@ def loss_of(out, with_entropy):
 
 def grads(model, fn, batch, with_entropy, **kw):
     model.zero_grad(set_to_none=True)
-    loss, logp = loss_of(fn(model, *batch, with_entropy=with_entropy, **kw), with_entropy)
+    out = fn(model, *batch, with_entropy=with_entropy, **kw)
+    loss, logp = loss_of(out, with_entropy)
     loss.backward()
-    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return (logp.detach(), out[1].detach()) if with_entropy else logp.detach(), g
 
 
 def worst_rel(a_g, b_g):
     """Largest |a - b| / max|b| over the parameters (each gradient against its own scale)."""
     assert a_g.keys() == b_g.keys() and len(a_g) > 0
-    return max(((a_g[n].double() - b_g[n].double()).abs().max() / b_g[n].double().abs().max()).item() for n in a_g)
+    return max(((a_g[n] - b_g[n].to(a_g[n].dtype)).abs().max() / b_g[n].abs().max()).item() for n in a_g)
 
 
 def compare(model, batch, with_entropy=False, rtol=1e-5):
     a_lp, a_g = grads(model, completion_logprobs, batch, with_entropy, chunk_size=CHUNK)
     b_lp, b_g = grads(model, naive_completion_logprobs, batch, with_entropy)
-    model.zero_grad(set_to_none=True)
     assert (b_lp[batch[2] == 1] < 0).all()
     assert (a_lp - b_lp).abs().max().item() <= 1e-5
     worst = worst_rel(a_g, b_g)
@@ -91,20 +94,18 @@ def test_real_entropy_against_float64(real):
     it, naive float32 no closer than chunked; in float64 chunked == naive to 1e-9."""
     model, tok = real
     model.requires_grad_(True)
-    batch = make_batch(tok)
-    out32 = completion_logprobs(model, *batch, chunk_size=CHUNK, with_entropy=True)
-    a_lp, a_g = grads(model, completion_logprobs, batch, True, chunk_size=CHUNK)
-    n_lp, n_g = grads(model, naive_completion_logprobs, batch, True)
-    model.zero_grad(set_to_none=True)
+    batch = make_batch(tok, T=40)
+    (a_lp, a_ent), a_g = grads(model, completion_logprobs, batch, True, chunk_size=CHUNK)
+    _, n_g = grads(model, naive_completion_logprobs, batch, True)
     model64 = _load()[0].double()
-    ref_lp, ref_g = grads(model64, naive_completion_logprobs, batch, True)
-    ref_ent = naive_completion_logprobs(model64, *batch, with_entropy=True)[1].detach()
-    chunk64_lp, chunk64_g = grads(model64, completion_logprobs, batch, True, chunk_size=CHUNK)
-    assert (out32[1].detach().double() - ref_ent).abs().max().item() <= 1e-4
+    (ref_lp, ref_ent), ref_g = grads(model64, naive_completion_logprobs, batch, True)
+    (c64_lp, c64_ent), c64_g = grads(model64, completion_logprobs, batch, True, chunk_size=CHUNK)
+    assert (a_ent.double() - ref_ent).abs().max().item() <= 1e-4
     assert (a_lp.double() - ref_lp).abs().max().item() <= 1e-4
     assert worst_rel(a_g, ref_g) <= 1e-4
     assert worst_rel(a_g, ref_g) <= worst_rel(n_g, ref_g)
-    assert (chunk64_lp - ref_lp).abs().max().item() <= 1e-9 and worst_rel(chunk64_g, ref_g) <= 1e-9
+    assert (c64_lp - ref_lp).abs().max().item() <= 1e-9 and (c64_ent - ref_ent).abs().max().item() <= 1e-9
+    assert worst_rel(c64_g, ref_g) <= 1e-9
 
 
 def test_real_lora_matches_naive(real):
@@ -131,7 +132,7 @@ def test_real_float64_directional_gradient():
     model, tok = _load()
     model = model.double()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    batch = make_batch(tok)
+    batch = make_batch(tok, T=40)
 
     def f():
         return loss_of(completion_logprobs(model, *batch, chunk_size=CHUNK, with_entropy=True), True)[0]
