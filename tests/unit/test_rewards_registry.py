@@ -278,3 +278,12 @@ def test_reward_metrics():
     # nothing judged: no mean is invented
     empty = rewards.reward_metrics([None], {"math": [None]})
     assert "reward/mean" not in empty and "reward/math" not in empty and empty["reward/none"] == 1.0
+
+
+def test_short_colon_form_passes_one_argument():
+    from posttrain.rewards import parse_spec
+
+    assert parse_spec("judge:judge.yaml") == [("judge", 1.0, {"arg": "judge.yaml"})]
+    assert parse_spec("math,judge:configs/judge.yaml:0.5") == [
+        ("math", 1.0, {}), ("judge", 0.5, {"arg": "configs/judge.yaml"})]
+    assert parse_spec("format:0.2") == [("format", 0.2, {})]  # a number after the colon is a weight

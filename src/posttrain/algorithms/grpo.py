@@ -141,10 +141,12 @@ class _Reference:
 
     @torch.no_grad()
     def logprobs(self, batch: ScoredBatch, temperature: float, rows: torch.Tensor) -> torch.Tensor:
+        # with_entropy=True: the same arithmetic as the policy's pass in `update`, so an unchanged
+        # policy has a KL of exactly 0 (the entropy path computes log-probs on shifted logits)
         if self.copy is not None:
-            return rollout_logprobs(self.copy, batch.rollouts, temperature, rows=rows)
+            return rollout_logprobs(self.copy, batch.rollouts, temperature, with_entropy=True, rows=rows)[0]
         with self.policy.disable_adapter():
-            return rollout_logprobs(self.policy, batch.rollouts, temperature, rows=rows)
+            return rollout_logprobs(self.policy, batch.rollouts, temperature, with_entropy=True, rows=rows)[0]
 
 
 def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch, reference: _Reference) -> dict:

@@ -40,6 +40,11 @@ Spec syntax (CLI `--reward`, config `reward:`), parsed by `parse_spec`:
     "reward_model(runs/rm/final):0.5"     [("reward_model", 0.5, {"arg": "runs/rm/final"})]
     "judge(http://localhost:8000/v1)"     [("judge", 1.0, {"arg": "http://localhost:8000/v1"})]
 
+Short form for the one argument of a factory reward (judge, reward_model): `NAME:ARG[:WEIGHT]`
+when ARG is not a number
+(`judge:judge.yaml`, `reward_model:runs/rm/final:0.5`, as the issues and the doctrine write
+them); an ARG that itself holds a colon (a URL) needs the parenthesised form.
+
 A weight is only ever the number after a colon *outside* parentheses, so arguments may hold
 colons (URLs, Windows paths) and commas do not split inside parentheses. VALUEs that read as
 int, float, true/false or none become those; everything else stays a string. Quote the spec
@@ -76,7 +81,7 @@ _BUILTIN: dict[str, tuple[str, str, bool, str | None]] = {
     "length": ("posttrain.rewards.length", "length_penalty", False, None),
     "countdown": ("posttrain.rewards.countdown", "countdown_reward", False, None),
     "judge": ("posttrain.rewards.judge", "make_judge_reward", True, None),
-    #               "reward_model": ("posttrain.rewards.reward_model", "make_reward_model_reward", True, None),
+    "reward_model": ("posttrain.rewards.reward_model", "make_reward_model_reward", True, None),
 }
 # name -> (target, factory?, batch); target is a callable or None for a lazy built-in
 _REGISTRY: dict[str, tuple[Callable[..., Any] | None, bool, Callable[..., Any] | str | None]] = {
@@ -218,12 +223,24 @@ def _split_top(text: str, sep: str) -> list[str]:
 _ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(?::\s*([^:()]*?))?\s*", re.S)
 
 
+_COLON_ARG = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*:([^()]+)", re.S)
+
+
 def parse_spec(spec: str) -> list[tuple[str, float, dict[str, Any]]]:
     """`"math,format:0.2"` -> `[("math", 1.0, {}), ("format", 0.2, {})]` (grammar in the module doc)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty reward spec")
     out = []
     for item in _split_top(spec, ","):
+        short = _COLON_ARG.fullmatch(item)
+        is_factory = bool(short) and _REGISTRY.get(short.group(1), (None, False, None))[1]
+        if short and is_factory and not _NUMBER.fullmatch(short.group(2).strip()):
+            # NAME:ARG[:WEIGHT], the short form for one positional argument ("judge:judge.yaml",
+            # "reward_model:runs/rm/final:0.5"); an argument holding a colon needs NAME(ARG).
+            arg, sep, tail = short.group(2).strip().rpartition(":")
+            arg, weight = (arg.strip(), float(tail)) if sep and _NUMBER.fullmatch(tail.strip()) else (short.group(2).strip(), 1.0)
+            out.append((short.group(1), weight, {"arg": arg}))
+            continue
         m = _ITEM.fullmatch(item)
         if not m:
             raise ValueError(f"cannot parse reward spec item {item.strip()!r}: expected NAME[(ARGS)][:WEIGHT]")
