@@ -80,3 +80,14 @@ def test_train_reports_config_errors_with_file_and_line(fake_method, capsys):
     cfg.write_text("lr: 1.0e-5\nstepz: 3\n")
     assert cli.main(["train", "fake", "--config", str(cfg)]) == 2
     assert f"{cfg}:2: field 'stepz': unknown field" in capsys.readouterr().out
+
+
+def test_train_auto_walks_the_decision_tree(tmp_path, capsys):
+    import json
+
+    math = tmp_path / "math.jsonl"
+    math.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    assert cli.main(["train", "auto", "--data", str(math), "--set", "max_steps=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "method: grpo" in out and "'reward': 'math'" in out and "'max_steps': 3" in out
+    assert "verifiable" in out.lower()  # the branch taken is printed with its reason

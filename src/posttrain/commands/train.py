@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-HELP = "Train with a method: " + ", ".join(["grpo", "dpo", "rm", "ppo"]) + "."
+HELP = "Train with a method: grpo, dpo, rm, ppo, or auto (the doctrine's decision tree picks)."
 
 # method -> (module, config class, train function)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -53,6 +53,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--resume", dest="_resume", metavar="RUN_DIR",
                        help="continue runs/<name> from its newest checkpoint (same RNG and data position)")
         config.add_arguments(p, cls, skip=("resume",))
+    _add_auto(sub)
+
+
+def _add_auto(sub) -> None:
+    """`posttrain train auto`: the doctrine's decision tree (posttrain.select) picks the method and
+    its defaults from the data, the rewards, a judge and the memory; the reasons are printed."""
+    p = sub.add_parser("auto", help="pick the method with the doctrine's decision tree, then train")
+    p.add_argument("--data", help="dataset file (preference pairs or prompts)")
+    p.add_argument("--task", help="a built-in task instead of --data")
+    p.add_argument("--reward", help="reward spec, if any")
+    p.add_argument("--judge", help="judge config (YAML) for RLAIF")
+    p.add_argument("--gpu-memory", help="memory available, e.g. 24GB")
+    p.add_argument("--model", help="model spec")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other config field of the chosen method (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the choice and the config, do not train")
+
+
+def run_auto(args: argparse.Namespace) -> int:
+    from posttrain import config
+    from posttrain.select import choose_method
+
+    try:
+        method, reasons, fields = choose_method(data=args.data, task=args.task, reward=args.reward, judge=args.judge,
+                                                model=args.model, gpu_memory_gb=args.gpu_memory)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"method: {method}")
+    for reason in reasons:
+        print(f"  - {reason}")
+    if method not in available():
+        print(f"error: the decision tree chose {method}, whose trainer is not available in this install")
+        return 2
+    cls, train = resolve(method)
+    names = {f.name for f in __import__("dataclasses").fields(cls)}
+    values = {k: v for k, v in fields.items() if k in names}
+    given = {"data": args.data, "task": args.task, "model": args.model,
+             "reward": args.reward or (f"judge({args.judge})" if args.judge else None)}
+    values.update({k: v for k, v in given.items() if v is not None and k in names})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        values[key.strip().replace("-", "_")] = value
+    try:
+        cfg = config.build(cls, values, source="posttrain train auto")
+    except config.ConfigError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"config: {config.to_dict(cfg)}")
+    if not args.dry_run:
+        train(cfg)
+    return 0
 
 
 def build_config(method: str, args: argparse.Namespace):
@@ -72,6 +124,8 @@ def build_config(method: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from posttrain.config import ConfigError
 
+    if args.method == "auto":
+        return run_auto(args)
     _, train = resolve(args.method)
     try:
         cfg = build_config(args.method, args)
