@@ -1,0 +1,349 @@
+"""DPO (Rafailov et al. 2023) with the IPO, hinge (SLiC) and robust (rDPO) losses.
+
+The doctrine's first recommendation: no reward model and no sampling during training; the policy
+is pushed to raise the log-ratio to a frozen reference of the chosen completion over the
+rejected one (``losses.dpo_loss``). Each step:
+
+    batch   = stream.take(batch_size)                          # tokenized pairs, seeded order
+    logps   = pair_logprobs(policy, pack(batch))               # chosen + rejected, one forward
+    loss    = dpo_loss(logps, reference[batch], beta, ...)     # pure tensors
+    metrics = grad_step(...)                                   # clip, check, AdamW
+
+Choices and departures from the paper and from TRL:
+- The reference is frozen, so its log-probs are computed once, for every pair (train and held
+  out), before the first step: no-grad forwards over large packed batches, the adapter disabled
+  with LoRA (no second model in memory), the initial weights with full fine-tuning (no frozen
+  copy kept either), or ``ref_model`` when given (loaded, used, freed). The table is saved in the
+  run directory (``reference_logps.pt``, keyed by a hash of the token ids) and reused on resume.
+- Chosen and rejected of a pair share one copy of their prompt in the forward (prefix sharing
+  with a custom attention mask; ``dpo_data``), pairs are packed into rows without padding, and the
+  output head is applied to completion positions only, in chunks: no [B, T, V] logits.
+- Sequence log-probs are sums over completion tokens (paper); for ``ipo`` they are divided by the
+  completion length (the IPO authors' and TRL's choice) so beta means the same across lengths.
+- Over-long pairs are truncated by the stated policy in ``dpo_data`` (or dropped), counted,
+  printed and written to ``data.json``.
+- Defaults from the doctrine: beta 0.1, LoRA rank 32 (SFT-like: DPO learns more per example than
+  RL), learning rate 1e-6 for full fine-tuning and 10x that with LoRA ("LoRA Without Regret").
+- Evaluation every ``eval_every`` steps (and before/after): preference metrics on the held-out
+  pairs (``eval_fraction``), and, when ``task`` names a built-in task, greedy accuracy on its test
+  split with its reward (the pairs usually came from its train split via ``posttrain pairs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Literal, Optional
+
+import torch
+
+from posttrain import losses
+from posttrain.algorithms import common
+from posttrain.algorithms import dpo_data as dd
+from posttrain.evaluate import greedy_eval
+
+FULL_FT_LR = 1e-6
+"""The doctrine's DPO learning range is 1e-5 to 1e-6; 1e-6 for full fine-tuning, 1e-5 with LoRA."""
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclasses.dataclass
+class DPOConfig(common.TrainConfig):
+    """DPO (and IPO, hinge, robust) on preference pairs {prompt, chosen, rejected}."""
+
+    task: Optional[str] = None
+    """A built-in task (e.g. arithmetic) whose test split is scored by greedy accuracy at each evaluation
+    (DPO trains on --data; the pairs usually came from this task via `posttrain pairs`)."""
+    eval_fraction: float = 0.1
+    """Fraction of the pairs held out for preference evaluation (rewards/accuracy, margin, loss); 0 = none."""
+    lora_rank: Optional[int] = 32
+    """LoRA rank (the doctrine's DPO default: 32)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference. 0.05: aggressive learning, may overfit to preferences;
+    0.1: standard, good balance; 0.5: conservative, preserves reference behaviour; 1.0+: very
+    conservative, minimal change from the reference."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid (DPO), ipo (length-normalised log-probs), hinge (SLiC), robust (rDPO, noisy labels)."""
+    label_smoothing: float = 0.0
+    """Assumed fraction of flipped preference labels, in [0, 0.5) (sigmoid: conservative DPO; robust: rDPO)."""
+    batch_size: int = 8
+    """Pairs per optimizer step."""
+    micro_batch_size: int = 0
+    """Pairs per forward/backward (gradient accumulation); 0 = the whole batch at once."""
+    epochs: float = 0.0
+    """Passes over the training pairs; when > 0 it sets max_steps = ceil(epochs * pairs / batch_size)."""
+    max_length: int = 1024
+    """Longest prompt + completion in tokens; longer pairs are truncated (see truncation)."""
+    max_prompt_length: int = 512
+    """An over-long pair's prompt keeps its last max_prompt_length tokens; completions then keep their start."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with pairs over max_length: truncate them (policy above) or drop them. Always counted."""
+    ref_model: Optional[str] = None
+    """Model spec of a different reference (default: the initial policy; with LoRA, the adapter disabled)."""
+    ref_batch_tokens: int = 4096
+    """Tokens per no-grad forward when precomputing the reference log-probs."""
+    row_tokens: int = 256
+    """Longest packed row: pairs are packed into rows of up to this many tokens (a longer pair gets a row of its
+    own; attention cost grows with the square of a row's length); 0 = one row per batch."""
+    share_prompt: bool = True
+    """Chosen and rejected attend to one copy of their prompt (needs an attention backend that takes a custom
+    mask: sdpa or eager; otherwise they are packed as two sequences)."""
+    chat_template: bool = True
+    """Apply the tokenizer's chat template to plain-string prompts (conversational rows always use it)."""
+    eval_reward: Optional[str] = None
+    """Reward for the greedy evaluation on --task (default: the task's reward)."""
+    eval_max_new_tokens: int = 128
+    """Completion limit of the greedy evaluation."""
+    activation_checkpointing: int = 0
+    """Recompute the activations of every N-th decoder layer in backward instead of storing them (1 = all
+    layers: the least memory, about a third more compute; 0 = off, the fastest; TRL's default is on)."""
+    chunk_size: int = 512
+    """Scored tokens per output-head chunk (peak extra memory: a few chunk_size x vocab floats)."""
+
+    @property
+    def method(self) -> str:
+        return "dpo"
+
+
+def validate(config: DPOConfig) -> None:
+    if config.data is None:
+        raise ValueError("DPO trains on preference pairs: pass --data pairs.jsonl (make them with `posttrain pairs`)")
+    if config.beta <= 0:
+        raise ValueError(f"beta must be > 0, got {config.beta}")
+    if config.batch_size < 1 or config.micro_batch_size < 0:
+        raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
+    if not 0 <= config.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    losses.dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), config.beta,
+                    config.loss_type, config.label_smoothing)  # checks loss_type / label_smoothing
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+class Reference:
+    """Summed reference log-probs [chosen, rejected] of every pair, computed once and stored."""
+
+    def __init__(self, table: dict[int, tuple[float, float]]):
+        self.table = table
+
+    def of(self, batch: list[dd.PairExample]) -> torch.Tensor:
+        return torch.tensor([self.table[e.index] for e in batch], dtype=torch.float32)
+
+    @classmethod
+    def prepare(cls, run_dir, policy, tok, examples, config: DPOConfig, share: bool, console) -> tuple["Reference", float]:
+        """Load the run's table when its fingerprint matches, else compute it (returns seconds spent)."""
+        path = run_dir / REFERENCE_FILE
+        key = dd.fingerprint(examples, config.ref_model or config.model, config.lora, share)
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if saved.get("fingerprint") == key:
+                console.print(f"reference log-probs: reusing {path}")
+                return cls(dict(zip(saved["index"].tolist(), map(tuple, saved["logps"].tolist())))), 0.0
+            console.print(f"reference log-probs: {path} is for other data or settings; recomputing")
+        t0 = time.perf_counter()
+        pad = tok.pad_token_id
+        if config.ref_model:
+            from posttrain.models import load_model, resolve_device
+
+            ref, ref_tok = load_model(config.ref_model, device=resolve_device(config.device))
+            if len(ref_tok) != len(tok):
+                raise ValueError(f"ref_model {config.ref_model!r} has a different vocabulary ({len(ref_tok)} vs {len(tok)} tokens)")
+            table = dd.sequence_logps(ref, examples, pad, share and dd.supports_shared_prompt(ref),
+                                      config.ref_batch_tokens, config.row_tokens)
+            del ref
+        elif config.lora:
+            with policy.disable_adapter():
+                table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
+        else:  # full fine-tuning: the policy before its first step is the reference
+            table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
+        seconds = time.perf_counter() - t0
+        idx = sorted(table)
+        torch.save({"fingerprint": key, "index": torch.tensor(idx, dtype=torch.long),
+                    "logps": torch.tensor([table[i] for i in idx], dtype=torch.float64)}, path)
+        console.print(f"reference log-probs: {len(idx)} pairs in {seconds:.1f}s -> {path}")
+        return cls(table), seconds
+
+
+# --------------------------------------------------------------------------------------- loss
+
+
+def batch_loss(policy, batch: list[dd.PairExample], ref: Reference, config: DPOConfig, pad_id: int, share: bool):
+    """(loss, metrics, tokens fed) of one micro-batch; differentiable when grad is enabled."""
+    device = next(policy.parameters()).device
+    packed = dd.pack(batch, pad_id, share, config.row_tokens, device)
+    logps_P2 = dd.pair_logprobs(policy, packed, config.chunk_size)
+    ref_P2 = ref.of(batch).to(device=device, dtype=logps_P2.dtype)
+    if config.loss_type == "ipo":  # length-normalised (module docstring)
+        n = packed.lengths_P2.to(logps_P2.dtype)
+        logps_P2, ref_P2 = logps_P2 / n, ref_P2 / n
+    loss, metrics = losses.dpo_loss(logps_P2[:, 0], logps_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], config.beta,
+                                    config.loss_type, config.label_smoothing)
+    return loss, {k: float(v) for k, v in metrics.items()}, packed.n_tokens
+
+
+def _micro(batch: list, size: int) -> list[list]:
+    size = size or len(batch)
+    return [batch[i:i + size] for i in range(0, len(batch), size)]
+
+
+def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool) -> tuple[dict, int, bool]:
+    """Forward/backward of a batch of pairs in micro-batches, weighted so the gradient equals one
+    batch's. Returns (metrics, tokens fed, all losses finite)."""
+    policy.train()
+    sums: dict[str, float] = {}
+    tokens = 0
+    for mb in _micro(batch, config.micro_batch_size):
+        w = len(mb) / len(batch)
+        loss, metrics, n = batch_loss(policy, mb, ref, config, pad_id, share)
+        tokens += n
+        if not torch.isfinite(loss):
+            return sums, tokens, False
+        (loss * w).backward()
+        for k, v in {"loss": float(loss.detach()), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+    return sums, tokens, True
+
+
+def step_optimizer(policy, optimizer, scheduler, config: DPOConfig, finite: bool) -> dict:
+    """The optimizer step (skipped, gradients dropped, when a loss or the gradient is not finite)."""
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return {"nonfinite_steps": 1, "lr": scheduler.get_last_lr()[0]}
+    norm, ok = common.grad_step(policy, optimizer, scheduler, config.max_grad_norm)
+    return {"grad_norm": norm, "nonfinite_steps": 0 if ok else 1, "lr": scheduler.get_last_lr()[0]}
+
+
+@torch.no_grad()
+def preference_eval(policy, examples, ref: Reference, config: DPOConfig, pad_id: int, share: bool) -> dict:
+    """Loss and rewards/* over held-out pairs (one dpo_loss over all of them)."""
+    training = getattr(policy, "training", False)
+    policy.eval()
+    device = next(policy.parameters()).device
+    pol, n = [], []
+    try:
+        for b in dd.batches_by_tokens(examples, config.ref_batch_tokens):
+            packed = dd.pack(b, pad_id, share, config.row_tokens, device)
+            pol.append(dd.pair_logprobs(policy, packed, config.chunk_size).cpu().double())
+            n.append(packed.lengths_P2.cpu().double())
+    finally:
+        policy.train(training)
+    pol_P2, n_P2, ref_P2 = torch.cat(pol), torch.cat(n), ref.of(examples).double()
+    if config.loss_type == "ipo":
+        pol_P2, ref_P2 = pol_P2 / n_P2, ref_P2 / n_P2
+    loss, metrics = losses.dpo_loss(pol_P2[:, 0], pol_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], config.beta,
+                                    config.loss_type, config.label_smoothing)
+    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "pairs": len(examples)}
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def _load_data(config: DPOConfig, tok, console):
+    """Tokenized (train, held-out) pairs, the truncation report and the greedy-eval rows."""
+    from posttrain.data import load_rows
+
+    rows = load_rows(config.data, "preference")
+    held = set()
+    if config.eval_fraction > 0:
+        n_eval = max(1, int(round(len(rows) * config.eval_fraction)))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        held = set(order[:n_eval])
+    examples, stats = dd.encode_pairs(tok, rows, config.chat_template, config.max_length, config.max_prompt_length,
+                                      config.truncation, source=str(config.data))
+    if stats.over_length or stats.dropped_identical:
+        console.print(f"[yellow]truncation:[/yellow] {stats.summary()}")
+    train = [e for e in examples if e.index not in held]
+    evals = [e for e in examples if e.index in held]
+    if not train:
+        raise ValueError(f"{config.data}: no training pairs left ({stats.summary()})")
+    greedy_rows, eval_spec = [], None
+    if config.task:
+        from posttrain.tasks import get_task, task_info
+
+        greedy_rows = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
+        eval_spec = config.eval_reward or task_info(config.task).reward
+    return train, evals, stats, greedy_rows, eval_spec
+
+
+def enable_activation_checkpointing(model, every_n_layers: int) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers (through a PEFT wrapper)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
+        inner.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError("activation_checkpointing > 1 needs transformers with activation_checkpointing_enable")
+
+
+def total_steps(config: DPOConfig, n_train: int) -> int:
+    if config.epochs > 0:
+        return max(1, math.ceil(config.epochs * n_train / config.batch_size))
+    return config.max_steps
+
+
+def train_dpo(config: DPOConfig) -> common.RunResult:
+    """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
+    validate(config)
+    common.seed_everything(config.seed)
+    policy, tok = common.load_policy(config)
+    if config.activation_checkpointing > 0:
+        enable_activation_checkpointing(policy, config.activation_checkpointing)
+    from rich.console import Console
+
+    train, evals, stats, greedy_rows, eval_spec = _load_data(config, tok, Console(stderr=True))
+    config = dataclasses.replace(config, max_steps=total_steps(config, len(train)))
+    run = common.Run(config, "dpo", total_steps=config.max_steps)
+    console = run.tracker.console
+    share = config.share_prompt and dd.supports_shared_prompt(policy)
+    ref, ref_seconds = Reference.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
+    run.tracker.write_json("data.json", {"truncation": stats.as_dict(), "train_pairs": len(train),
+                                         "eval_pairs": len(evals), "reference_seconds": ref_seconds,
+                                         "share_prompt": share})
+    optimizer = common.build_optimizer(policy, config, common.resolve_lr(config, FULL_FT_LR))
+    scheduler = common.build_scheduler(optimizer, config)
+    stream = common.PromptStream(train, config.seed)
+    start, _ = run.restore(policy, optimizer, scheduler, stream)
+    pad = tok.pad_token_id
+
+    def evaluate(step: int):
+        t0 = time.perf_counter()
+        record = {}
+        if evals:
+            record.update(preference_eval(policy, evals, ref, config, pad, share))
+        if greedy_rows:
+            res = greedy_eval(policy, tok, greedy_rows, eval_spec, config.eval_max_new_tokens,
+                              chat_template=config.chat_template)
+            record.update(res)
+        if record:
+            run.log_eval(step, {**record, "seconds": time.perf_counter() - t0})
+
+    if start == 0 and config.eval_at_start:
+        evaluate(0)
+    metrics: dict = {}
+    last = config.max_steps
+    for step in range(start + 1, config.max_steps + 1):
+        timer = common.StepTimer()
+        with common.Phase(timer, "update"):
+            with run.stop_safely(step, policy, optimizer, scheduler, stream):  # Ctrl-C: checkpoint, re-raise
+                batch = stream.take(config.batch_size)
+                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share)
+            smetrics = step_optimizer(policy, optimizer, scheduler, config, finite)
+        metrics = {**sums, **smetrics, "tokens": tokens, "epoch": stream.epoch + stream.pos / len(train),
+                   **timer.metrics()}
+        metrics["tokens_per_s"] = tokens / max(1e-9, metrics["time/step"])
+        run.log(step, metrics)
+        if run.out_of_time():
+            last = step
+        if config.eval_every and step % config.eval_every == 0 and step != last:
+            evaluate(step)
+        if run.due(step, config.checkpoint_every, last):
+            run.checkpoint(step, policy, optimizer, scheduler, stream)
+        if step == last:
+            break
+    if not run.evals or run.evals[-1]["step"] != last:
+        evaluate(last)
+    return run.finish(policy, tok, metrics)
