@@ -51,7 +51,9 @@ def _one_update(peaked_dir, toy_prompts, tmp_path, micro):
                      reduce="seq-mean-token-mean")
     common.seed_everything(0)
     policy, tok = common.load_policy(cfg)
-    opt = common.build_optimizer(policy, cfg, cfg.lr)
+    # plain SGD: the weights move by lr * gradient, so they compare the accumulated gradients (Adam's
+    # first step is lr * sign(g), which flips on float noise where a gradient is ~0)
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     sched = common.build_scheduler(opt, cfg)
     stream = common.PromptStream(common.load_rows_for(cfg, "prompt")[0], 0)
     from posttrain import rewards as rw
