@@ -277,7 +277,8 @@ class Run:
                                     generators=self.generators, keep_last=self.config.keep_last)
 
     @contextlib.contextmanager
-    def stop_safely(self, step: int, model, optimizer, scheduler, stream: PromptStream | None):
+    def stop_safely(self, step: int, model, optimizer, scheduler, stream: PromptStream | None,
+                    extra: dict[str, Any] | None = None):
         """Wrap one step: if it is interrupted (Ctrl-C) or a judge keeps failing
         (``JudgeFailureRate``), put the data position and generators back to where the step
         began, checkpoint the last completed step, and re-raise: nothing done is lost, and
@@ -292,7 +293,7 @@ class Run:
                 stream.restore(saved[0])
             for k, g in self.generators.items():
                 g.set_state(saved[1][k])
-            path = self.checkpoint(step - 1, model, optimizer, scheduler, stream)
+            path = self.checkpoint(step - 1, model, optimizer, scheduler, stream, extra=extra)
             self.tracker.console.print(f"stopped at step {step} ({type(e).__name__}); saved {path}: "
                                        f"resume with --resume {self.run_dir}")
             self.tracker.close()

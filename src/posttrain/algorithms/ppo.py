@@ -1,0 +1,295 @@
+"""PPO for language models (Schulman et al. 2017; as applied to LMs by Ziegler et al. 2019,
+Stiennon et al. 2020 and Ouyang et al. 2022): a policy, a value model, a frozen reference and a
+reward (typically a trained reward model, ``reward_model(runs/<rm>/final)``).
+
+Each step reads as the GRPO trainer's stages, with the critic in the middle:
+
+    batch   = collect(policy, prompts, group_size)                      # generate (no grad) + score
+    r_t     = -kl_coef * (logp_old - logp_ref)_t  (+ R at the last token) # per-token reward (k1)
+    adv, G  = gae(r, V_old, gamma, lambda); adv = whiten(adv)            # pure tensors
+    metrics = update(policy, critic, batch, adv, G)                      # ppo_epochs x minibatches
+
+    loss = policy_loss(ratio, adv, clip_ratio) - entropy_coef * H + value_coef * value_loss(V, V_old, G, value_clip)
+
+The doctrine's objective E[min(r A, clip(r) A) - beta KL] is implemented the way the LM papers
+do: the KL term lives in the reward (so it is also credited by GAE), not in the loss.
+
+Choices and departures:
+- The critic is a scalar head on the policy's own trunk under its own LoRA adapter (peft
+  multi-adapter; ``value_model=adapter``, the default with LoRA), or a separate model
+  (``value_model=separate``, the default with full fine-tuning). The papers use a separate
+  model of the reward model's size, often initialised from the reward model; here the critic's
+  head starts at random (small) and its adapter at the base model.
+- The critic reads V(s_t) from the state that predicts token t (``value_head.ValueModel``); the
+  last valid token's successor is terminal (no bootstrap), ``gamma=1`` by default.
+- Policy and critic get separate learning rates (``value_lr``, default 10x the policy's) and
+  separate gradient clipping, in one optimizer with two parameter groups. The learning-rate
+  schedule advances once per PPO step, whatever ``ppo_epochs`` x ``minibatches`` is.
+- The KL coefficient is fixed (doctrine 0.1) unless ``kl_target`` is set: then Ziegler et al.'s
+  adaptive controller (``ppo_parts.KLController``) moves it after every batch.
+- Old log-probs, values and reference log-probs are computed in no-grad passes before the update;
+  log-probs use the sampling temperature. A completion no reward could judge (None) is masked out
+  of both losses; a non-finite loss or gradient skips the step (``nonfinite_steps``).
+- ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
+  in every forward); the critic, not the group, is the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+from posttrain import advantages as advmod
+from posttrain import losses
+from posttrain import rewards as rw
+from posttrain.algorithms import common
+from posttrain.algorithms.grpo import _samples, micro_batches
+from posttrain.algorithms.ppo_parts import (KLController, Reference, build_optimizer, explained_variance, grad_step,
+                                            make_value_model, policy_params, token_rewards)
+from posttrain.algorithms.rollout import ScoredBatch, collect
+from posttrain.evaluate import greedy_eval
+from posttrain.generation import SamplingConfig
+from posttrain.grouped import rollout_logprobs
+from posttrain.rewards.judge import judge_metrics
+from posttrain.value_head import TrainState, ValueModel
+
+FULL_FT_LR = 1e-6
+"""The doctrine's RL learning rate (times 10 with LoRA)."""
+VALUE_LR_MULTIPLIER = 10.0
+"""Critic learning rate / policy learning rate by default (OpenRLHF's defaults: 9e-6 vs 5e-7)."""
+
+
+@dataclasses.dataclass
+class PPOConfig(common.TrainConfig):
+    """PPO with a value model and a KL penalty to the reference (reward model or any reward).
+
+    Memory: PPO trains a second network, the critic. With ``value_model=adapter`` (the default
+    with LoRA) the critic shares the policy's frozen base weights and adds one LoRA adapter and a
+    hidden_size+1 head, so memory stays close to GRPO + LoRA (one more adapter's optimizer state
+    and one more forward/backward's activations). ``value_model=separate`` holds a second full
+    model with its own gradients and optimizer state: the doctrine's table gives ~48 GB for PPO
+    (policy + value) against ~24 GB for GRPO on an 8B model (``posttrain memory --method ppo``).
+    A reward model used as the reward is one more frozen model in memory.
+    """
+
+    reward: Optional[str] = None
+    """Reward spec: 'reward_model(runs/rm/final)', any registered reward, or a weighted combination (default: the task's)."""
+    eval_reward: Optional[str] = None
+    """Reward used for held-out evaluation (default: the task's reward, else --reward)."""
+    prompts_per_step: int = 8
+    """Prompts per step (a rollout batch holds prompts_per_step x group_size completions)."""
+    group_size: int = 1
+    """Completions sampled per prompt (1 = classic PPO; the critic is the baseline either way)."""
+    max_new_tokens: int = 256
+    """Completion length limit."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    clip_ratio: float = 0.2
+    """PPO clip: the probability ratio is kept within [1 - clip_ratio, 1 + clip_ratio] (doctrine 0.2)."""
+    kl_coef: float = 0.1
+    """KL penalty beta in the per-token reward -beta * (logp - logp_ref) (doctrine 0.1; 0 = no reference);
+    the initial value when kl_target is set."""
+    kl_target: Optional[float] = None
+    """Adaptive KL (Ziegler et al. 2019): target KL per sequence in nats (they used 6); None = fixed kl_coef."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL horizon in sequences: beta changes by at most 20% per horizon sequences."""
+    value_coef: float = 0.5
+    """Weight of the value loss (doctrine 0.5)."""
+    value_clip: Optional[float] = 0.2
+    """Value clipping range around the rollout-time values (None = unclipped squared error)."""
+    entropy_coef: float = 0.01
+    """Entropy bonus weight (doctrine 0.01)."""
+    gamma: float = 1.0
+    """Discount per token (1 = none: the episode is one completion)."""
+    gae_lambda: float = 0.95
+    """GAE lambda (doctrine 0.95): 1 = Monte Carlo returns, 0 = one-step TD."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the batch's valid tokens."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (TRL's default 4)."""
+    minibatches: int = 1
+    """Optimizer steps per pass: the batch's prompts are split into this many shuffled minibatches."""
+    value_model: Literal["auto", "adapter", "separate"] = "auto"
+    """Critic: 'adapter' (own LoRA adapter on the policy's base), 'separate' (a second model), 'auto' (adapter with LoRA)."""
+    value_lr: Optional[float] = None
+    """Critic learning rate (default: 10x the policy's: a fresh head must fit the returns quickly)."""
+    reduce: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How the per-token policy loss is reduced."""
+    chat_template: bool = True
+    """Wrap plain-string prompts in the tokenizer's chat template."""
+    samples_per_step: int = 2
+    """Groups per step written to samples.jsonl for human review."""
+    eval_max_new_tokens: int = 0
+    """Completion limit during evaluation (0 = max_new_tokens)."""
+
+    @property
+    def method(self) -> str:
+        return "ppo"
+
+
+def _index(mb: torch.Tensor, G: int) -> torch.Tensor:
+    return (mb[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
+
+
+@torch.no_grad()
+def rollout_stats(policy, critic: ValueModel, reference: Reference | None, config: PPOConfig, batch: ScoredBatch,
+                  kl_coef: float) -> dict:
+    """The no-grad passes before an update: old log-probs, reference log-probs, old values; then
+    the per-token rewards, GAE advantages and returns."""
+    r = batch.rollouts
+    mask_BC = r.completion_mask_BC * batch.valid_B[:, None].to(r.completion_mask_BC.dtype)
+    T, G = config.temperature, r.group_size
+    old_BC = torch.zeros(mask_BC.shape)
+    ref_BC = torch.zeros(mask_BC.shape)
+    v_BC = torch.zeros(mask_BC.shape)
+    for mb in micro_batches(r.num_prompts, -(-r.num_prompts // config.minibatches)):
+        b = _index(mb, G)
+        old_BC[b] = rollout_logprobs(policy, r, T, rows=mb)
+        if reference is not None:
+            ref_BC[b] = reference.logprobs(r, T, mb)
+        v_BC[b] = critic.values(r, rows=mb).float()
+    kl_BC = (old_BC - ref_BC) * mask_BC if reference is not None else torch.zeros_like(old_BC)  # k1
+    rewards_BC = token_rewards(batch.rewards_B, kl_BC, mask_BC, kl_coef)
+    adv_BC, returns_BC = advmod.gae(rewards_BC, v_BC, mask_BC, config.gamma, config.gae_lambda)
+    if config.whiten_advantages:
+        adv_BC = advmod.whiten(adv_BC, mask_BC)
+    has_B = mask_BC.sum(1) > 0
+    stats = {"returns/mean": float(losses.masked_mean(returns_BC, mask_BC)),
+             "value/mean": float(losses.masked_mean(v_BC, mask_BC)),
+             "explained_variance": explained_variance(v_BC, returns_BC, mask_BC),
+             "kl_coef": kl_coef}
+    if reference is not None:
+        stats["kl"] = float(losses.masked_mean(losses.kl_estimate(old_BC, ref_BC, "k3"), mask_BC))
+        stats["kl/k1"] = float(losses.masked_mean(kl_BC, mask_BC))
+        seq_kl_B = kl_BC.sum(1)
+        stats["kl/seq"] = float(seq_kl_B[has_B].mean()) if bool(has_B.any()) else float("nan")
+        stats["non_score_reward"] = -kl_coef * stats["kl/seq"]
+    return {"mask": mask_BC, "old": old_BC, "values": v_BC, "adv": adv_BC, "returns": returns_BC, "stats": stats}
+
+
+def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, batch: ScoredBatch, ro: dict,
+           generator: torch.Generator, param_sets) -> dict:
+    """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
+    one optimizer step each. Returns the update's metrics (means over all minibatch steps)."""
+    r = batch.rollouts
+    P, G = r.num_prompts, r.group_size
+    size = -(-P // config.minibatches)
+    mask_BC, old_BC, v_old_BC, adv_BC, ret_BC = ro["mask"], ro["old"], ro["values"], ro["adv"], ro["returns"]
+    sums: dict[str, float] = {}
+    n_steps, nonfinite = 0, 0
+    policy.train()
+    critic.train()
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(P, generator=generator)
+        for i in range(0, P, size):
+            mb = order[i:i + size]
+            b = _index(mb, G)
+            m = mask_BC[b]
+            logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
+            pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
+                                        config.reduce, max_len=config.max_new_tokens)
+            ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
+            v = critic.values(r, rows=mb)
+            vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
+            loss = pg + ent_loss + config.value_coef * vl
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                continue
+            loss.backward()
+            norm_p, norm_v, ok = grad_step(*param_sets, optimizer, config.max_grad_norm)
+            nonfinite += 0 if ok else 1
+            stats = {"loss": loss.detach(), "pg_loss": pg.detach(), "value_loss": vl.detach(),
+                     "clip_frac": pm["clip_frac"], "approx_kl": pm["approx_kl"], "ratio/mean": pm["ratio/mean"],
+                     "entropy": em["entropy"], "value_clip_frac": vm["value_clip_frac"], "grad_norm": norm_p,
+                     "value_grad_norm": norm_v}
+            for k, val in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(val)
+            n_steps += 1
+    scheduler.step()  # the schedule counts PPO steps (warmup_steps, max_steps), not minibatch updates
+    metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
+    lengths = r.completion_mask_BC.sum(1).float()
+    metrics.update({"nonfinite_steps": nonfinite, "lr": scheduler.get_last_lr()[0], "len/mean": float(lengths.mean()),
+                    "len/clipped_frac": float(r.clipped_B.float().mean()),
+                    "adv/abs_mean": float(losses.masked_mean(adv_BC.abs(), mask_BC))})
+    return metrics
+
+
+def train_ppo(config: PPOConfig) -> common.RunResult:
+    """Train with PPO; returns the run directory and metrics. ``final/`` holds the policy and
+    ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
+    if config.ppo_epochs < 1 or config.minibatches < 1:
+        raise ValueError("ppo_epochs and minibatches must be >= 1")
+    if config.minibatches > config.prompts_per_step:
+        raise ValueError(f"minibatches ({config.minibatches}) > prompts_per_step ({config.prompts_per_step})")
+    common.seed_everything(config.seed)
+    train_rows, eval_rows, task_reward = common.load_rows_for(config, "prompt")
+    reward_spec = config.reward or task_reward
+    if reward_spec is None:
+        raise ValueError("no reward: pass --reward (e.g. 'reward_model(runs/rm/final)', math)")
+    reward_fn = rw.from_spec(reward_spec)
+    eval_spec = config.eval_reward or task_reward or reward_spec
+    eval_fn = reward_fn if eval_spec == reward_spec else rw.from_spec(eval_spec)
+    run = common.Run(config, "ppo", total_steps=config.max_steps)
+    policy, tok = common.load_policy(config)
+    use_ref = config.kl_coef > 0 or config.kl_target is not None
+    reference = Reference(policy, config) if use_ref else None
+    critic = make_value_model(config, policy, config.seed)
+    lr = common.resolve_lr(config, FULL_FT_LR)
+    param_sets = (policy_params(policy), critic.parameters())
+    optimizer = build_optimizer(*param_sets, config, lr, config.value_lr or lr * VALUE_LR_MULTIPLIER)
+    scheduler = common.build_scheduler(optimizer, config)
+    state = TrainState(optimizer, value=critic)
+    stream = common.PromptStream(train_rows, config.seed)
+    run.generators["sampling"] = sampler_gen = torch.Generator().manual_seed(config.seed)
+    run.generators["minibatch"] = mb_gen = torch.Generator().manual_seed(config.seed + 1)
+    kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    start, extra = run.restore(policy, state, scheduler, stream)
+    kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
+    sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens)
+    eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
+
+    def evaluate(step: int):
+        if eval_rows:
+            run.log_eval(step, greedy_eval(policy, tok, eval_rows, eval_fn, eval_tokens,
+                                           chat_template=config.chat_template))
+
+    if start == 0 and config.eval_at_start:
+        evaluate(0)
+    metrics: dict = {}
+    last = config.max_steps
+    for step in range(start + 1, config.max_steps + 1):
+        timer = common.StepTimer()
+        policy.eval()
+        with run.stop_safely(step, policy, state, scheduler, stream, extra={"kl_coef": kl_ctl.value}):
+            batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
+                                      reward_fn, sampler_gen, config.chat_template)
+        for k in ("time/gen", "time/score"):
+            timer.add(k[5:], cmetrics.pop(k))
+        with common.Phase(timer, "update"):
+            ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
+            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets)
+        if "kl/seq" in ro["stats"]:
+            kl_ctl.update(ro["stats"]["kl/seq"], int(batch.valid_B.sum()))
+        metrics = {**rw.reward_metrics([None if v != v else v for v in batch.rewards_B.tolist()], batch.parts),
+                   **judge_metrics(reward_fn), **cmetrics, **ro["stats"], **umetrics, **timer.metrics()}
+        metrics["tokens_per_s"] = float(batch.rollouts.completion_mask_BC.sum()) / max(1e-9, metrics["time/step"])
+        run.log(step, metrics, _samples(batch, config.samples_per_step))
+        if run.out_of_time():
+            last = step
+        if config.eval_every and step % config.eval_every == 0 and step != last:
+            evaluate(step)
+        if run.due(step, config.checkpoint_every, last):
+            run.checkpoint(step, policy, state, scheduler, stream, extra={"kl_coef": kl_ctl.value})
+        if step == last:
+            break
+    if not run.evals or run.evals[-1]["step"] != last:
+        evaluate(last)
+    critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
+    return run.finish(policy, tok, metrics)
