@@ -4,8 +4,9 @@
 Time: both run in this one process, alternating step by step (a TRL step, then one of ours, via a
 TRL callback), so machine noise hits both alike; the median over the measured steps after warm-up
 is reported, with per-phase times. Peak memory: each framework runs warm-up + 3 steps in its own
-child process, which reports its peak RSS growth over the RSS after loading the model (CPU) or the
-CUDA peak (GPU). TRL is a benchmark-only dependency (`pip install -e .[bench]`).
+child process, which reports its peak RSS growth over the RSS once the trainer is built (the peak
+counter VmHWM reset there; glibc told to return freed blocks at once, so RSS follows live memory),
+or the CUDA peak (GPU). TRL is a benchmark-only dependency (`pip install -e .[bench]`).
 
 usage: python bench/grpo_vs_trl.py [--modes lora,full] [--steps 5] [--warmup 1] [--prompts 2]
                                    [--group-size 8] [--new-tokens 64] [--beta 0.04]
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from peak_memory import peak_kb, reset_peak, rss_kb  # bench/peak_memory.py
 
 QUESTIONS = [(23, 45), (61, 17), (38, 54), (72, 19), (15, 66), (49, 28), (83, 11), (26, 37)]
 
@@ -42,13 +43,8 @@ def trl_reward(prompts, completions, **_):
     return out
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_kb() / 1024
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -57,6 +53,7 @@ class Ours:
         from posttrain import rewards as rw
         from posttrain.algorithms import common, grpo
         from posttrain.generation import SamplingConfig
+        from posttrain.rollout_model import rollout_model
 
         self.grpo, self.common = grpo, common
         self.cfg = grpo.GRPOConfig(
@@ -67,6 +64,7 @@ class Ours:
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
         self.ref = grpo._Reference(self.policy, self.cfg)
+        self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as train_grpo samples
         self.stream = common.PromptStream([{"prompt": p} for p in prompts(64)], 0)
         self.sampling = SamplingConfig(1.0, 1.0, 0, args.new_tokens, args.new_tokens)
         self.reward = rw.from_spec("format(pattern=.*Answer.*)")
@@ -78,7 +76,7 @@ class Ours:
         t0 = time.perf_counter()
         self.policy.eval()
         batch, m = collect(self.policy, self.tok, self.stream, self.cfg.prompts_per_step, self.cfg.group_size,
-                           self.sampling, self.reward, self.gen)
+                           self.sampling, self.reward, self.gen, rollout=self.rollout)
         t1 = time.perf_counter()
         self.grpo.update(self.policy, self.opt, self.sched, self.cfg, batch, self.ref)
         t2 = time.perf_counter()
@@ -94,8 +92,11 @@ def build_trl(args, lora: bool, max_steps: int, callbacks=()):
 
     from posttrain.models import load_model
 
+    from posttrain.models import ensure_embedded
+
     torch.manual_seed(0)
     model, tok = load_model()
+    model.config._name_or_path = str(ensure_embedded())  # TRL loads its reference copy from this path
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts(64)]
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.prompts * args.group_size,
@@ -158,7 +159,9 @@ def interleaved(args, lora: bool) -> dict:
 def child_memory(framework: str, mode: str, args) -> float:
     cmd = [sys.executable, __file__, "--child", framework, "--modes", mode, "--prompts", str(args.prompts),
            "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--beta", str(args.beta)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # glibc returns freed blocks >= 128 KiB at once, so RSS follows live memory (as in bench/dpo_vs_trl.py)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -170,14 +173,14 @@ def run_child(framework: str, lora: bool, args) -> None:
         torch.cuda.reset_peak_memory_stats()
     if framework == "ours":
         ours = Ours(args, lora)
-        base = current_rss_mb()
+        base, how = current_rss_mb(), reset_peak()
         for _ in range(4):
             ours.step()
     else:
         trainer, _ = build_trl(args, lora, 4)
-        base = current_rss_mb()
+        base, how = current_rss_mb(), reset_peak()
         trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb() - base
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_kb(how) / 1024 - base
     print(json.dumps({"peak_mb": peak}))
 
 

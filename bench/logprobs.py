@@ -30,10 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from peak_memory import peak_kb, reset_peak, status_kb  # bench/peak_memory.py
 
 B, T, V, H = 8, 512, 49152, 576
 
@@ -41,27 +42,14 @@ B, T, V, H = 8, 512, 49152, 576
 # ----------------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _reset_peak() -> str:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM reset via /proc/self/clear_refs"
-    except OSError:
-        return "ru_maxrss growth (clear_refs not writable: setup peaks may hide smaller step peaks)"
+    how = reset_peak()
+    return "VmHWM reset via /proc/self/clear_refs" if how == "VmHWM" else (
+        "ru_maxrss growth (clear_refs not writable: setup peaks may hide smaller step peaks)")
 
 
 def _peak_kb(method: str) -> int:
-    if method.startswith("VmHWM"):
-        return _status_kb("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_kb("VmHWM" if method.startswith("VmHWM") else "ru_maxrss")
 
 
 # ----------------------------------------------------------------------------------- child
@@ -156,7 +144,7 @@ def child(spec: dict) -> dict:
 
     step()  # warm-up: kernels, allocator, lazy init
     gc.collect()
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kb("VmRSS")
     method = _reset_peak()
     times, cpu_times, losses = [], [], []
     for _ in range(spec["reps"]):
@@ -164,8 +152,8 @@ def child(spec: dict) -> dict:
         losses.append(step())
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak_kb = _peak_kb(method)
-    return {"extra_mb": (peak_kb - base_kb) / 1024, "times": times, "cpu_times": cpu_times,
+    peak = _peak_kb(method)
+    return {"extra_mb": (peak - base_kb) / 1024, "times": times, "cpu_times": cpu_times,
             "loss": losses[0], "method": method, "model": model_desc}
 
 

@@ -32,6 +32,16 @@ def embedded():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny-model ops gain nothing from a second thread on a shared
+    2-core machine, only contention (use with ``pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def python_exe() -> str:
     return sys.executable
 

@@ -6,11 +6,24 @@ REINFORCE++ and GAE give one per token.
 
 A group whose rewards are all equal carries no signal: every estimator here gives it exactly 0
 (not a float-rounding residue divided by eps), and none produces NaN.
+
+Statistics over the whole batch (``whiten``, ``grpo(scale="batch")``, ``reinforce_pp``) take an
+optional ``all_sum``: a function that sums a tensor over the parts of a batch held by several
+processes (``posttrain.distributed.all_sum``), so each process computes the whole batch's
+statistics from its own part. Without it the batch is the tensor given.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+
+AllSum = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _summer(all_sum: AllSum) -> Callable[[torch.Tensor], torch.Tensor]:
+    return (lambda t: t) if all_sum is None else all_sum
 
 GRPO_SCALES = ("group", "batch", "none")
 
@@ -25,7 +38,7 @@ def _constant_group_P1(rewards_PG: torch.Tensor) -> torch.Tensor:
     return (rewards_PG == rewards_PG[:, :1]).all(dim=-1, keepdim=True)
 
 
-def grpo(rewards_PG: torch.Tensor, scale: str = "group", eps: float = 1e-8) -> torch.Tensor:
+def grpo(rewards_PG: torch.Tensor, scale: str = "group", eps: float = 1e-8, all_sum: AllSum = None) -> torch.Tensor:
     """Group-relative advantages, ``adv_PG``.
 
     ``A = (r - mean_G(r)) / (std + eps)`` with std the unbiased (torch.std) std of the group for
@@ -45,9 +58,17 @@ def grpo(rewards_PG: torch.Tensor, scale: str = "group", eps: float = 1e-8) -> t
         G = rewards_PG.shape[-1]
         std_P1 = rewards_PG.std(dim=-1, keepdim=True) if G > 1 else torch.zeros_like(rewards_PG[:, :1])
     else:
-        n = rewards_PG.numel()
-        std_P1 = rewards_PG.std() if n > 1 else torch.zeros((), dtype=rewards_PG.dtype, device=rewards_PG.device)
+        std_P1 = _std(rewards_PG.reshape(-1), all_sum)
     return centered_PG / (std_P1 + eps)
+
+
+def _std(x_N: torch.Tensor, all_sum: AllSum) -> torch.Tensor:
+    """Unbiased std of ``x_N`` (of every process's ``x_N`` with ``all_sum``); 0 for fewer than 2."""
+    total = _summer(all_sum)
+    n = total(torch.tensor(float(x_N.numel()), dtype=x_N.dtype, device=x_N.device))
+    mean = total(x_N.sum()) / n.clamp(min=1)
+    var = total(((x_N - mean) ** 2).sum()) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
 
 
 def dr_grpo(rewards_PG: torch.Tensor) -> torch.Tensor:
@@ -69,7 +90,8 @@ def rloo(rewards_PG: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(
-    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+    all_sum: AllSum = None,
 ) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the valid entries of `mask` (all when None); the
     variance is unbiased (n - 1). With ``shift_mean=False`` the mean is added back (only the scale
@@ -80,13 +102,14 @@ def whiten(
         mask = torch.ones_like(x, dtype=torch.bool)
     if mask.shape != x.shape:
         raise ValueError(f"whiten: x {tuple(x.shape)} and mask {tuple(mask.shape)} differ in shape")
+    total = _summer(all_sum)
     valid = mask != 0
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xm = torch.where(valid, x, zero)
-    n = valid.sum()
-    mean = xm.sum() / n.clamp(min=1)
+    n = total(valid.sum())
+    mean = total(xm.sum()) / n.clamp(min=1)
     centered = torch.where(valid, x - mean, zero)
-    var = (centered * centered).sum() / (n - 1).clamp(min=1)
+    var = total((centered * centered).sum()) / (n - 1).clamp(min=1)
     inv_std = torch.where(n > 1, torch.rsqrt(var + eps), torch.ones_like(var))  # n < 2: scale 1
     out = centered * inv_std
     if not shift_mean:
@@ -101,6 +124,7 @@ def reinforce_pp(
     kl_coef: float,
     gamma: float = 1.0,
     group_size: int | None = None,
+    all_sum: AllSum = None,
 ) -> torch.Tensor:
     """REINFORCE++ advantages ``adv_BT`` (Hu et al. 2025; OpenRLHF; verl
     `compute_reinforce_plus_plus_outcome_advantage`).
@@ -139,7 +163,7 @@ def reinforce_pp(
         running_B = torch.where(valid_BT[:, t], token_rewards_BT[:, t] + gamma * running_B, running_B)
         returns_BT[:, t] = running_B
     returns_BT = torch.where(valid_BT, returns_BT, zero)
-    return whiten(returns_BT, valid_BT)
+    return whiten(returns_BT, valid_BT, all_sum=all_sum)
 
 
 def gae(

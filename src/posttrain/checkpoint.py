@@ -143,8 +143,10 @@ def save_checkpoint(
     world_size: int = 1,
 ) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically and prune all but the ``keep_last`` newest.
-    Under several processes every rank calls this: rank 0 writes the model, optimizer, scheduler
-    and state; each rank writes its own RNG file into a shared temporary directory name."""
+    Under several processes every rank calls this: each rank writes its own RNG file into a
+    shared temporary directory name, they wait for each other, then rank 0 writes the model,
+    optimizer, scheduler and state and renames the directory into place (the run directory must
+    be on a filesystem every rank sees)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -154,6 +156,9 @@ def save_checkpoint(
         tmp = root / f".tmp-step-{step}"
         tmp.mkdir(exist_ok=True)
         torch.save(rng_state(generators), tmp / rng_name)
+        from posttrain import distributed
+
+        distributed.barrier()  # every rank's RNG file is in before rank 0 renames the directory
         if rank != 0:
             return final
     else:
@@ -188,19 +193,26 @@ def load_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     restore_rng: bool = True,
     rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; return the saved ``state`` dict."""
+    """Restore what :func:`save_checkpoint` wrote; return the saved ``state`` dict. Every rank
+    reads the same weights and optimizer state and its own RNG file; the checkpoint must have
+    been written by as many processes as are reading it."""
     ckpt_dir = Path(ckpt_dir)
     state_file = ckpt_dir / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (no state.json)")
     state = json.loads(state_file.read_text())
+    saved_world = int(state.get("world_size", 1))
+    if restore_rng and saved_world != world_size:
+        raise RuntimeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
+                           f"(now {world_size}) so every process gets its own RNG state back")
     load_weights(model, ckpt_dir)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=False))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))
     if restore_rng:
-        name = "rng.pt" if state.get("world_size", 1) == 1 else f"rng-rank{rank}.pt"
+        name = "rng.pt" if saved_world == 1 else f"rng-rank{rank}.pt"
         set_rng_state(torch.load(ckpt_dir / name, weights_only=False), generators)
     return state

@@ -177,10 +177,16 @@ def _not_found(spec: str) -> str:
 
 
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU. Under a multi-process launch a bare ``cuda``
+    means this process's own GPU (``cuda:LOCAL_RANK``)."""
+    import os
+
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def load_model(

@@ -103,6 +103,9 @@ class Tracker:
         self._task = None
         self.history: list[dict] = []
         if not enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, quiet=True)  # other ranks: nothing printed
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:

@@ -64,7 +64,8 @@ def test_eos_ends_completion_and_mask_includes_it(tiny):
     model, tok = tiny
     eos = tok.eos_token_id
     boost_eos(model, eos, 11.0)  # ~ log(vocab): EOS about as likely as all other tokens together
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, min_new_tokens=2)
+    # after the 2 forced tokens a row runs to the limit with p ~ 1/4: some rows of 24 clip, most stop
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, min_new_tokens=2)
     r = sample_groups(model, tok, prompts_of(tok), 8, cfg, generator=torch.Generator().manual_seed(0))
     lengths = r.completion_mask_BC.sum(1).tolist()
     assert min(lengths) >= 2 and r.clipped_B.any() and not r.clipped_B.all()

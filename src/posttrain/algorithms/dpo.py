@@ -27,6 +27,9 @@ Choices and departures from the paper and from TRL:
 - Evaluation every ``eval_every`` steps (and before/after): preference metrics on the held-out
   pairs (``eval_fraction``), and, when ``task`` names a built-in task, greedy accuracy on its test
   split with its reward (the pairs usually came from its train split via ``posttrain pairs``).
+- Under several processes each takes 1/N of a step's pairs (and of the reference and evaluation
+  pairs); a micro-batch's loss is weighted by its share of the global batch, so the summed
+  gradients equal one process's.
 """
 
 from __future__ import annotations
@@ -38,10 +41,9 @@ from typing import Literal, Optional
 
 import torch
 
-from posttrain import losses
+from posttrain import distributed, losses
 from posttrain.algorithms import common
 from posttrain.algorithms import dpo_data as dd
-from posttrain.evaluate import greedy_eval
 
 FULL_FT_LR = 1e-6
 """The doctrine's DPO learning range is 1e-5 to 1e-6; 1e-6 for full fine-tuning, 1e-5 with LoRA."""
@@ -68,9 +70,10 @@ class DPOConfig(common.TrainConfig):
     label_smoothing: float = 0.0
     """Assumed fraction of flipped preference labels, in [0, 0.5) (sigmoid: conservative DPO; robust: rDPO)."""
     batch_size: int = 8
-    """Pairs per optimizer step."""
+    """Pairs per optimizer step, over all processes (a multiple of their number; each trains on batch_size / N)."""
     micro_batch_size: int = 0
-    """Pairs per forward/backward (gradient accumulation); 0 = the whole batch at once."""
+    """Pairs per forward/backward on each process (gradient accumulation); 0 = all of the process's pairs at
+    once. Does not change the result, only memory and speed."""
     epochs: float = 0.0
     """Passes over the training pairs; when > 0 it sets max_steps = ceil(epochs * pairs / batch_size)."""
     max_length: int = 1024
@@ -144,6 +147,7 @@ class Reference:
             console.print(f"reference log-probs: {path} is for other data or settings; recomputing")
         t0 = time.perf_counter()
         pad = tok.pad_token_id
+        everything, examples = examples, examples[distributed.shard(len(examples))]  # each rank its part
         if config.ref_model:
             from posttrain.models import load_model, resolve_device
 
@@ -158,10 +162,14 @@ class Reference:
                 table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
         else:  # full fine-tuning: the policy before its first step is the reference
             table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
+        table = {k: v for part in distributed.gather(table) for k, v in part.items()}
+        if len(table) != len({e.index for e in everything}):
+            raise RuntimeError("reference log-probs: pairs missing after gathering the processes' parts")
         seconds = time.perf_counter() - t0
         idx = sorted(table)
-        torch.save({"fingerprint": key, "index": torch.tensor(idx, dtype=torch.long),
-                    "logps": torch.tensor([table[i] for i in idx], dtype=torch.float64)}, path)
+        if distributed.is_main():
+            torch.save({"fingerprint": key, "index": torch.tensor(idx, dtype=torch.long),
+                        "logps": torch.tensor([table[i] for i in idx], dtype=torch.float64)}, path)
         console.print(f"reference log-probs: {len(idx)} pairs in {seconds:.1f}s -> {path}")
         return cls(table), seconds
 
@@ -188,14 +196,17 @@ def _micro(batch: list, size: int) -> list[list]:
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
-def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool) -> tuple[dict, int, bool]:
-    """Forward/backward of a batch of pairs in micro-batches, weighted so the gradient equals one
-    batch's. Returns (metrics, tokens fed, all losses finite)."""
+def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
+               total: int | None = None) -> tuple[dict, int, bool]:
+    """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
+    ``total`` pairs of the step (default: this batch; under several processes, the global batch),
+    so the gradient (summed over processes) equals one batch's. Returns (metrics weighted the same
+    way, tokens fed, all losses finite)."""
     policy.train()
     sums: dict[str, float] = {}
     tokens = 0
     for mb in _micro(batch, config.micro_batch_size):
-        w = len(mb) / len(batch)
+        w = len(mb) / (total or len(batch))
         loss, metrics, n = batch_loss(policy, mb, ref, config, pad_id, share)
         tokens += n
         if not torch.isfinite(loss):
@@ -218,19 +229,21 @@ def step_optimizer(policy, optimizer, scheduler, config: DPOConfig, finite: bool
 
 @torch.no_grad()
 def preference_eval(policy, examples, ref: Reference, config: DPOConfig, pad_id: int, share: bool) -> dict:
-    """Loss and rewards/* over held-out pairs (one dpo_loss over all of them)."""
+    """Loss and rewards/* over held-out pairs (one dpo_loss over all of them; the processes score
+    a part each)."""
     training = getattr(policy, "training", False)
     policy.eval()
     device = next(policy.parameters()).device
-    pol, n = [], []
+    pol, n = [torch.zeros(0, 2, dtype=torch.float64)], [torch.zeros(0, 2, dtype=torch.float64)]
     try:
-        for b in dd.batches_by_tokens(examples, config.ref_batch_tokens):
+        for b in dd.batches_by_tokens(examples[distributed.shard(len(examples))], config.ref_batch_tokens):
             packed = dd.pack(b, pad_id, share, config.row_tokens, device)
             pol.append(dd.pair_logprobs(policy, packed, config.chunk_size).cpu().double())
             n.append(packed.lengths_P2.cpu().double())
     finally:
         policy.train(training)
-    pol_P2, n_P2, ref_P2 = torch.cat(pol), torch.cat(n), ref.of(examples).double()
+    pol_P2, n_P2 = distributed.gather_cat(torch.cat(pol)), distributed.gather_cat(torch.cat(n))
+    ref_P2 = ref.of(examples).double()
     if config.loss_type == "ipo":
         pol_P2, ref_P2 = pol_P2 / n_P2, ref_P2 / n_P2
     loss, metrics = losses.dpo_loss(pol_P2[:, 0], pol_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], config.beta,
@@ -288,13 +301,15 @@ def total_steps(config: DPOConfig, n_train: int) -> int:
 def train_dpo(config: DPOConfig) -> common.RunResult:
     """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
     validate(config)
-    common.seed_everything(config.seed)
+    common.start(config)
+    distributed.check_divisible("batch_size", config.batch_size)
     policy, tok = common.load_policy(config)
     if config.activation_checkpointing > 0:
         enable_activation_checkpointing(policy, config.activation_checkpointing)
     from rich.console import Console
 
-    train, evals, stats, greedy_rows, eval_spec = _load_data(config, tok, Console(stderr=True))
+    console = Console(stderr=True, quiet=not distributed.is_main())
+    train, evals, stats, greedy_rows, eval_spec = _load_data(config, tok, console)
     config = dataclasses.replace(config, max_steps=total_steps(config, len(train)))
     run = common.Run(config, "dpo", total_steps=config.max_steps)
     console = run.tracker.console
@@ -315,9 +330,8 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
         if evals:
             record.update(preference_eval(policy, evals, ref, config, pad, share))
         if greedy_rows:
-            res = greedy_eval(policy, tok, greedy_rows, eval_spec, config.eval_max_new_tokens,
-                              chat_template=config.chat_template)
-            record.update(res)
+            record.update(common.greedy_eval_sharded(policy, tok, greedy_rows, eval_spec, config.eval_max_new_tokens,
+                                                     config.chat_template))
         if record:
             run.log_eval(step, {**record, "seconds": time.perf_counter() - t0})
 
@@ -329,11 +343,11 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
         timer = common.StepTimer()
         with common.Phase(timer, "update"):
             with run.stop_safely(step, policy, optimizer, scheduler, stream):  # Ctrl-C: checkpoint, re-raise
-                batch = stream.take(config.batch_size)
-                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share)
-            smetrics = step_optimizer(policy, optimizer, scheduler, config, finite)
-        metrics = {**sums, **smetrics, "tokens": tokens, "epoch": stream.epoch + stream.pos / len(train),
-                   **timer.metrics()}
+                batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
+                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size)
+            smetrics = step_optimizer(policy, optimizer, scheduler, config, distributed.all_true(finite))
+        metrics = {**distributed.reduce_metrics({**sums, "tokens": tokens}, sum_keys=[*sums, "tokens"]), **smetrics,
+                   "epoch": stream.epoch + stream.pos / len(train), **timer.metrics()}
         metrics["tokens_per_s"] = tokens / max(1e-9, metrics["time/step"])
         run.log(step, metrics)
         if run.out_of_time():

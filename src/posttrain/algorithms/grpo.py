@@ -25,6 +25,11 @@ No value model: the group's mean reward is the baseline. Choices and departures 
   equals one big batch.
 - A completion no reward function could judge (None) is masked out of the loss; a non-finite loss
   or gradient skips the step (counted in ``nonfinite_steps``) instead of training on it.
+- Under several processes each takes 1/N of the prompts, whole groups (``rollout.collect``); each
+  micro-batch's loss is weighted by its share of the *global* batch's normaliser (tokens,
+  sequences or rows, summed over processes), so the summed gradients equal one process's; batch
+  statistics (``scale_rewards=batch``, REINFORCE++'s whitening) are taken over every process's
+  completions.
 """
 
 from __future__ import annotations
@@ -35,14 +40,13 @@ from typing import Literal, Optional
 import torch
 
 from posttrain import advantages as advmod
-from posttrain import losses
+from posttrain import distributed, losses
 from posttrain import rewards as rw
 from posttrain.algorithms import common
-from posttrain.algorithms.rollout import ScoredBatch, collect
-from posttrain.evaluate import greedy_eval
+from posttrain.algorithms.rollout import ScoredBatch, collect, step_metrics, tokens_of
 from posttrain.generation import SamplingConfig
 from posttrain.grouped import rollout_logprobs
-from posttrain.rewards.judge import judge_metrics
+from posttrain.rollout_model import rollout_model
 
 FULL_FT_LR = 1e-6
 """The doctrine's RL learning rate ("Use lower LR for RL - 1e-6 instead of 1e-5")."""
@@ -61,9 +65,13 @@ class GRPOConfig(common.TrainConfig):
     group_size: int = 8
     """Completions sampled per prompt (the doctrine's K)."""
     prompts_per_step: int = 8
-    """Prompts per step; a step trains on prompts_per_step x group_size completions."""
-    micro_batch_prompts: int = 0
-    """Prompts per forward/backward pass (gradient accumulation); 0 = all at once."""
+    """Prompts per step, over all processes (a multiple of their number; each samples and trains on
+    prompts_per_step / N of them, whole groups); a step trains on prompts_per_step x group_size completions."""
+    micro_batch_prompts: int = 1
+    """Prompts per forward/backward pass on each process (gradient accumulation); 0 = all of the
+    process's prompts at once. Does not change the result, only memory and speed. Default: one
+    group per pass (group_size rows, TRL's default micro-batch of 8 at the default group size):
+    activation memory is one group's, whatever prompts_per_step is."""
     max_new_tokens: int = 256
     """Completion length limit."""
     min_new_tokens: int = 0
@@ -108,27 +116,19 @@ def advantages_of(config: GRPOConfig, batch: ScoredBatch, kl_BC: torch.Tensor | 
     """adv_B (grpo, dr_grpo, rloo) or adv_BC (reinforce_pp) for a scored batch."""
     rewards_PG = batch.rewards_PG()
     if config.advantage == "grpo":
-        return advmod.grpo(rewards_PG, scale=config.scale_rewards).reshape(-1)
+        return advmod.grpo(rewards_PG, scale=config.scale_rewards, all_sum=distributed.all_sum).reshape(-1)
     if config.advantage == "dr_grpo":
         return advmod.grpo(rewards_PG, scale="none").reshape(-1)
     if config.advantage == "rloo":
         return advmod.rloo(rewards_PG).reshape(-1)
     kl = kl_BC if kl_BC is not None else torch.zeros_like(mask_BC, dtype=torch.float32)
-    return advmod.reinforce_pp(rewards_PG.reshape(-1), kl, mask_BC, kl_coef=config.beta, group_size=batch.group_size)
+    return advmod.reinforce_pp(rewards_PG.reshape(-1), kl, mask_BC, kl_coef=config.beta, group_size=batch.group_size,
+                               all_sum=distributed.all_sum)
 
 
 def micro_batches(n_prompts: int, size: int) -> list[torch.Tensor]:
     size = size if size > 0 else n_prompts
     return [torch.arange(i, min(i + size, n_prompts)) for i in range(0, n_prompts, size)]
-
-
-def _weight(mode: str, mask_mb: torch.Tensor, mask_all: torch.Tensor) -> float:
-    """Share of a micro-batch in the whole batch's reduction, so accumulation is exact."""
-    if mode == "token-mean":
-        return float(mask_mb.sum()) / max(1.0, float(mask_all.sum()))
-    if mode == "seq-mean-token-mean":
-        return float((mask_mb.sum(1) > 0).sum()) / max(1.0, float((mask_all.sum(1) > 0).sum()))
-    return mask_mb.shape[0] / mask_all.shape[0]
 
 
 class _Reference:
@@ -150,9 +150,11 @@ class _Reference:
 
 
 def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch, reference: _Reference) -> dict:
-    """One generated batch -> num_iterations optimizer steps. Returns the step's metrics."""
+    """One generated batch -> num_iterations optimizer steps. Returns the step's metrics (over
+    every process's part of the batch)."""
     r = batch.rollouts
     mask_BC = r.completion_mask_BC * batch.valid_B[:, None].to(r.completion_mask_BC.dtype)
+    whole = distributed.all_sum(losses.reduction_counts(mask_BC))  # the global batch's normalisers
     mbs = micro_batches(r.num_prompts, config.micro_batch_prompts)
     G, T = r.group_size, config.temperature
     rows_of = [(mb[:, None] * G + torch.arange(G)[None, :]).reshape(-1) for mb in mbs]
@@ -183,7 +185,7 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
             a = adv[b]
             loss, pm = losses.policy_loss(logp, old, a, m, config.clip_low, config.clip_high, config.reduce,
                                           max_len=config.max_new_tokens)
-            w = _weight(config.reduce, m, mask_BC)
+            w = losses.reduction_share(config.reduce, m, whole)
             stats = {"pg_loss": float(loss.detach()), "clip_frac": float(pm["clip_frac"]), "entropy": float(losses.masked_mean(ent.detach(), m))}
             if reference.enabled:
                 kl_BC = losses.kl_estimate(logp, ref_BC[b], "k3")
@@ -199,10 +201,10 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
                 continue
             (loss * w).backward()
             if it == 0:
-                tok_w = float(m.sum()) / max(1.0, float(mask_BC.sum()))
+                tok_w = float(m.sum()) / max(1.0, float(whole[0]))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v * (w if k in ("loss", "pg_loss") else tok_w)
-        if not step_ok:
+        if not distributed.all_true(step_ok):
             policy.zero_grad(set_to_none=True)
             scheduler.step()
             nonfinite += 1
@@ -214,7 +216,7 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
     metrics = {**sums, "grad_norm": sum(grad_norms) / max(1, len(grad_norms)), "nonfinite_steps": nonfinite,
                "lr": scheduler.get_last_lr()[0], "len/mean": float(lengths.mean()),
                "len/clipped_frac": float(r.clipped_B.float().mean()), "adv/abs_mean": float(adv.abs().mean())}
-    return metrics
+    return distributed.reduce_metrics(metrics, sum_keys=sums)
 
 
 def _samples(batch: ScoredBatch, n_groups: int) -> list[dict]:
@@ -234,7 +236,8 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
     """Train with GRPO (or Dr. GRPO / REINFORCE++ / RLOO); returns the run directory and metrics."""
     if config.group_size < 2:
         raise ValueError("group_size must be >= 2: the group mean is the baseline")
-    common.seed_everything(config.seed)
+    common.start(config)
+    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
     train_rows, eval_rows, task_reward = common.load_rows_for(config, "prompt")
     reward_spec = config.reward or task_reward
     if reward_spec is None:
@@ -251,12 +254,13 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
     run.generators["sampling"] = sampler_gen
     start, _ = run.restore(policy, optimizer, scheduler, stream)
     reference = _Reference(policy, config)
+    rollout = rollout_model(policy, config.rollout_dtype)
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
 
     def evaluate(step: int):
         if eval_rows:
-            res = greedy_eval(policy, tok, eval_rows, eval_spec, eval_tokens, chat_template=config.chat_template)
+            res = common.greedy_eval_sharded(policy, tok, eval_rows, eval_spec, eval_tokens, config.chat_template)
             run.log_eval(step, res)
 
     if start == 0 and config.eval_at_start:
@@ -269,14 +273,13 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
         with run.stop_safely(step, policy, optimizer, scheduler, stream):
             batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
                                       reward_fn, sampler_gen, config.chat_template, config.dynamic_sampling,
-                                      config.max_sampling_rounds)
+                                      config.max_sampling_rounds, rollout)
         for k in ("time/gen", "time/score"):
             timer.add(k[5:], cmetrics.pop(k))
         with common.Phase(timer, "update"):
             umetrics = update(policy, optimizer, scheduler, config, batch, reference)
-        metrics = {**rw.reward_metrics([None if v != v else v for v in batch.rewards_B.tolist()], batch.parts),
-                   **judge_metrics(reward_fn), **cmetrics, **umetrics, **timer.metrics()}
-        metrics["tokens_per_s"] = float(batch.rollouts.completion_mask_BC.sum()) / max(1e-9, metrics["time/step"])
+        metrics = {**step_metrics(batch, reward_fn, cmetrics), **umetrics, **timer.metrics()}
+        metrics["tokens_per_s"] = tokens_of(batch) / max(1e-9, metrics["time/step"])
         run.log(step, metrics, _samples(batch, config.samples_per_step))
         if run.out_of_time():
             last = step

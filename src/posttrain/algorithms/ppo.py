@@ -32,6 +32,13 @@ Choices and departures:
   of both losses; a non-finite loss or gradient skips the step (``nonfinite_steps``).
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
+- Under several processes each takes 1/N of the prompts; every process splits its part into
+  ``minibatches`` shuffled minibatches, so a global minibatch is the union of the processes' (the
+  same size as one process's, not the same prompts). Each minibatch's losses are weighted by the
+  process's share of the global minibatch's tokens (sequences, rows: ``reduce``); advantage
+  whitening and the adaptive KL's sequence KL are taken over every process's completions. The
+  critic (its adapter and head, or the separate model) is trained and kept in step like the
+  policy; the reference (adapters disabled, or a frozen copy) is never trained nor synchronised.
 """
 
 from __future__ import annotations
@@ -42,17 +49,16 @@ from typing import Literal, Optional
 import torch
 
 from posttrain import advantages as advmod
-from posttrain import losses
+from posttrain import distributed, losses
 from posttrain import rewards as rw
 from posttrain.algorithms import common
 from posttrain.algorithms.grpo import _samples, micro_batches
 from posttrain.algorithms.ppo_parts import (KLController, Reference, build_optimizer, explained_variance, grad_step,
                                             make_value_model, policy_params, token_rewards)
-from posttrain.algorithms.rollout import ScoredBatch, collect
-from posttrain.evaluate import greedy_eval
+from posttrain.algorithms.rollout import ScoredBatch, collect, step_metrics, tokens_of
 from posttrain.generation import SamplingConfig
 from posttrain.grouped import rollout_logprobs
-from posttrain.rewards.judge import judge_metrics
+from posttrain.rollout_model import rollout_model
 from posttrain.value_head import TrainState, ValueModel
 
 FULL_FT_LR = 1e-6
@@ -79,7 +85,8 @@ class PPOConfig(common.TrainConfig):
     eval_reward: Optional[str] = None
     """Reward used for held-out evaluation (default: the task's reward, else --reward)."""
     prompts_per_step: int = 8
-    """Prompts per step (a rollout batch holds prompts_per_step x group_size completions)."""
+    """Prompts per step, over all processes (a multiple of their number, each samples prompts_per_step / N);
+    a rollout batch holds prompts_per_step x group_size completions."""
     group_size: int = 1
     """Completions sampled per prompt (1 = classic PPO; the critic is the baseline either way)."""
     max_new_tokens: int = 256
@@ -114,7 +121,8 @@ class PPOConfig(common.TrainConfig):
     ppo_epochs: int = 4
     """Passes over each rollout batch (TRL's default 4)."""
     minibatches: int = 1
-    """Optimizer steps per pass: the batch's prompts are split into this many shuffled minibatches."""
+    """Optimizer steps per pass: the batch's prompts are split into this many shuffled minibatches (each
+    process splits its own prompts_per_step / N, so at most that many)."""
     value_model: Literal["auto", "adapter", "separate"] = "auto"
     """Critic: 'adapter' (own LoRA adapter on the policy's base), 'separate' (a second model), 'auto' (adapter with LoRA)."""
     value_lr: Optional[float] = None
@@ -158,7 +166,7 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     rewards_BC = token_rewards(batch.rewards_B, kl_BC, mask_BC, kl_coef)
     adv_BC, returns_BC = advmod.gae(rewards_BC, v_BC, mask_BC, config.gamma, config.gae_lambda)
     if config.whiten_advantages:
-        adv_BC = advmod.whiten(adv_BC, mask_BC)
+        adv_BC = advmod.whiten(adv_BC, mask_BC, all_sum=distributed.all_sum)
     has_B = mask_BC.sum(1) > 0
     stats = {"returns/mean": float(losses.masked_mean(returns_BC, mask_BC)),
              "value/mean": float(losses.masked_mean(v_BC, mask_BC)),
@@ -167,9 +175,10 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     if reference is not None:
         stats["kl"] = float(losses.masked_mean(losses.kl_estimate(old_BC, ref_BC, "k3"), mask_BC))
         stats["kl/k1"] = float(losses.masked_mean(kl_BC, mask_BC))
-        seq_kl_B = kl_BC.sum(1)
-        stats["kl/seq"] = float(seq_kl_B[has_B].mean()) if bool(has_B.any()) else float("nan")
+        kl_n = distributed.all_sum(torch.stack([kl_BC.sum(1)[has_B].sum().double(), has_B.sum().double()]))
+        stats["kl/seq"] = float(kl_n[0] / kl_n[1]) if float(kl_n[1]) > 0 else float("nan")  # every process's
         stats["non_score_reward"] = -kl_coef * stats["kl/seq"]
+    stats = distributed.reduce_metrics(stats)
     return {"mask": mask_BC, "old": old_BC, "values": v_BC, "adv": adv_BC, "returns": returns_BC, "stats": stats}
 
 
@@ -197,8 +206,11 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
             ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
             v = critic.values(r, rows=mb)
             vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
-            loss = pg + ent_loss + config.value_coef * vl
-            if not torch.isfinite(loss):
+            whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
+            w_pg = losses.reduction_share(config.reduce, m, whole)
+            w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
+            loss = w_pg * (pg + ent_loss) + w_v * config.value_coef * vl
+            if not distributed.all_true(bool(torch.isfinite(loss))):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 continue
@@ -213,12 +225,12 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_steps += 1
     scheduler.step()  # the schedule counts PPO steps (warmup_steps, max_steps), not minibatch updates
-    metrics = {k: v / max(1, n_steps) for k, v in sums.items()}
+    metrics = distributed.reduce_metrics({k: v / max(1, n_steps) for k, v in sums.items()}, sum_keys=["loss"])
     lengths = r.completion_mask_BC.sum(1).float()
     metrics.update({"nonfinite_steps": nonfinite, "lr": scheduler.get_last_lr()[0], "len/mean": float(lengths.mean()),
                     "len/clipped_frac": float(r.clipped_B.float().mean()),
                     "adv/abs_mean": float(losses.masked_mean(adv_BC.abs(), mask_BC))})
-    return metrics
+    return distributed.reduce_metrics(metrics)
 
 
 def train_ppo(config: PPOConfig) -> common.RunResult:
@@ -226,9 +238,11 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
     if config.ppo_epochs < 1 or config.minibatches < 1:
         raise ValueError("ppo_epochs and minibatches must be >= 1")
-    if config.minibatches > config.prompts_per_step:
-        raise ValueError(f"minibatches ({config.minibatches}) > prompts_per_step ({config.prompts_per_step})")
-    common.seed_everything(config.seed)
+    common.start(config)
+    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
+    per_process = config.prompts_per_step // distributed.world_size()
+    if config.minibatches > per_process:
+        raise ValueError(f"minibatches ({config.minibatches}) > prompts per process ({per_process})")
     train_rows, eval_rows, task_reward = common.load_rows_for(config, "prompt")
     reward_spec = config.reward or task_reward
     if reward_spec is None:
@@ -241,6 +255,8 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     use_ref = config.kl_coef > 0 or config.kl_target is not None
     reference = Reference(policy, config) if use_ref else None
     critic = make_value_model(config, policy, config.seed)
+    rollout = rollout_model(policy, config.rollout_dtype)
+    distributed.sync_params(critic.parameters())  # the critic starts identical on every process too
     lr = common.resolve_lr(config, FULL_FT_LR)
     param_sets = (policy_params(policy), critic.parameters())
     optimizer = build_optimizer(*param_sets, config, lr, config.value_lr or lr * VALUE_LR_MULTIPLIER)
@@ -257,8 +273,8 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
 
     def evaluate(step: int):
         if eval_rows:
-            run.log_eval(step, greedy_eval(policy, tok, eval_rows, eval_fn, eval_tokens,
-                                           chat_template=config.chat_template))
+            run.log_eval(step, common.greedy_eval_sharded(policy, tok, eval_rows, eval_fn, eval_tokens,
+                                                          config.chat_template))
 
     if start == 0 and config.eval_at_start:
         evaluate(0)
@@ -269,17 +285,16 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
         policy.eval()
         with run.stop_safely(step, policy, state, scheduler, stream, extra={"kl_coef": kl_ctl.value}):
             batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
-                                      reward_fn, sampler_gen, config.chat_template)
+                                      reward_fn, sampler_gen, config.chat_template, rollout=rollout)
         for k in ("time/gen", "time/score"):
             timer.add(k[5:], cmetrics.pop(k))
         with common.Phase(timer, "update"):
             ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
             umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets)
         if "kl/seq" in ro["stats"]:
-            kl_ctl.update(ro["stats"]["kl/seq"], int(batch.valid_B.sum()))
-        metrics = {**rw.reward_metrics([None if v != v else v for v in batch.rewards_B.tolist()], batch.parts),
-                   **judge_metrics(reward_fn), **cmetrics, **ro["stats"], **umetrics, **timer.metrics()}
-        metrics["tokens_per_s"] = float(batch.rollouts.completion_mask_BC.sum()) / max(1e-9, metrics["time/step"])
+            kl_ctl.update(ro["stats"]["kl/seq"], int(distributed.all_sum(batch.valid_B.sum())))
+        metrics = {**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics, **timer.metrics()}
+        metrics["tokens_per_s"] = tokens_of(batch) / max(1e-9, metrics["time/step"])
         run.log(step, metrics, _samples(batch, config.samples_per_step))
         if run.out_of_time():
             last = step
@@ -291,5 +306,6 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
             break
     if not run.evals or run.evals[-1]["step"] != last:
         evaluate(last)
-    critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
+    if distributed.is_main():
+        critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
     return run.finish(policy, tok, metrics)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from posttrain import distributed
 from posttrain.algorithms import common
 from posttrain.grouped import rollout_logprobs
 from posttrain.value_head import ValueHead, ValueModel, adapter_params, clip_and_norm, hidden_size, keep_requires_grad
@@ -118,15 +119,16 @@ def build_optimizer(policy_ps, value_ps, config, lr: float, value_lr: float) -> 
     """AdamW with two parameter groups: the policy at ``lr``, the critic at ``value_lr``."""
     if not policy_ps or not value_ps:
         raise ValueError("PPO needs trainable policy and value parameters")
-    return torch.optim.AdamW([{"params": policy_ps, "lr": lr}, {"params": value_ps, "lr": value_lr}],
-                             weight_decay=config.weight_decay)
+    return common.adamw([{"params": policy_ps, "lr": lr}, {"params": value_ps, "lr": value_lr}], lr, config.weight_decay)
 
 
 def grad_step(policy_ps, value_ps, optimizer, max_grad_norm: float) -> tuple[float, float, bool]:
     """Clip the policy's and the critic's gradients separately (their scales differ: the value
     loss's gradient is often much larger early on and would shrink the policy's update under one
     global clip), then step. A non-finite norm drops the gradients and skips the step. The
-    learning-rate schedule is advanced by the caller, once per PPO step."""
+    learning-rate schedule is advanced by the caller, once per PPO step. Under several processes
+    both sets' gradients are first summed over them."""
+    distributed.sum_gradients([*policy_ps, *value_ps])
     norm_p = clip_and_norm(policy_ps, max_grad_norm)
     norm_v = clip_and_norm(value_ps, max_grad_norm)
     ok = math.isfinite(norm_p) and math.isfinite(norm_v)

@@ -21,6 +21,9 @@ Choices and departures:
 - InstructGPT puts all K-choose-2 comparisons of one prompt in a batch; here the pair is the unit.
 - Held-out accuracy and mean margin on ``eval_fraction`` of ``--data`` (default 10%), or on the
   test split of ``--task arithmetic`` (pairs from ``tasks.arithmetic_prefs``).
+- Under several processes each scores 1/N of a step's pairs with its loss weighted by that share
+  (the summed gradients equal one process's); evaluation pairs are split and the scores gathered.
+  The head starts identical everywhere (seeded) and is trained like the adapter.
 
 Output: ``final/`` holds the trunk in HF format (a PEFT adapter, or the full model), the tokenizer,
 ``value_head.safetensors`` and ``value_head.json``. ``load_reward_model(path).score(prompts,
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain import distributed
 from posttrain.algorithms import common
 from posttrain.models import sft_lora_rank
 from posttrain.value_head import TrainState, ValueHead, hidden_size, load_head, save_head, sequence_scores, trunk_of
@@ -54,7 +58,8 @@ class RewardModelConfig(common.TrainConfig):
     eval_fraction: float = 0.1
     """With --data: fraction of pairs held out for accuracy and margin (0 = none)."""
     batch_size: int = 8
-    """Preference pairs per optimizer step."""
+    """Preference pairs per optimizer step, over all processes (a multiple of their number; each
+    scores batch_size / N)."""
     max_length: int = 512
     """Longest prompt + response in tokens (longer pairs are truncated: prompt from the left)."""
     max_prompt_length: int = 256
@@ -113,11 +118,12 @@ def evaluate_pairs(trunk, head: ValueHead, examples: Sequence, rows: Sequence[di
     """Held-out ``accuracy`` (share of pairs scored chosen > rejected), ``margin``, ``loss``,
     ``score/mean`` and ``score/std`` over all scored responses."""
     head.eval()
-    rc, rr = [], []
-    for i in range(0, len(examples), config.eval_batch_size):
-        c, r = pair_scores(trunk, head, examples[i:i + config.eval_batch_size], pad_id)
-        rc.append(c), rr.append(r)
-    rc_B, rr_B = torch.cat(rc), torch.cat(rr)
+    rc, rr = [torch.zeros(0)], [torch.zeros(0)]
+    mine = examples[distributed.shard(len(examples))]  # each process scores a part
+    for i in range(0, len(mine), config.eval_batch_size):
+        c, r = pair_scores(trunk, head, mine[i:i + config.eval_batch_size], pad_id)
+        rc.append(c.float().cpu()), rr.append(r.float().cpu())
+    rc_B, rr_B = distributed.gather_cat(torch.cat(rc)), distributed.gather_cat(torch.cat(rr))
     loss, m = bradley_terry_loss(rc_B, rr_B, _margins(rows, examples, config.margin_column), config.center_coef)
     both = torch.cat([rc_B, rr_B])
     return {"accuracy": float(m["rewards/accuracy"]), "margin": float(m["rewards/margin"]), "loss": float(loss),
@@ -143,7 +149,8 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     """Train a reward model on preference pairs; returns the run (``final/`` is the model)."""
     from posttrain.algorithms.dpo_data import encode_pairs
 
-    common.seed_everything(config.seed)
+    common.start(config)
+    distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
     run = common.Run(config, "rm", total_steps=config.max_steps)
     model, tok = common.load_policy(config, lora_rank_for=sft_lora_rank)
@@ -172,21 +179,24 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     last = config.max_steps
     for step in range(start + 1, config.max_steps + 1):
         timer = common.StepTimer()
-        batch = stream.take(config.batch_size)
+        batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
+        share = len(batch) / config.batch_size  # of the global batch: the processes' gradients add up to its
         model.train(), head.train()
         with common.Phase(timer, "update"):
             rc, rr = pair_scores(trunk, head, batch, pad_id)
             loss, m = bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
-            if torch.isfinite(loss):
-                loss.backward()
+            if distributed.all_true(bool(torch.isfinite(loss))):
+                (loss * share).backward()
                 norm, ok = common.grad_step(both, optimizer, scheduler, config.max_grad_norm)
             else:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 norm, ok = float("nan"), False
-        metrics = {"loss": float(loss.detach()), **{k: float(v) for k, v in m.items()}, "grad_norm": norm,
+        shares = {"loss": float(loss.detach()) * share, **{k: float(v) * share for k, v in m.items()},
+                  "tokens": sum(e.shared_length for e in batch)}
+        metrics = {**distributed.reduce_metrics(shares, sum_keys=shares), "grad_norm": norm,
                    "nonfinite_steps": 0 if ok else 1, "lr": scheduler.get_last_lr()[0], **timer.metrics()}
-        metrics["tokens_per_s"] = sum(e.shared_length for e in batch) / max(1e-9, metrics["time/step"])
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(1e-9, metrics["time/step"])
         run.log(step, metrics)
         if run.out_of_time():
             last = step
@@ -201,7 +211,8 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     meta = {"format": FORMAT, "chat_template": config.chat_template, "max_length": config.max_length,
             "max_prompt_length": config.max_prompt_length,
             "eval": {k: v for k, v in (run.evals[-1] if run.evals else {}).items() if k != "examples"}}
-    save_head(head, run.run_dir / "final", meta)
+    if distributed.is_main():
+        save_head(head, run.run_dir / "final", meta)
     return run.finish(model, tok, metrics)
 
 

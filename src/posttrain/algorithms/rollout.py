@@ -6,6 +6,14 @@ functions (plain Python, code rewards in worker processes). With ``dynamic_sampl
 al. 2025) it keeps drawing prompts, for a bounded number of rounds, until the batch holds enough
 groups whose rewards differ: a group whose rewards are all equal has zero advantage everywhere and
 teaches nothing.
+
+Under several processes ``n_prompts`` is the global count: every process draws the same rows
+from its copy of the stream and keeps its ``distributed.shard`` of them, whole groups. Each
+prompt's completions are drawn from a generator of its own, seeded from the run's sampling
+generator and the prompt's place in the global draw, so a prompt gets the same completions
+whichever process samples it, and N processes reproduce one process's run. With dynamic sampling
+the processes agree on the number of rounds (the stream stays in step everywhere); each keeps its
+own informative groups first.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ from typing import Any
 
 import torch
 
+from posttrain import distributed
 from posttrain import rewards as rw
 from posttrain.data import encode_prompt
 from posttrain.generation import Rollouts, SamplingConfig, concat_rollouts, sample_groups, select_groups
+from posttrain.rewards.judge import judge_metrics
 
 
 @dataclasses.dataclass
@@ -61,9 +71,10 @@ def score(rows_B: list[dict], texts: list[str], reward_fn) -> tuple[torch.Tensor
 
 
 def generate_and_score(policy, tokenizer, rows, group_size, sampling: SamplingConfig, reward_fn,
-                       generator: torch.Generator | None, chat_template: bool = True) -> ScoredBatch:
+                       generator: torch.Generator | None, chat_template: bool = True,
+                       prompt_generators: list[torch.Generator] | None = None) -> ScoredBatch:
     ids = [encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
-    rollouts = sample_groups(policy, tokenizer, ids, group_size, sampling, generator)
+    rollouts = sample_groups(policy, tokenizer, ids, group_size, sampling, generator, prompt_generators)
     texts = rollouts.texts(tokenizer)
     rows_B = [r for r in rows for _ in range(group_size)]
     rewards_B, parts = score(rows_B, texts, reward_fn)
@@ -90,20 +101,38 @@ def _join(batches: list[ScoredBatch], pad_id: int) -> ScoredBatch:
     )
 
 
+def prompt_generators(generator: torch.Generator, part: slice, device) -> list[torch.Generator]:
+    """Generators for the prompts ``part`` of one global draw: one number is drawn from
+    ``generator`` (on every process alike), prompt i's generator is seeded from it and i."""
+    base = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return [torch.Generator(device=device).manual_seed((base + 1_000_003 * i) % 2 ** 63)
+            for i in range(part.start, part.stop)]
+
+
 def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling: SamplingConfig, reward_fn,
             generator: torch.Generator | None, chat_template: bool = True, dynamic_sampling: bool = False,
-            max_rounds: int = 3) -> tuple[ScoredBatch, dict[str, float]]:
-    """Sample and score ``n_prompts`` groups; returns the batch and metrics
-    (``frac_zero_std`` of the groups sampled, ``time/gen``, ``time/score``, ``sampling/rounds``)."""
+            max_rounds: int = 3, rollout=None) -> tuple[ScoredBatch, dict[str, float]]:
+    """Sample and score this process's share of ``n_prompts`` groups (all of them in a single
+    process); returns the batch and metrics (``frac_zero_std`` of the groups sampled, ``time/gen``,
+    ``time/score``, ``sampling/rounds``). ``generator`` None samples from torch's global RNG.
+    ``rollout`` (a ``rollout_model.RolloutModel``) samples from its copy of the policy, synced first."""
     t_gen = t_score = 0.0
     informative: list[ScoredBatch] = []
     flat: list[ScoredBatch] = []
     n_inf = zero = total = rounds = 0
+    mine = distributed.shard(n_prompts)
+    n_mine = mine.stop - mine.start
+    device = next(policy.parameters()).device
+    sampler = policy
+    if rollout is not None:
+        rollout.sync()
+        sampler = rollout.model
     while True:
         rounds += 1
-        rows = stream.take(n_prompts)
+        rows = stream.take(n_prompts)[mine]
+        gens = prompt_generators(generator, mine, device) if generator is not None else None
         t0 = time.perf_counter()
-        batch = generate_and_score(policy, tokenizer, rows, group_size, sampling, reward_fn, generator, chat_template)
+        batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None, chat_template, gens)
         t_gen += batch.rollouts.seconds
         t_score += time.perf_counter() - t0 - batch.rollouts.seconds
         std = batch.group_std_P()
@@ -119,11 +148,27 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
             n_inf += len(good)
         if bad:
             flat.append(_take(batch, bad))
-        if n_inf >= n_prompts or rounds >= max_rounds:
+        if distributed.all_true(n_inf >= n_mine or rounds >= max_rounds):
             pool = _join(informative + flat, tokenizer.pad_token_id)
-            result = _take(pool, list(range(n_prompts)))  # informative groups first
+            result = _take(pool, list(range(n_mine)))  # informative groups first
             break
     metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score}
     if dynamic_sampling:
         metrics["sampling/rounds"] = rounds
     return result, metrics
+
+
+def step_metrics(batch: ScoredBatch, reward_fn, collect_metrics: dict[str, float]) -> dict[str, float]:
+    """A step's reward metrics over every process's completions (``reward/mean``, ``reward/std``,
+    ``reward/<fn>``...), with the judges' counters and ``collect``'s metrics averaged over processes."""
+    local = ([None if v != v else float(v) for v in batch.rewards_B.tolist()], batch.parts)
+    every = distributed.gather(local)
+    totals = [v for t, _ in every for v in t]
+    parts = {k: [v for _, p in every for v in p[k]] for k in batch.parts}
+    return {**rw.reward_metrics(totals, parts),
+            **distributed.reduce_metrics({**judge_metrics(reward_fn), **collect_metrics})}
+
+
+def tokens_of(batch: ScoredBatch) -> float:
+    """Completion tokens of the step, over every process."""
+    return float(distributed.all_sum(batch.rollouts.completion_mask_BC.sum().double()))

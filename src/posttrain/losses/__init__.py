@@ -7,7 +7,7 @@ Per-token losses are reduced with `reduce` (``token-mean``, ``seq-mean-token-mea
 from posttrain.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from posttrain.losses.kl import KL_KINDS, kl_estimate, kl_penalty
 from posttrain.losses.policy import entropy_bonus, policy_loss
-from posttrain.losses.reduce import REDUCE_MODES, masked_mean, reduce
+from posttrain.losses.reduce import REDUCE_MODES, masked_mean, reduce, reduction_counts, reduction_share
 from posttrain.losses.value import value_loss
 
 __all__ = [
@@ -21,5 +21,7 @@ __all__ = [
     "masked_mean",
     "policy_loss",
     "reduce",
+    "reduction_counts",
+    "reduction_share",
     "value_loss",
 ]

@@ -56,3 +56,22 @@ def reduce(
 def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean of `x_BT` over valid tokens (0 when none): the ``token-mean`` reduction, for metrics."""
     return reduce(x_BT, mask_BT, "token-mean")
+
+
+def reduction_counts(mask_BT: torch.Tensor) -> torch.Tensor:
+    """``[valid tokens, sequences with a valid token, sequences]`` of a batch: the normalisers of
+    the three modes. Summed over the parts of a batch (micro-batches, or processes), they are the
+    whole batch's."""
+    m = mask_BT != 0
+    return torch.tensor([float(m.sum()), float(m.any(-1).sum()), float(mask_BT.shape[0])], dtype=torch.float64)
+
+
+def reduction_share(mode: str, mask_part_BT: torch.Tensor, whole_counts: torch.Tensor) -> float:
+    """Weight of a part's ``reduce(x, mask_part, mode)`` in the whole batch's: the part's count over
+    the whole's (``reduction_counts``). Summing ``share * reduce(part)`` over the parts gives
+    ``reduce(whole)`` exactly, which makes gradient accumulation and data parallelism equal one
+    big batch."""
+    if mode not in REDUCE_MODES:
+        raise ValueError(f"reduce: unknown mode {mode!r}; choose one of {REDUCE_MODES}")
+    i = REDUCE_MODES.index(mode)
+    return float(reduction_counts(mask_part_BT)[i]) / max(1.0, float(whole_counts[i]))

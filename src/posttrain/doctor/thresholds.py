@@ -1,0 +1,55 @@
+"""The rules' thresholds, one field each, with the reasoning for its default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Every threshold the rules use; override by keyword (Doctor(kl_target=0.05)) or --set name=value."""
+    window: int = 20
+    """Steps most rules look back over."""
+    recent: int = 5
+    """Steps averaged for "the current value"."""
+    plateau_window: int = 40
+    """Steps over which the reward must improve."""
+    plateau_min_gain: float = 0.1
+    """Required gain over the window (least-squares trend x window) in units of the reward's spread
+    within a batch (reward/std), or of the series' own std when reward/std is not logged. The rule
+    fires when the gain plus its standard error is below it (confidently not improving)."""
+    annealed_lr_frac: float = 0.25
+    """The plateau rule is silent while the recent learning rate is below this fraction of its peak
+    (the tail of a decaying schedule)."""
+    crash_min_gain: float = 0.75
+    """A rise counts as a spike when it exceeds this many units of the reward's spread."""
+    crash_frac: float = 0.5
+    """...and it crashed when the reward then lost this fraction of the rise."""
+    kl_target: float = 0.1
+    """Per-token KL (nats) above which the policy has drifted too far from the reference."""
+    kl_explode_factor: float = 2.0
+    """KL multiplied by this within half a window, rising faster than in the half-window before..."""
+    kl_floor: float = 0.05
+    """...and above this value, is exploding (a steady ramp from 0 at the start of training is not)."""
+    length_corr: float = 0.7
+    """Correlation of reward and mean length over the window above which length may be hacked..."""
+    length_growth: float = 0.3
+    """...when the mean length also grew by this fraction."""
+    sample_length_corr: float = 0.8
+    """Or: correlation of reward and length across recent samples above which the reward is mostly
+    length (fires when the reward and the length are both rising)."""
+    clipped_frac: float = 0.5
+    """Share of completions hitting max_new_tokens that is too high (when it has also risen by 0.2,
+    or is above 0.9)."""
+    phrase_frac: float = 0.25
+    """Share of recent completions carrying a stock phrase or repeated closer that is suspicious..."""
+    phrase_rise: float = 0.2
+    """...when it rose by at least this much since the start, along with the reward."""
+    entropy_frac: float = 0.1
+    """Entropy below this fraction of its starting value has collapsed."""
+    clip_frac: float = 0.3
+    """Mean clip fraction over the window above which updates are too large."""
+    judge_failure_rate: float = 0.1
+    """Share of failed judge calls that is too high."""
+    none_frac: float = 0.5
+    """Share of samples the reward could not judge (None) that is too high."""

@@ -1,0 +1,196 @@
+"""Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO and
+DPO end with bit-identical weights on both ranks, and with the weights and losses of a single
+process trained on the same global batch with the same seed; a two-process GRPO run killed with
+SIGKILL after a checkpoint and resumed under two processes logs what the uninterrupted run did."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.algorithms.dpo import DPOConfig, train_dpo
+from posttrain.algorithms.grpo import GRPOConfig, train_grpo
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+BIN = Path(sys.executable).parent
+TIMING = ("time/", "tokens_per_s")
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "music", "light"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, spec: dict, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+    path = tmp / f"spec-{spec['config']['name']}-{len(list(tmp.glob('spec-*')))}.json"
+    path.write_text(json.dumps(spec))
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port())]
+    else:  # accelerate's multi-process launcher (torch elastic underneath); gloo because there is no GPU
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*cmd, str(WORKER), str(path)], env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{launcher} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def history(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "adapter_model.safetensors")
+
+
+def assert_ranks_identical(run_dir: Path) -> None:
+    r0 = torch.load(run_dir / "weights-rank0.pt")
+    r1 = torch.load(run_dir / "weights-rank1.pt")
+    assert r0.keys() == r1.keys() and r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=atol), (k, float((a[k] - b[k]).abs().max()))
+
+
+def assert_same_losses(one: list[dict], two: list[dict], keys: tuple[str, ...]) -> None:
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for k in keys:
+            assert abs(a[k] - b[k]) < 1e-5, (a["step"], k, a[k], b[k])
+
+
+# ------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("dist-prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say a word like {w}."}) + "\n" for w in WORDS))
+    return str(path)
+
+
+def grpo_fields(model: str, data: str, out: Path, name: str) -> dict:
+    # 4 prompts x 4 completions per step (2 prompts per process), LoRA with the adapter-disabled
+    # reference (beta > 0), micro-batches of one prompt, a held-out quarter evaluated at the end
+    return dict(model=model, data=data, reward="format(pattern=[a-m].*)", max_steps=4, group_size=4,
+                prompts_per_step=4, micro_batch_prompts=1, max_new_tokens=3, lr=1e-3, lora=True, beta=0.04,
+                eval_fraction=0.25, eval_at_start=False, checkpoint_every=2, keep_last=5, log_every=100,
+                device="cpu", output_dir=str(out), name=name)
+
+
+@pytest.fixture(scope="module")
+def grpo_two(tmp_path_factory, peaked_dir, prompts) -> Path:
+    """A 4-step GRPO run on two processes (torchrun), uninterrupted."""
+    tmp = tmp_path_factory.mktemp("grpo-two")
+    launch("torchrun", {"method": "grpo", "config": grpo_fields(peaked_dir, prompts, tmp, "two")}, tmp)
+    return tmp / "two"
+
+
+def test_grpo_two_processes_match_one(grpo_two, peaked_dir, prompts, tmp_path):
+    one = train_grpo(GRPOConfig(**grpo_fields(peaked_dir, prompts, tmp_path, "one")))
+    assert_ranks_identical(grpo_two)
+    assert_same_weights(final_weights(one.run_dir), final_weights(grpo_two))
+    h1, h2 = history(one.run_dir), history(grpo_two)
+    assert len(h2) == 4
+    assert_same_losses(h1, h2, ("loss", "pg_loss", "kl", "entropy", "reward/mean", "reward/std", "grad_norm"))
+    assert h2[-1]["kl"] > 0  # the adapter moved away from the reference
+    e1 = [json.loads(x) for x in (one.run_dir / "evals.jsonl").read_text().splitlines()]
+    e2 = [json.loads(x) for x in (grpo_two / "evals.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["n"], e["accuracy"]) for e in e1] == [(e["step"], e["n"], e["accuracy"]) for e in e2]
+    # only rank 0 wrote the run directory's files (one line per step, not two)
+    assert len((grpo_two / "metrics.jsonl").read_text().splitlines()) == 4
+    assert sorted(p.name for p in (grpo_two / "checkpoints" / "step-4").glob("rng*")) == [
+        "rng-rank0.pt", "rng-rank1.pt"]
+
+
+def test_grpo_sigkill_then_resume_on_two_processes(grpo_two, peaked_dir, prompts, tmp_path):
+    spec = {"method": "grpo", "config": grpo_fields(peaked_dir, prompts, tmp_path, "killed"),
+            "kill_after_checkpoint": 2}
+    killed = launch("torchrun", spec, tmp_path, check=False)
+    run_dir = tmp_path / "killed"
+    assert killed.returncode != 0 and not (run_dir / "final").exists()
+    assert len(history(run_dir)) == 2
+    resume = {"method": "grpo", "config": {**spec["config"], "resume": str(run_dir)}}
+    launch("torchrun", resume, tmp_path)
+    straight, resumed = history(grpo_two), history(run_dir)
+    assert straight == resumed
+    assert_ranks_identical(run_dir)
+    assert_same_weights(final_weights(grpo_two), final_weights(run_dir), atol=0)
+
+
+# ------------------------------------------------------------------------------------------- DPO
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("dist-pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"Say the word {w}.", "chosen": w, "rejected": f"No, here is {WORDS[i - 1]} instead."}
+            for i, w in enumerate(WORDS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
+    # 4 pairs per step (2 per process, micro-batches of 1), 2 held-out pairs scored by both processes
+    fields = dict(model=tiny_dir, data=pairs, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=3,
+                  eval_fraction=0.25, eval_at_start=True, checkpoint_every=0, log_every=100, device="cpu",
+                  output_dir=str(tmp_path))
+    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two"}}, tmp_path)
+    one = train_dpo(DPOConfig(**fields, name="one"))
+    two = tmp_path / "two"
+    assert_ranks_identical(two)
+    assert_same_weights(final_weights(one.run_dir), final_weights(two))
+    assert_same_losses(history(one.run_dir), history(two), ("loss", "rewards/margin", "rewards/accuracy", "grad_norm"))
+    evals = [json.loads(x) for x in (two / "evals.jsonl").read_text().splitlines()]
+    assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
+    ref_one = torch.load(one.run_dir / "reference_logps.pt")
+    ref_two = torch.load(two / "reference_logps.pt")
+    assert torch.equal(ref_one["index"], ref_two["index"])
+    assert torch.allclose(ref_one["logps"], ref_two["logps"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- parts
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_shares_of_parts_add_up_to_the_whole_reduction(mode):
+    from posttrain import losses
+
+    # 3 sequences on "rank 0" (one with no valid token), 2 on "rank 1", of different widths
+    x0 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    m0 = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    x1, m1 = torch.tensor([[5.0, 6.0], [7.0, 8.0]]), torch.tensor([[1, 1], [1, 0]])
+    pad = torch.nn.functional.pad
+    whole_x, whole_m = torch.cat([x0, pad(x1, (0, 1))]), torch.cat([m0, pad(m1, (0, 1))])
+    counts = losses.reduction_counts(m0) + losses.reduction_counts(m1)  # what all_sum gives
+    assert counts.tolist() == [7.0, 4.0, 5.0]  # valid tokens, sequences with one, sequences
+    total = sum(losses.reduction_share(mode, m, counts) * float(losses.reduce(x, m, mode, max_len=3))
+                for x, m in ((x0, m0), (x1, m1)))
+    assert abs(total - float(losses.reduce(whole_x, whole_m, mode, max_len=3))) < 1e-6
+
+
+def test_single_process_helpers_are_identities():
+    from posttrain import distributed
+
+    assert distributed.world_size() == 1 and distributed.is_main() and distributed.shard(5) == slice(0, 5)
+    x = torch.arange(3.0)
+    assert distributed.all_sum(x) is x and distributed.gather_cat(x) is x and distributed.all_true(True)
+    assert distributed.reduce_metrics({"loss": 0.5}, sum_keys=["loss"]) == {"loss": 0.5}
+    distributed.check_divisible("prompts_per_step", 3)  # any size divides among one process
