@@ -30,7 +30,9 @@ def test_pairs_then_dpo_on_arithmetic(tmp_path):
     print(f"\n{len(rows)} pairs; held-out ({after['pairs']} pairs) rewards/accuracy {before['rewards/accuracy']:.2f} -> "
           f"{after['rewards/accuracy']:.2f}, margin {after['rewards/margin']:.3f}, loss {before['loss']:.3f} -> "
           f"{after['loss']:.3f}; train loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
-    assert before["rewards/accuracy"] == 0.0  # policy == reference before the first step
+    # policy == reference before the first step: implicit rewards 0 up to float rounding (the reference
+    # log-probs were precomputed in other batches than the evaluation's)
+    assert abs(before["rewards/chosen"]) < 1e-4 and abs(before["rewards/margin"]) < 1e-4
     assert after["rewards/accuracy"] > 0.5
     assert after["loss"] < before["loss"]
     assert (run / "final" / "adapter_config.json").is_file()

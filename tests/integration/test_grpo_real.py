@@ -14,7 +14,10 @@ pytestmark = pytest.mark.integration
 def test_three_steps_on_arithmetic(tmp_path):
     cfg = GRPOConfig(task="arithmetic", task_size=64, eval_size=8, max_steps=3, group_size=4, prompts_per_step=2,
                      max_new_tokens=24, lr=2e-4, beta=0.04, output_dir=str(tmp_path), name="real",
-                     checkpoint_every=0, eval_max_new_tokens=24)
+                     checkpoint_every=0, eval_max_new_tokens=24,
+                     # an update needs a group whose rewards differ: at temperature 0.7 about 1 sample in
+                     # 8 is right, and dynamic sampling draws up to 4 rounds of prompts to find one
+                     temperature=0.7, dynamic_sampling=True, max_sampling_rounds=4)
     res = train_grpo(cfg)
     hist = res.history
     assert [m["step"] for m in hist] == [1, 2, 3]

@@ -1,9 +1,6 @@
 """The judge as reward beyond GRPO, through a real HTTP server (llm-katan's echo backend, which
 returns the request's text, so the judge's "reply" is the score template filled in):
 
-- `posttrain pairs --reward judge:CONFIG`: the embedded model is asked to answer "Rating: N"; with
-  the template "{response}" the judge's reply is that answer, so each sample's score is the rating
-  the model wrote, read back over HTTP through the OpenAI SDK. Pairs are the best vs the worst.
 - PPO with `--reward judge:CONFIG` (plus a format reward, by weight), the server failing 30% of
   requests: the judge retries, training completes, the judge counters are logged.
 """
@@ -13,14 +10,10 @@ import json
 import pytest
 
 from posttrain.algorithms.ppo import PPOConfig, train_ppo
-from posttrain.cli import main
-from posttrain.data import load_rows
 from posttrain.models import ensure_embedded
 from posttrain.rlaif.katan import KatanServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-THINGS = ["rainy Mondays", "fresh bread", "traffic jams", "a sunny beach", "cold coffee", "birthday cake"]
 
 
 def judge_yaml(tmp_path, url, **fields):
@@ -29,29 +22,6 @@ def judge_yaml(tmp_path, url, **fields):
     path = tmp_path / "judge.yaml"
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in lines.items()))
     return path
-
-
-def test_pairs_scored_by_an_http_judge(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"How much do you like {t}? Reply only with 'Rating: N', "
-                                                     f"N from 1 to 10."}) + "\n" for t in THINGS))
-    out = tmp_path / "pairs.jsonl"
-    with KatanServer(ensure_embedded(), backend="echo", providers=("openai",)) as server:
-        cfg = judge_yaml(tmp_path, server.openai_url, score_template="{response}")
-        code = main(["pairs", "--data", str(prompts), "--reward", f"judge:{cfg}", "--n", "6", "--max-new-tokens",
-                     "8", "--batch-prompts", "6", "--out", str(out)])
-        served = server.stats()["total"]
-    assert code == 0
-    rows = load_rows(out, "preference")
-    progress = [json.loads(line) for line in (tmp_path / "pairs.jsonl.progress.jsonl").read_text().splitlines()]
-    print(f"\n{len(rows)} pairs from {len(THINGS)} prompts, {served} judge requests; e.g. "
-          f"{rows[0]['chosen']!r} ({rows[0]['chosen_score']:.2f}) over {rows[0]['rejected']!r} "
-          f"({rows[0]['rejected_score']:.2f})" if rows else f"\nno pairs; progress {progress}")
-    assert 1 <= served <= 6 * len(THINGS)  # identical completions of a prompt are asked once
-    assert len(rows) >= 2
-    for r in rows:  # the judge's score is the rating the model wrote, mapped from 1..10 to 0..1
-        assert 0.0 <= r["rejected_score"] < r["chosen_score"] <= 1.0
-        assert "Rating" in r["chosen"] and "Rating" in r["rejected"]
 
 
 def test_ppo_with_a_flaky_http_judge(tmp_path, tiny_dir, toy_prompts):
