@@ -28,6 +28,8 @@ import torch
 RolloutDtype = Literal["auto", "bfloat16", "float32"]
 _PEFT_PREFIX = "base_model.model."
 ATTENTION = "eager"
+"""Attention of the copy: in bfloat16 on CPU, torch's SDPA with a padding mask was slower than the
+plain matmul path (eager; its softmax is computed in float32): 16 x 64 tokens sampled in 3.9 s vs 5.8 s."""
 
 
 @functools.lru_cache(maxsize=1)
