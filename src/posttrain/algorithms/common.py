@@ -357,6 +357,23 @@ class Run:
     def due(self, step: int, every: int, last: int) -> bool:
         return step == last or (every > 0 and step % every == 0)
 
+    def end_step(self, step: int, last: int, evaluate, checkpoint) -> int:
+        """The end of a training step, the same in every trainer: the step becomes the last one
+        when the time budget is spent; ``evaluate(step)`` every ``eval_every`` steps (the last
+        step's evaluation is ``final_eval``'s); ``checkpoint(step)`` when due. Returns the last step."""
+        if self.out_of_time():
+            last = step
+        if self.config.eval_every and step % self.config.eval_every == 0 and step != last:
+            evaluate(step)
+        if self.due(step, self.config.checkpoint_every, last):
+            checkpoint(step)
+        return last
+
+    def final_eval(self, last: int, evaluate) -> None:
+        """Evaluate after the last step unless that step was evaluated already."""
+        if not self.evals or self.evals[-1]["step"] != last:
+            evaluate(last)
+
     def log_eval(self, step: int, result: dict[str, Any]) -> dict[str, Any]:
         record = {"step": step, **result}
         self.evals.append(record)

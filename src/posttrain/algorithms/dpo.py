@@ -350,14 +350,8 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
                    "epoch": stream.epoch + stream.pos / len(train), **timer.metrics()}
         metrics["tokens_per_s"] = tokens / max(1e-9, metrics["time/step"])
         run.log(step, metrics)
-        if run.out_of_time():
-            last = step
-        if config.eval_every and step % config.eval_every == 0 and step != last:
-            evaluate(step)
-        if run.due(step, config.checkpoint_every, last):
-            run.checkpoint(step, policy, optimizer, scheduler, stream)
+        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, policy, optimizer, scheduler, stream))
         if step == last:
             break
-    if not run.evals or run.evals[-1]["step"] != last:
-        evaluate(last)
+    run.final_eval(last, evaluate)
     return run.finish(policy, tok, metrics)

@@ -296,16 +296,11 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
         metrics = {**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics, **timer.metrics()}
         metrics["tokens_per_s"] = tokens_of(batch) / max(1e-9, metrics["time/step"])
         run.log(step, metrics, _samples(batch, config.samples_per_step))
-        if run.out_of_time():
-            last = step
-        if config.eval_every and step % config.eval_every == 0 and step != last:
-            evaluate(step)
-        if run.due(step, config.checkpoint_every, last):
-            run.checkpoint(step, policy, state, scheduler, stream, extra={"kl_coef": kl_ctl.value})
+        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, policy, state, scheduler, stream,
+                                                                          extra={"kl_coef": kl_ctl.value}))
         if step == last:
             break
-    if not run.evals or run.evals[-1]["step"] != last:
-        evaluate(last)
+    run.final_eval(last, evaluate)
     if distributed.is_main():
         critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
     return run.finish(policy, tok, metrics)

@@ -198,16 +198,10 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
                    "nonfinite_steps": 0 if ok else 1, "lr": scheduler.get_last_lr()[0], **timer.metrics()}
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(1e-9, metrics["time/step"])
         run.log(step, metrics)
-        if run.out_of_time():
-            last = step
-        if config.eval_every and step % config.eval_every == 0 and step != last:
-            evaluate(step)
-        if run.due(step, config.checkpoint_every, last):
-            run.checkpoint(step, model, state, scheduler, stream)
+        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, model, state, scheduler, stream))
         if step == last:
             break
-    if not run.evals or run.evals[-1]["step"] != last:
-        evaluate(last)
+    run.final_eval(last, evaluate)
     meta = {"format": FORMAT, "chat_template": config.chat_template, "max_length": config.max_length,
             "max_prompt_length": config.max_prompt_length,
             "eval": {k: v for k, v in (run.evals[-1] if run.evals else {}).items() if k != "examples"}}
