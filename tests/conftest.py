@@ -101,3 +101,42 @@ def stoppable_dir(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+TIMING_KEYS = ("time/", "tokens_per_s")
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl without the timing fields (they differ between identical runs)."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
+
+
+@pytest.fixture
+def kill_and_resume():
+    """``run(command, method, out, env)``: ``command(name)`` is the argv of a training run named
+    ``name`` under ``out``. Runs "straight" to the end; starts "killed", SIGKILLs it as soon as its
+    step-``ckpt_step`` checkpoint exists (asserting it had not finished), resumes it with
+    ``posttrain train METHOD --resume``; returns both runs' metrics without timings."""
+    import signal
+    import subprocess
+    import time
+
+    def run(command, method: str, out: Path, env: dict, ckpt_step: int = 2, total_steps: int = 6):
+        subprocess.run(command("straight"), check=True, timeout=600, env=env, capture_output=True)
+        proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpt = out / "killed" / "checkpoints" / f"step-{ckpt_step}" / "state.json"
+        deadline = time.time() + 600
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ckpt.exists(), f"the run never wrote its step-{ckpt_step} checkpoint"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert len(run_metrics(out / "killed")) < total_steps, "the run finished before it could be killed"
+        subprocess.run([sys.executable, "-m", "posttrain.cli", "train", method, "--resume", str(out / "killed")],
+                       check=True, timeout=600, env=env, capture_output=True)
+        return run_metrics(out / "straight"), run_metrics(out / "killed")
+
+    return run

@@ -5,13 +5,7 @@ sampler all come back exactly."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
-
-TIMING = ("time/", "tokens_per_s")
 
 
 def command(model_dir, data, out, name):
@@ -24,30 +18,11 @@ def command(model_dir, data, out, name):
             "--output-dir", str(out), "--name", name, "--seed", "3"]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
-
-
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, peaked_dir, toy_prompts):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, peaked_dir, toy_prompts, kill_and_resume):
     # one intra-op thread: the tiny model gains nothing from two on a shared machine (see test_ppo)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(command(peaked_dir, toy_prompts, tmp_path, "straight"), check=True, timeout=600, env=env,
-                   capture_output=True)
-    proc = subprocess.Popen(command(peaked_dir, toy_prompts, tmp_path, "killed"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoints" / "step-2" / "state.json"
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), "the run never wrote its step-2 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    done_before_kill = len(metrics(tmp_path / "killed"))
-    assert done_before_kill < 6, "the run finished before it could be killed"
-    subprocess.run([sys.executable, "-m", "posttrain.cli", "train", "ppo", "--resume", str(tmp_path / "killed")],
-                   check=True, timeout=600, env=env, capture_output=True)
-    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    straight, resumed = kill_and_resume(lambda name: command(peaked_dir, toy_prompts, tmp_path, name), "ppo",
+                                        tmp_path, env)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     kl_coefs = [m["kl_coef"] for m in straight]
     assert len(set(kl_coefs)) == 6, kl_coefs  # the adaptive coefficient moved every step
