@@ -112,3 +112,23 @@ def test_length_penalty_with_a_real_tokenizer():
 def test_length_penalty_rejects_bad_settings(max_len, buffer):
     with pytest.raises(ValueError):
         length_penalty("p", "x", max_len=max_len, buffer=buffer)
+
+
+def test_training_rollouts_count_length_in_tokens(tiny):
+    """GRPO/PPO/pairs scoring passes each completion's sampled ids as `completion_ids`, so the
+    length penalty counts tokens (a random tiny model's text has few spaces: words would undercount)."""
+    import torch
+
+    from posttrain import rewards as rw
+    from posttrain.algorithms.rollout import generate_and_score
+    from posttrain.generation import SamplingConfig
+
+    model, tok = tiny
+    fn = rw.from_spec("length(max_len=12,buffer=8)")
+    batch = generate_and_score(model, tok, [{"prompt": "Count with me"}], 6, SamplingConfig(max_new_tokens=12),
+                               fn, torch.Generator().manual_seed(0))
+    n_B = batch.rollouts.lengths_B.tolist()
+    expected = [0.0 if n <= 4 else (-1.0 if n > 12 else (4 - n) / 8) for n in n_B]
+    assert batch.rewards_B.tolist() == pytest.approx(expected)
+    words = [len(t.split()) for t in batch.texts]
+    assert words != n_B  # the word count would have given other rewards

@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 
 def command(model_dir, data, out, name, extra=()):
     return [sys.executable, "-m", "posttrain.cli", "train", "grpo", "--model", model_dir, "--data", data,
@@ -13,9 +15,12 @@ def command(model_dir, data, out, name, extra=()):
             "--output-dir", str(out), "--name", name, "--seed", "3", *extra]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, peaked_dir, toy_prompts, kill_and_resume):
+# full fine-tuning: the frozen reference copy must hold the initial weights after a resume, not the
+# checkpoint's (the KL after step 2 would differ)
+@pytest.mark.parametrize("extra", [(), ("--no-lora",)], ids=["lora", "full"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, peaked_dir, toy_prompts, kill_and_resume, extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    straight, resumed = kill_and_resume(lambda name: command(peaked_dir, toy_prompts, tmp_path, name), "grpo",
+    straight, resumed = kill_and_resume(lambda name: command(peaked_dir, toy_prompts, tmp_path, name, extra), "grpo",
                                         tmp_path, env)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed == straight

@@ -40,10 +40,31 @@ def test_key_covers_judge_template_prompt_and_response(tmp_path):
         ("rubric", {"rubric": "Only correctness matters."}),
         ("judge", {"name": "another-judge"}),
         ("temperature", {"temperature": 0.7}),
+        ("server", {"base_url": "http://127.0.0.1:9/v1"}),  # another server with the same model name
     ]:
         j = counting_judge(path, **fields)
         j.score("q2" if change == "prompt" else "q", "r2" if change == "response" else "r")
         assert j.backend.calls == (0 if change == "same" else 1), change
+
+
+def test_local_judge_retrained_in_place_is_asked_again(tmp_path):
+    model_dir = tmp_path / "judge-model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"first weights")
+    path = tmp_path / "cache.sqlite"
+
+    def judge():
+        cfg = JudgeConfig(backend="local", model=str(model_dir), cache=str(path))
+        return Judge(cfg, FunctionBackend(cfg, lambda m: "Rating: 6"))
+
+    judge().score("q", "r")
+    again = judge()
+    again.score("q", "r")
+    assert again.backend.calls == 0  # same weights: served from the cache
+    (model_dir / "model.safetensors").write_bytes(b"retrained weights, longer")
+    retrained = judge()
+    retrained.score("q", "r")
+    assert retrained.backend.calls == 1
 
 
 def test_compare_orders_are_separate_entries(tmp_path):

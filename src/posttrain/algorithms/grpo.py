@@ -252,8 +252,8 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
     stream = common.PromptStream(train_rows, config.seed)
     sampler_gen = torch.Generator().manual_seed(config.seed)
     run.generators["sampling"] = sampler_gen
+    reference = _Reference(policy, config)  # before restore: a frozen copy must hold the initial weights
     start, _ = run.restore(policy, optimizer, scheduler, stream)
-    reference = _Reference(policy, config)
     rollout = rollout_model(policy, config.rollout_dtype)
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens

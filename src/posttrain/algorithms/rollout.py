@@ -30,6 +30,7 @@ from posttrain import rewards as rw
 from posttrain.data import encode_prompt
 from posttrain.generation import Rollouts, SamplingConfig, concat_rollouts, sample_groups, select_groups
 from posttrain.rewards.judge import judge_metrics
+from posttrain.rlaif.judges import COUNTERS
 
 
 @dataclasses.dataclass
@@ -76,7 +77,10 @@ def generate_and_score(policy, tokenizer, rows, group_size, sampling: SamplingCo
     ids = [encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
     rollouts = sample_groups(policy, tokenizer, ids, group_size, sampling, generator, prompt_generators)
     texts = rollouts.texts(tokenizer)
-    rows_B = [r for r in rows for _ in range(group_size)]
+    # each completion's sampled token ids go to the reward functions as the column `completion_ids`
+    # (TRL's name), so length-based rewards count tokens, not words
+    ids_B = [ids[:int(n)] for ids, n in zip(rollouts.completion_ids_BC.tolist(), rollouts.lengths_B.tolist())]
+    rows_B = [{**r, "completion_ids": ids_B[i]} for i, r in enumerate(r for r in rows for _ in range(group_size))]
     rewards_B, parts = score(rows_B, texts, reward_fn)
     return ScoredBatch(list(rows), rollouts, texts, rewards_B, parts)
 
@@ -160,13 +164,15 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
 
 def step_metrics(batch: ScoredBatch, reward_fn, collect_metrics: dict[str, float]) -> dict[str, float]:
     """A step's reward metrics over every process's completions (``reward/mean``, ``reward/std``,
-    ``reward/<fn>``...), with the judges' counters and ``collect``'s metrics averaged over processes."""
+    ``reward/<fn>``...), with the judges' counters summed and ``collect``'s metrics averaged over processes."""
     local = ([None if v != v else float(v) for v in batch.rewards_B.tolist()], batch.parts)
     every = distributed.gather(local)
     totals = [v for t, _ in every for v in t]
     parts = {k: [v for _, p in every for v in p[k]] for k in batch.parts}
+    judged = judge_metrics(reward_fn)
+    counters = [k for k in judged if k.rsplit("/", 1)[-1] in COUNTERS]  # each rank's own requests: summed
     return {**rw.reward_metrics(totals, parts),
-            **distributed.reduce_metrics({**judge_metrics(reward_fn), **collect_metrics})}
+            **distributed.reduce_metrics({**judged, **collect_metrics}, sum_keys=counters)}
 
 
 def tokens_of(batch: ScoredBatch) -> float:

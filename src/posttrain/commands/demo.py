@@ -31,6 +31,7 @@ PRESET = dict(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=PRESET["max_steps"], help="training steps")
     parser.add_argument("--minutes", type=float, default=PRESET["max_minutes"], help="training time budget")
+    parser.add_argument("--eval-size", type=int, default=PRESET["eval_size"], help="held-out problems evaluated")
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     cfg = GRPOConfig(**{**PRESET, "max_steps": args.steps, "max_minutes": args.minutes,
-                        "output_dir": args.output_dir, "name": args.name, "seed": args.seed})
+                        "eval_size": args.eval_size, "output_dir": args.output_dir, "name": args.name, "seed": args.seed})
     console.print(f"[bold]posttrain demo[/bold]: GRPO on {cfg.model}, task {cfg.task}, {cfg.prompts_per_step} prompts x "
                   f"{cfg.group_size} completions per step, LoRA r{cfg.lora_rank}, lr {cfg.lr}, "
                   f"up to {cfg.max_steps} steps / {cfg.max_minutes:g} min")

@@ -94,12 +94,23 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"  {r.already_done + r.sampled}/{r.prompts} prompts, {r.total_pairs} pairs, "
                   f"{r.seconds:.0f}s", highlight=False)
 
+    from posttrain.rewards.judge import judge_metrics
+    from posttrain.rlaif import JudgeFailureRate
+
     try:
         report = make_pairs(model, tok, rows, args.out, args.n, reward_fn, sampling, settings, seed=args.seed,
                             batch_prompts=args.batch_prompts, chat_template=args.chat_template, on_batch=show)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
+    except JudgeFailureRate as e:  # the batches already scored are in --out: the same command resumes
+        err.print(f"[red]error:[/red] {e}\nthe pairs made so far are in {args.out}; run the same command again "
+                  "to resume.", highlight=False)
+        return 3
     err.print(report.summary(), highlight=False)
+    judged = judge_metrics(reward_fn)
+    if judged:
+        err.print("  " + ", ".join(f"{k} {v:.0f}" for k, v in judged.items() if k.rsplit("/", 1)[-1] in
+                                   ("requests", "cache_hits", "unparsable", "failures")), highlight=False)
     print(f"wrote {args.out}: {report.total_pairs} pairs")
     return 0

@@ -100,6 +100,14 @@ def response_as_text(response: Any) -> str:
     return as_text(response)
 
 
+def _local_weights_stamp(config: JudgeConfig) -> Optional[list]:
+    """A local judge's model directory as (file, size, mtime) of its weight files; None otherwise."""
+    if config.backend != "local" or not Path(config.model_spec).is_dir():
+        return None
+    files = sorted(p for p in Path(config.model_spec).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 class Judge:
     """score / compare (and their batch forms) over a backend, with a cache and counters."""
 
@@ -115,7 +123,10 @@ class Judge:
         self._seconds = 0.0
         self._window: collections.deque[bool] = collections.deque(maxlen=config.failure_window)
         self.last_error: Optional[str] = None
-        self._settings = {"backend": config.backend, "model": config.model_spec, "max_tokens": config.max_tokens,
+        # what makes a reply differ besides the messages: two servers serving the same model name,
+        # or a local model directory trained again, must not share cached replies
+        self._settings = {"backend": config.backend, "model": config.model_spec, "base_url": config.base_url,
+                          "weights": _local_weights_stamp(config), "max_tokens": config.max_tokens,
                           "temperature": config.temperature, "extra_body": config.extra_body}
 
     # ------------------------------------------------------------ construction
