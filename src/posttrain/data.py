@@ -56,7 +56,7 @@ def _read(path: Path, name: str, split: str | None) -> tuple[Iterable[tuple[int,
     if path.is_dir():
         return _read_datasets_dir(path, name, split), "row"
     if not path.exists():
-        if suffix in (".jsonl", ".json", ".parquet", ".csv") or "/" not in name:
+        if suffix in (".jsonl", ".json", ".parquet", ".csv") or name.startswith((".", "/", "~")):
             raise DataError(name, None, None, "file not found")
         return _read_hub_cache(name, split), "row"
     if suffix == ".jsonl":
@@ -110,12 +110,15 @@ def _read_csv(path: Path, name: str):
 
 
 def _maybe_json(value: str | None):
-    """CSV cells holding a JSON list or object (conversations, test lists) are decoded."""
-    if value and value.lstrip()[:1] in ("[", "{"):
+    """A CSV cell holding a JSON message list (a conversational prompt/chosen/rejected) is decoded;
+    any other text, "[1, 2, 3]" included, stays the string it is."""
+    if value and value.lstrip()[:1] == "[":
         try:
-            return json.loads(value)
+            decoded = json.loads(value)
         except json.JSONDecodeError:
             return value
+        if decoded and isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded):
+            return decoded
     return value
 
 

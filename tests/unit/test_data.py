@@ -139,3 +139,24 @@ def test_missing_file_and_unknown_format(tmp_path):
 def test_uncached_hub_name_is_a_clear_error():
     with pytest.raises(DataError, match="never downloads"):
         load_rows("nobody/no-such-dataset-xyz", "prompt")
+
+
+def test_csv_decodes_message_lists_only(tmp_path):
+    import csv
+    import json
+
+    conv = json.dumps([{"role": "user", "content": "Sort [3, 1, 2]"}])
+    with (tmp_path / "a.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "answer"])
+        w.writerow(["[1, 2, 3] reversed?", "[3, 2, 1]"])  # text that happens to start with "["
+        w.writerow([conv, "[1, 2, 3]"])
+    rows = load_rows(tmp_path / "a.csv", "prompt")
+    assert rows[0]["prompt"] == "[1, 2, 3] reversed?" and rows[0]["answer"] == "[3, 2, 1]"
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Sort [3, 1, 2]"}] and rows[1]["answer"] == "[1, 2, 3]"
+
+
+def test_bare_hub_name_is_looked_up_in_the_local_cache():
+    # a name without "/" (a canonical hub dataset) is not "file not found": the cache is tried
+    with pytest.raises(DataError, match="never downloads"):
+        load_rows("no_such_dataset_xyz", "prompt")

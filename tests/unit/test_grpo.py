@@ -23,15 +23,22 @@ def toy_config(tmp_path, model_dir, data, **kw):
     return GRPOConfig(**base)
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "reinforce_pp", "rloo"])
-def test_reward_rises_with_each_advantage(tmp_path, peaked_dir, toy_prompts, advantage):
+@pytest.mark.parametrize("advantage,extra", [
+    ("grpo", {}), ("dr_grpo", {}), ("reinforce_pp", {}), ("rloo", {}),
+    ("reinforce_pp", {"beta": 0.04}),        # REINFORCE++ with the k1 KL in the per-token reward
+    ("grpo", {"num_iterations": 2}),         # two updates per batch against stored old log-probs
+], ids=["grpo", "dr_grpo", "reinforce_pp", "rloo", "reinforce_pp-kl", "grpo-2-iterations"])
+def test_reward_rises_with_each_advantage(tmp_path, peaked_dir, toy_prompts, advantage, extra):
     # seed 2: the draws of seed 0 happen to teach grpo little in 25 steps (per-prompt sampling
     # generators changed the draws; seeds 2, 4, 6 all rise by ~0.6 with every advantage)
-    res = train_grpo(toy_config(tmp_path, peaked_dir, toy_prompts, advantage=advantage, name=advantage, seed=2))
+    res = train_grpo(toy_config(tmp_path, peaked_dir, toy_prompts, advantage=advantage, name=advantage, seed=2,
+                                **extra))
     rewards = [m["reward/mean"] for m in res.history]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert len(rewards) == 25
-    assert last - first > 0.3, (advantage, first, last)
+    assert last - first > 0.3, (advantage, extra, first, last)
+    if extra.get("beta"):
+        assert res.history[0]["kl"] == 0.0 and res.history[-1]["kl"] > 0.0
 
 
 def test_metrics_and_samples_written(tmp_path, peaked_dir, toy_prompts):

@@ -180,3 +180,33 @@ def test_arithmetic_preferences_are_deterministic_and_disjoint():
 def test_rm_task_needs_preference_pairs(tmp_path, tiny_dir):
     with pytest.raises(ValueError, match="preference"):
         train_reward_model(RewardModelConfig(model=tiny_dir, task="countdown", output_dir=str(tmp_path)))
+
+
+def test_trained_reward_model_is_the_reward_of_grpo_and_pairs(trained, tmp_path, tiny_dir, toy_prompts):
+    """`reward_model(PATH)` in `train grpo` and in `posttrain pairs`: the rewards logged and written
+    are the reward model's scores of those very completions."""
+    from posttrain.algorithms.grpo import GRPOConfig, train_grpo
+    from posttrain.cli import main
+
+    final = trained.run_dir / "final"
+    rm = load_reward_model(final)
+    spec = f"reward_model({final})"
+    res = train_grpo(GRPOConfig(model=tiny_dir, data=toy_prompts, reward=spec, max_steps=2, group_size=4,
+                                prompts_per_step=2, max_new_tokens=4, output_dir=str(tmp_path), name="grpo-rm",
+                                checkpoint_every=0, eval_size=0, samples_per_step=2))
+    assert all("reward/reward_model" in m for m in res.history)
+    samples = [json.loads(line) for line in (res.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples
+    for s in samples:
+        scores = rm.score([s["prompt"]] * len(s["completions"]), s["completions"])
+        assert s["rewards"] == pytest.approx(scores, abs=1e-4)
+
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--model", tiny_dir, "--data", toy_prompts, "--reward", spec, "--n", "4",
+                 "--max-new-tokens", "4", "--out", str(out), "--limit", "4"]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert pairs
+    for p in pairs:
+        chosen, rejected = rm.score([p["prompt"]] * 2, [p["chosen"], p["rejected"]])
+        assert p["chosen_score"] == pytest.approx(chosen, abs=1e-4)
+        assert p["rejected_score"] == pytest.approx(rejected, abs=1e-4) and chosen > rejected

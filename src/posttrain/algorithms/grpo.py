@@ -162,7 +162,8 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
     order = torch.cat(rows_of)
     if ref_BC is not None:  # back to batch order
         ref_BC = torch.empty_like(ref_BC).index_copy_(0, order, ref_BC)
-    need_old = config.num_iterations > 1 or config.advantage == "reinforce_pp"
+    # old log-probs: for several updates per batch, or REINFORCE++'s KL in the reward (with a reference)
+    need_old = config.num_iterations > 1 or (config.advantage == "reinforce_pp" and reference.enabled)
     old_BC = None
     if need_old:
         with torch.no_grad():
