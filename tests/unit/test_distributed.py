@@ -47,6 +47,18 @@ def launch(launcher: str, spec: dict, tmp: Path, check: bool = True, env: dict |
     return proc
 
 
+def run_single(spec: dict, tmp: Path) -> Path:
+    """The same worker in one process, with one thread like the launched ones (the thread count
+    changes float rounding, which sampling can amplify into other tokens)."""
+    path = tmp / f"spec-{spec['config']['name']}-single.json"
+    path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP")}
+    proc = subprocess.run([sys.executable, str(WORKER), str(path)], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Path(spec["config"]["output_dir"]) / spec["config"]["name"]
+
+
 def history(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
@@ -210,9 +222,9 @@ def test_grpo_fsdp_lora_shards_matches_one_and_resumes(peaked_dir, prompts, tmp_
     two = tmp_path / "fsdp"
     final = final_weights(two)
     assert assert_layers_sharded(two, final) == 28  # 2 layers x 7 projections x (lora_A, lora_B)
-    one = train_grpo(GRPOConfig(**{**fields, "name": "one", "fsdp": False}))
-    assert_same_weights(final_weights(one.run_dir), final)
-    h1, h2 = history(one.run_dir), history(two)
+    one = run_single({"method": "grpo", "config": {**fields, "name": "one", "fsdp": False}}, tmp_path)
+    assert_same_weights(final_weights(one), final)
+    h1, h2 = history(one), history(two)
     assert len(h2) == 3
     assert_same_losses(h1, h2, ("loss", "pg_loss", "kl", "entropy", "reward/mean", "grad_norm"))
     assert h2[-1]["kl"] > 0
@@ -237,9 +249,9 @@ def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
     two = tmp_path / "fsdp"
     final = full_weights(two)
     assert assert_layers_sharded(two, final) == 2 * 9  # 7 projections + 2 norms per layer
-    one = train_grpo(GRPOConfig(**{**fields, "name": "one", "fsdp": False}))
-    assert_same_weights(full_weights(one.run_dir), final)
-    h1, h2 = history(one.run_dir), history(two)
+    one = run_single({"method": "grpo", "config": {**fields, "name": "one", "fsdp": False}}, tmp_path)
+    assert_same_weights(full_weights(one), final)
+    h1, h2 = history(one), history(two)
     assert_same_losses(h1, h2, ("loss", "kl", "reward/mean", "grad_norm"))
     assert h2[-1]["kl"] > 0
 
@@ -254,9 +266,9 @@ def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
     two = tmp_path / "two"
     final = final_weights(two)
     assert assert_layers_sharded(two, final) == 28
-    one = train_dpo(DPOConfig(**fields, name="one"))
-    assert_same_weights(final_weights(one.run_dir), final)
-    assert_same_losses(history(one.run_dir), history(two), ("loss", "rewards/margin", "rewards/accuracy", "grad_norm"))
+    one = run_single({"method": "dpo", "config": {**fields, "name": "one"}}, tmp_path)
+    assert_same_weights(final_weights(one), final)
+    assert_same_losses(history(one), history(two), ("loss", "rewards/margin", "rewards/accuracy", "grad_norm"))
     evals = [json.loads(x) for x in (two / "evals.jsonl").read_text().splitlines()]
     assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
 
