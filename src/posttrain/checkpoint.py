@@ -218,10 +218,14 @@ def load_checkpoint(
     if restore_rng and saved_world != world_size:
         raise RuntimeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
                            f"(now {world_size}) so every process gets its own RNG state back")
-    load_weights(model, ckpt_dir)  # an FSDP-sharded model takes its shard (distributed.shard_layers)
-    if optimizer is not None and (ckpt_dir / f"optimizer-rank{rank}.pt").is_file():
-        from posttrain import distributed
+    from posttrain import distributed
 
+    sharded_ckpt = (ckpt_dir / f"optimizer-rank{rank}.pt").is_file()
+    if optimizer is not None and sharded_ckpt != (world_size > 1 and distributed.is_sharded(model)):
+        raise RuntimeError(f"{ckpt_dir} was written {'with' if sharded_ckpt else 'without'} FSDP sharding; resume it "
+                           f"{'with' if sharded_ckpt else 'without'} it (--fsdp / an FSDP accelerate config)")
+    load_weights(model, ckpt_dir)  # an FSDP-sharded model takes its shard (distributed.shard_layers)
+    if optimizer is not None and sharded_ckpt:
         distributed.load_local_optimizer_state(
             optimizer, torch.load(ckpt_dir / f"optimizer-rank{rank}.pt", weights_only=False))
     elif optimizer is not None:
