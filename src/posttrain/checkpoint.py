@@ -40,11 +40,16 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Save ``model`` (adapter or full) and optionally its tokenizer in HF format to ``out_dir``."""
+def save_model(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save ``model`` (adapter or full) and optionally its tokenizer in HF format to ``out_dir``.
+    ``state_dict``: the weights to write instead of the model's own (an FSDP-sharded model's
+    gathered ``distributed.full_state_dict``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if state_dict is not None:
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -146,7 +151,13 @@ def save_checkpoint(
     Under several processes every rank calls this: each rank writes its own RNG file into a
     shared temporary directory name, they wait for each other, then rank 0 writes the model,
     optimizer, scheduler and state and renames the directory into place (the run directory must
-    be on a filesystem every rank sees)."""
+    be on a filesystem every rank sees). An FSDP-sharded model is gathered into full weights
+    (every rank takes part, rank 0 writes them) and each rank writes its shard of the optimizer
+    state (``optimizer-rank<R>.pt``)."""
+    from posttrain import distributed
+
+    sharded = world_size > 1 and distributed.is_sharded(model)
+    full_state = distributed.full_state_dict(model) if sharded else None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -156,8 +167,8 @@ def save_checkpoint(
         tmp = root / f".tmp-step-{step}"
         tmp.mkdir(exist_ok=True)
         torch.save(rng_state(generators), tmp / rng_name)
-        from posttrain import distributed
-
+        if sharded and optimizer is not None:
+            torch.save(distributed.local_optimizer_state(optimizer), tmp / f"optimizer-rank{rank}.pt")
         distributed.barrier()  # every rank's RNG file is in before rank 0 renames the directory
         if rank != 0:
             return final
@@ -165,8 +176,8 @@ def save_checkpoint(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
         torch.save(rng_state(generators), tmp / rng_name)
     try:
-        save_model(model, tmp)
-        if optimizer is not None:
+        save_model(model, tmp, state_dict=full_state)
+        if optimizer is not None and not sharded:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -207,8 +218,17 @@ def load_checkpoint(
     if restore_rng and saved_world != world_size:
         raise RuntimeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
                            f"(now {world_size}) so every process gets its own RNG state back")
-    load_weights(model, ckpt_dir)
-    if optimizer is not None:
+    from posttrain import distributed
+
+    sharded_ckpt = (ckpt_dir / f"optimizer-rank{rank}.pt").is_file()
+    if optimizer is not None and sharded_ckpt != (world_size > 1 and distributed.is_sharded(model)):
+        raise RuntimeError(f"{ckpt_dir} was written {'with' if sharded_ckpt else 'without'} FSDP sharding; resume it "
+                           f"{'with' if sharded_ckpt else 'without'} it (--fsdp / an FSDP accelerate config)")
+    load_weights(model, ckpt_dir)  # an FSDP-sharded model takes its shard (distributed.shard_layers)
+    if optimizer is not None and sharded_ckpt:
+        distributed.load_local_optimizer_state(
+            optimizer, torch.load(ckpt_dir / f"optimizer-rank{rank}.pt", weights_only=False))
+    elif optimizer is not None:
         optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=False))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))

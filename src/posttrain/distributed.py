@@ -22,12 +22,27 @@ How training is spread (data parallel, replicated weights):
 The model is deliberately not wrapped in ``DistributedDataParallel``: the trainers call its trunk
 and head directly (``grouped``, ``dpo_data``, ``value_head``), which would bypass DDP's gradient
 hooks. The frozen reference (adapter disabled, or a frozen copy) is never trained or synchronised.
-Parameters are not sharded: an FSDP or DeepSpeed accelerate config gets a warning and the same
-data-parallel run (README: Scaling out).
+
+FSDP (opt-in: the ``fsdp`` config field / ``--fsdp``, or ``ACCELERATE_USE_FSDP=true`` as set by
+``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; GRPO-family
+and DPO trainers, the others refuse): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to
+each decoder layer (with the LoRA weights inside it), not to the root, since the trainers call the
+trunk and head directly. Embeddings, the final norm and the (tied) head stay replicated, their
+gradients summed by ``sum_gradients`` (which skips DTensors). FSDP reduces the layers' gradients
+as a plain SUM (divide factor 1), once per step (``grad_sync``: only the last micro-batch's
+backward reduces). ``clip_grad_norm`` takes the global norm over shards and replicated tensors;
+the optimizer steps each rank's shards (``local_optimizer_state``: one file per rank in a
+checkpoint). A sharded layer gathers its weights in each forward, so every rank must run the same
+number of forwards and backwards; where they do not (sampling until EOS, evaluation, DPO's
+reference and held-out log-probs over each rank's share, the rollout copy's sync) the trainers
+run inside ``gathered``, which holds every layer's full weights for the block. Checkpoints and
+``final/`` hold full weights (``full_state_dict``, written by rank 0); loading full weights into
+a sharded model keeps each rank's shard. DeepSpeed configs get a warning and a data-parallel run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Iterable, Sequence
 
@@ -35,8 +50,11 @@ import torch
 
 BUCKET_NUMEL = 1 << 24
 """Gradient elements per all-reduce (16M floats = 64 MB in float32)."""
-SHARDING_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-"""Set by ``accelerate launch`` for FSDP / DeepSpeed configs, whose sharding is not applied (yet)."""
+FSDP_FLAG = "ACCELERATE_USE_FSDP"
+"""Set by ``accelerate launch`` for FSDP configs (``--use_fsdp``, ``distributed_type: FSDP``): turns on
+``shard_layers`` in the trainers that support it (as does the ``fsdp`` config field)."""
+SHARDING_FLAGS = ("ACCELERATE_USE_DEEPSPEED",)
+"""Set by ``accelerate launch`` for DeepSpeed configs, whose sharding is not applied."""
 
 
 def _dist():
@@ -64,8 +82,9 @@ def setup(device: str = "auto") -> None:
     if sharding and is_main():
         import warnings
 
-        warnings.warn(f"{', '.join(sharding)}: posttrain does not shard parameters yet; every process holds the "
-                      "whole model and trains data-parallel (README: Scaling out)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{', '.join(sharding)}: posttrain does not apply DeepSpeed; every process holds the whole "
+                      "model and trains data-parallel (FSDP is supported: README, Scaling out)", RuntimeWarning,
+                      stacklevel=2)
 
 
 def active() -> bool:
@@ -187,6 +206,15 @@ def reduce_metrics(local: dict[str, float], sum_keys: Iterable[str] = ()) -> dic
 # ------------------------------------------------------------------------------------ parameters
 
 
+def is_dtensor(p) -> bool:
+    """True for a DTensor (an FSDP-sharded parameter or gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def _buckets(params: Sequence[torch.Tensor], numel: int):
     """Runs of consecutive params of one dtype and device, about ``numel`` elements each."""
     run: list[torch.Tensor] = []
@@ -209,7 +237,7 @@ def sum_gradients(params: Iterable[torch.Tensor], bucket_numel: int = BUCKET_NUM
     one that is None on every rank stays None (AdamW then skips it, as in a single process)."""
     if not active():
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not is_dtensor(p)]  # FSDP reduces its own
     if not params:
         return
     dev = _comm_device()
@@ -252,9 +280,163 @@ def check_in_sync(params: Iterable[torch.Tensor], what: str = "weights") -> None
     float64 sum and sum of squares of every tensor, compared as gathered values)."""
     if not active():
         return
+    params = [p for p in params if not is_dtensor(p)]  # FSDP shards differ by design
     sums = [(float(p.double().sum()), float((p.double() ** 2).sum())) for p in params]
     every = gather(sums)
     if any(s != every[0] for s in every[1:]):
         bad = next(i for i in range(len(sums)) if any(e[i] != every[0][i] for e in every[1:]))
         raise RuntimeError(f"the processes' {what} differ (tensor #{bad}): a rank trained on something the others "
                            "did not; this is a bug, please report it")
+
+
+# ------------------------------------------------------------------------------------ FSDP
+
+
+def fsdp_requested(flag: bool = False) -> bool:
+    """True when sharding is asked for: the ``fsdp`` config field or an FSDP accelerate config
+    (``ACCELERATE_USE_FSDP``). It only takes effect under several processes (``use_fsdp``)."""
+    return bool(flag) or os.environ.get(FSDP_FLAG, "").lower() in ("1", "true")
+
+
+def use_fsdp(flag: bool = False) -> bool:
+    """True when this run shards: asked for, and several processes are running."""
+    return fsdp_requested(flag) and active()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers (transformer blocks) of ``model``'s trunk, the units ``shard_layers`` wraps."""
+    from posttrain.logprobs import split_model
+
+    split = split_model(model)
+    if isinstance(split, str):
+        raise ValueError(f"FSDP: cannot shard {type(model).__name__}: {split}")
+    trunk = split[0]
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(trunk, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return list(layers)
+    raise ValueError(f"FSDP: found no decoder layers (a ModuleList named layers/h/blocks) in {type(trunk).__name__}")
+
+
+def shard_layers(model) -> torch.nn.Module:
+    """Shard every decoder layer of ``model`` over the processes with torch's FSDP2
+    (``fully_shard``, in place; LoRA weights inside the layers are sharded with them). The
+    embeddings, the final norm and the (tied) output head stay replicated: the trainers call the
+    trunk and the head directly, and their gradients are summed by ``sum_gradients`` as before.
+    FSDP's gradient reduction is set to a plain SUM (each rank's loss is already scaled by its
+    share of the global batch). No-op under one process."""
+    if not active():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(_comm_device().type, (world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # SUM collectives (gloo has no PREMUL_SUM), divide by 1
+    model.register_load_state_dict_pre_hook(_distribute_full_tensors)
+    return model
+
+
+def _distribute_full_tensors(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a sharded model: full tensors (from a checkpoint) for sharded
+    parameters become this rank's shard (every rank reads the same file: no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, p in module.named_parameters():
+        key = prefix + name
+        value = state_dict.get(key)
+        if is_dtensor(p) and isinstance(value, torch.Tensor) and not is_dtensor(value):
+            state_dict[key] = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+
+
+def fsdp_modules(model) -> list[torch.nn.Module]:
+    if model is None:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    """True when ``model`` has FSDP-sharded parameters."""
+    return model is not None and any(is_dtensor(p) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside: every sharded layer of ``model`` holds its full weights (one all-gather each, on
+    entry), and forwards communicate nothing, so the ranks may run different numbers of forwards
+    (sampling until EOS, evaluation, reference log-probs on their own shares). Every rank must
+    enter. Changes made to the gathered weights are not kept. A no-op for an unsharded model."""
+    mods = fsdp_modules(model)
+    if not mods:
+        yield model
+        return
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def grad_sync(model, enabled: bool) -> None:
+    """FSDP: reduce(-scatter) gradients in the coming backward or not (then they accumulate
+    unsharded on each rank, as in a single process, and the next synced backward reduces their
+    sum). Trainers sync only the last micro-batch of a step. A no-op for an unsharded model."""
+    for m in fsdp_modules(model):
+        m.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with sharded tensors gathered into full ones (every rank must call;
+    every rank gets the full dict)."""
+    return {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in model.state_dict().items()}
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over a mix of sharded (DTensor) and replicated
+    gradients, the replicated ones already summed over ranks, with torch's arithmetic: the L2 norm
+    of the per-tensor norms (a sharded tensor's norm from its shards' squared norms, summed over
+    ranks), then every gradient times min(1, max_norm / (norm + 1e-6)). ``max_norm`` <= 0 only measures."""
+    if not params:
+        return torch.tensor(0.0)
+    local = [p.grad.to_local() if is_dtensor(p.grad) else p.grad for p in params]
+    sharded = torch.tensor([is_dtensor(p.grad) for p in params])
+    norms = torch.stack([torch.linalg.vector_norm(g.detach()).float().cpu() for g in local])
+    sq = torch.where(sharded, norms ** 2, torch.zeros_like(norms))
+    norms = torch.where(sharded, all_sum(sq).sqrt(), norms)
+    total = torch.linalg.vector_norm(norms)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in local:
+            g.mul_(coef.to(g.device, g.dtype))
+    return total
+
+
+def local_optimizer_state(optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded state as this rank's local tensors (saved per rank)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: (v.to_local().clone() if is_dtensor(v) else v) for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(optimizer, sd: dict[str, Any]) -> None:
+    """Inverse of ``local_optimizer_state``: load, then wrap the state of sharded parameters back
+    into DTensors laid out like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(sd)
+    for p, st in optimizer.state.items():
+        if not is_dtensor(p):
+            continue
+        for k, v in list(st.items()):
+            if isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.to_local().shape and v.dim():
+                st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                           stride=p.stride())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain import distributed
 from posttrain.generation import Rollouts, positions
 from posttrain.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, head_logprobs, split_model
 
@@ -51,13 +52,20 @@ def rollout_hidden(trunk, rollouts: Rollouts, rows: torch.Tensor | None = None) 
     cache = out.cache if getattr(out, "cache", None) is not None else cache
     h_last_BH = out.last_hidden_state[:, -1].repeat_interleave(G, dim=0)
     C = comp_BC.shape[1]
-    if C == 1:
+    # FSDP: every rank must run the trunk as often as the others (its layers gather their weights
+    # in each forward and reduce gradients in each backward), so one-token completions still get
+    # a (one-token, zero-weighted) completion pass there
+    lockstep = C == 1 and distributed.is_sharded(trunk)
+    if C == 1 and not lockstep:
         return h_last_BH[:, None]
+    feed = comp_BC[:, :1] if lockstep else comp_BC[:, :-1]
     cache.batch_repeat_interleave(G)
     pmask_BL = pmask_PL.repeat_interleave(G, dim=0)
-    attn = torch.cat([pmask_BL, torch.ones_like(comp_BC[:, :-1])], dim=-1)
-    pos = pmask_BL.sum(-1, keepdim=True) + torch.arange(C - 1, device=comp_BC.device)[None, :]
-    out = trunk(input_ids=comp_BC[:, :-1], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+    attn = torch.cat([pmask_BL, torch.ones_like(feed)], dim=-1)
+    pos = pmask_BL.sum(-1, keepdim=True) + torch.arange(feed.shape[1], device=comp_BC.device)[None, :]
+    out = trunk(input_ids=feed, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+    if lockstep:
+        return h_last_BH[:, None] + 0.0 * out.last_hidden_state.sum()
     return torch.cat([h_last_BH[:, None], out.last_hidden_state], dim=1)
 
 

@@ -14,7 +14,8 @@ drawn from a bfloat16 rounding of the policy, as they are with a vLLM rollout in
 
 Sync: LoRA adapters are merged into the copy (W + scale * B @ A, computed in float32, then
 rounded once); with full fine-tuning every trainable weight is copied. Frozen weights are copied
-once. `auto` picks bfloat16 where it is fast (CUDA with bf16 support, or a CPU with AVX512-BF16 or
+once. An FSDP-sharded policy (``distributed.shard_layers``) is gathered for each sync, so the
+copy always holds the full weights. `auto` picks bfloat16 where it is fast (CUDA with bf16 support, or a CPU with AVX512-BF16 or
 AMX) and otherwise samples from the policy itself (no copy, no extra memory).
 """
 
@@ -24,6 +25,8 @@ import functools
 from typing import Literal
 
 import torch
+
+from posttrain import distributed
 
 RolloutDtype = Literal["auto", "bfloat16", "float32"]
 _PEFT_PREFIX = "base_model.model."
@@ -102,8 +105,8 @@ class RolloutModel:
         self._lora = _lora_modules(policy)
         lora_weights = {f"{n}.weight" for n in self._lora}
         own = dict(self.model.named_parameters())
-        self._dynamic: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
+        self._dynamic: list[tuple[torch.Tensor, str]] = []
+        with torch.no_grad(), distributed.gathered(policy):  # FSDP: full weights to copy from
             for name, p in policy.named_parameters():
                 if ".lora_" in name:
                     continue
@@ -112,19 +115,22 @@ class RolloutModel:
                     continue  # merged below / a tied weight already copied under its other name
                 own[target].copy_(p)
                 if p.requires_grad:
-                    self._dynamic.append((own[target], p))
+                    self._dynamic.append((own[target], name))
         self._lora_targets = [(own[f"{n}.weight"], layer) for n, layer in self._lora.items()]
         self.sync()
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Copy the policy's current weights (merged adapters, trainable weights) into the copy."""
+        """Copy the policy's current weights (merged adapters, trainable weights) into the copy.
+        An FSDP-sharded policy is gathered for it (every rank must call)."""
         if self.model is self.policy:
             return
-        for target, layer in self._lora_targets:
-            target.copy_(merged_weight(layer))
-        for target, p in self._dynamic:
-            target.copy_(p)
+        with distributed.gathered(self.policy):
+            params = dict(self.policy.named_parameters()) if self._dynamic else {}
+            for target, layer in self._lora_targets:
+                target.copy_(merged_weight(layer))
+            for target, name in self._dynamic:
+                target.copy_(params[name])
 
 
 def rollout_model(policy, choice: RolloutDtype = "auto") -> RolloutModel:

@@ -6,7 +6,8 @@ usage: torchrun --nproc_per_node N dist_worker.py SPEC.json
 SPEC: {"method": "grpo" | "dpo" | ..., "config": {field: value}, "kill_after_checkpoint": step or null}
 
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
-test can check the ranks hold identical weights). With ``kill_after_checkpoint`` every rank
+test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
+their sizes in shards-rank<R>.json). With ``kill_after_checkpoint`` every rank
 SIGKILLs itself right after that step's checkpoint is complete: a crash, not a clean stop.
 """
 
@@ -35,8 +36,17 @@ def main(spec_path: str) -> None:
         return path
 
     def finish_and_dump(self, model, tokenizer, metrics):
-        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # an FSDP-sharded parameter is dumped as this rank's local shard, with its full shape
+        # (name -> [local elements, full elements]) in shards-rank<R>.json
+        weights, shards = {}, {}
+        for n, p in model.named_parameters():
+            if distributed.is_dtensor(p):
+                shards[n] = [p.to_local().numel(), p.numel()]
+            if p.requires_grad:
+                weights[n] = (p.to_local() if distributed.is_dtensor(p) else p).detach().clone()
         torch.save(weights, self.run_dir / f"weights-rank{distributed.rank()}.pt")
+        if shards:
+            (self.run_dir / f"shards-rank{distributed.rank()}.json").write_text(json.dumps(shards))
         return finish(self, model, tokenizer, metrics)
 
     common.Run.checkpoint, common.Run.finish = checkpoint_then_maybe_die, finish_and_dump

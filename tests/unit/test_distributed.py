@@ -1,7 +1,10 @@
 """Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO and
 DPO end with bit-identical weights on both ranks, and with the weights and losses of a single
 process trained on the same global batch with the same seed; a two-process GRPO run killed with
-SIGKILL after a checkpoint and resumed under two processes logs what the uninterrupted run did."""
+SIGKILL after a checkpoint and resumed under two processes logs what the uninterrupted run did.
+The same under FSDP (decoder layers sharded over the two processes): GRPO with LoRA and with full
+fine-tuning, DPO through accelerate's FSDP switch; layers really are sharded, results match one
+process, and an FSDP checkpoint resumes."""
 
 import json
 import os
@@ -28,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, spec: dict, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+def launch(launcher: str, spec: dict, tmp: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     path = tmp / f"spec-{spec['config']['name']}-{len(list(tmp.glob('spec-*')))}.json"
     path.write_text(json.dumps(spec))
     if launcher == "torchrun":
@@ -37,11 +40,23 @@ def launch(launcher: str, spec: dict, tmp: Path, check: bool = True) -> subproce
     else:  # accelerate's multi-process launcher (torch elastic underneath); gloo because there is no GPU
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([*cmd, str(WORKER), str(path)], env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{launcher} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_single(spec: dict, tmp: Path) -> Path:
+    """The same worker in one process, with one thread like the launched ones (the thread count
+    changes float rounding, which sampling can amplify into other tokens)."""
+    path = tmp / f"spec-{spec['config']['name']}-single.json"
+    path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP")}
+    proc = subprocess.run([sys.executable, str(WORKER), str(path)], env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Path(spec["config"]["output_dir"]) / spec["config"]["name"]
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -164,6 +179,113 @@ def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
     ref_two = torch.load(two / "reference_logps.pt")
     assert torch.equal(ref_one["index"], ref_two["index"])
     assert torch.allclose(ref_one["logps"], ref_two["logps"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- FSDP
+
+
+def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor]) -> int:
+    """Each rank holds about half of every decoder-layer parameter, and the two ranks' shards of
+    the trainable ones, put together, are the gathered weights saved in final/. Returns how many
+    parameters were checked."""
+    s0 = json.loads((run_dir / "shards-rank0.json").read_text())
+    s1 = json.loads((run_dir / "shards-rank1.json").read_text())
+    assert s0.keys() == s1.keys() and s0
+    assert all(".layers." in n for n in s0)  # only decoder layers are sharded
+    for n in s0:
+        (l0, full), (l1, full1) = s0[n], s1[n]
+        assert full == full1 and l0 + l1 == full and abs(l0 - full / 2) <= full / 8, (n, l0, l1, full)
+    w0, w1 = torch.load(run_dir / "weights-rank0.pt"), torch.load(run_dir / "weights-rank1.pt")
+    checked = 0
+    for n in w0:
+        saved = n.replace("base_model.model.", "base_model.model.", 1).replace(".default.", ".")
+        if n in s0:
+            assert saved in final, saved
+            assert torch.equal(torch.cat([w0[n], w1[n]]), final[saved]), n
+            checked += 1
+        else:  # replicated (embeddings, final norm): identical on both ranks
+            assert torch.equal(w0[n], w1[n]), n
+    assert checked
+    return checked
+
+
+def full_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_grpo_fsdp_lora_shards_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
+    # torchrun with the fsdp config field; 3 steps, checkpoints at 2 and 3
+    fields = {**grpo_fields(peaked_dir, prompts, tmp_path, "fsdp"), "max_steps": 3, "seed": 1, "fsdp": True}
+    launch("torchrun", {"method": "grpo", "config": fields}, tmp_path)
+    two = tmp_path / "fsdp"
+    final = final_weights(two)
+    assert assert_layers_sharded(two, final) == 28  # 2 layers x 7 projections x (lora_A, lora_B)
+    one = run_single({"method": "grpo", "config": {**fields, "name": "one", "fsdp": False}}, tmp_path)
+    assert_same_weights(final_weights(one), final)
+    h1, h2 = history(one), history(two)
+    assert len(h2) == 3
+    assert_same_losses(h1, h2, ("loss", "pg_loss", "kl", "entropy", "reward/mean", "grad_norm"))
+    assert h2[-1]["kl"] > 0
+    ckpt = two / "checkpoints" / "step-2"
+    assert sorted(p.name for p in ckpt.glob("optimizer*")) == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
+    # killed after the step-2 checkpoint, resumed under FSDP: the uninterrupted run exactly
+    spec = {"method": "grpo", "config": {**fields, "name": "killed"}, "kill_after_checkpoint": 2}
+    killed = launch("torchrun", spec, tmp_path, check=False)
+    run_dir = tmp_path / "killed"
+    assert killed.returncode != 0 and not (run_dir / "final").exists() and len(history(run_dir)) == 2
+    launch("torchrun", {"method": "grpo", "config": {**spec["config"], "resume": str(run_dir)}}, tmp_path)
+    assert history(run_dir) == h2
+    assert_same_weights(final, final_weights(run_dir), atol=0)
+
+
+def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
+    # full fine-tuning: the frozen reference copy is sharded like the policy; embeddings, norm
+    # and the tied head stay replicated (summed by sum_gradients), in their own optimizer group
+    fields = {**grpo_fields(peaked_dir, prompts, tmp_path, "fsdp"), "lora": False, "lr": 1e-4, "max_steps": 2,
+              "checkpoint_every": 0, "eval_fraction": 0.0, "fsdp": True}
+    launch("torchrun", {"method": "grpo", "config": fields}, tmp_path)
+    two = tmp_path / "fsdp"
+    final = full_weights(two)
+    assert assert_layers_sharded(two, final) == 2 * 9  # 7 projections + 2 norms per layer
+    one = run_single({"method": "grpo", "config": {**fields, "name": "one", "fsdp": False}}, tmp_path)
+    assert_same_weights(full_weights(one), final)
+    h1, h2 = history(one), history(two)
+    assert_same_losses(h1, h2, ("loss", "kl", "reward/mean", "grad_norm"))
+    assert h2[-1]["kl"] > 0
+
+
+def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
+    # accelerate launch with ACCELERATE_USE_FSDP=true (what an FSDP accelerate config sets)
+    fields = dict(model=tiny_dir, data=pairs, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=3,
+                  eval_fraction=0.25, eval_at_start=True, checkpoint_every=0, log_every=100, device="cpu",
+                  output_dir=str(tmp_path))
+    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two"}}, tmp_path,
+           env={"ACCELERATE_USE_FSDP": "true"})
+    two = tmp_path / "two"
+    final = final_weights(two)
+    assert assert_layers_sharded(two, final) == 28
+    one = run_single({"method": "dpo", "config": {**fields, "name": "one"}}, tmp_path)
+    assert_same_weights(final_weights(one), final)
+    assert_same_losses(history(one), history(two), ("loss", "rewards/margin", "rewards/accuracy", "grad_norm"))
+    evals = [json.loads(x) for x in (two / "evals.jsonl").read_text().splitlines()]
+    assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_fsdp_is_refused_by_trainers_that_do_not_shard(monkeypatch):
+    from posttrain import distributed
+    from posttrain.algorithms import common
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(NotImplementedError, match="PPO"):
+        common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(NotImplementedError, match="reward-model"):
+        common.refuse_fsdp(common.TrainConfig(), "reward-model")
+    monkeypatch.setattr(distributed, "active", lambda: False)  # one process: nothing to shard
+    common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
+    assert not distributed.use_fsdp(True)
 
 
 # ------------------------------------------------------------------------------------------- parts

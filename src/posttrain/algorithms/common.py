@@ -110,6 +110,10 @@ class TrainConfig:
     with AVX512-BF16/AMX), else float32 (no copy). Training and the loss's log-probs stay float32."""
     resume: Optional[str] = None
     """Run directory to continue from its newest checkpoint (set by --resume)."""
+    fsdp: bool = False
+    """Under several processes, shard the decoder layers over them with torch's FSDP2 (also turned
+    on by an FSDP accelerate config, ACCELERATE_USE_FSDP). GRPO-family and DPO only; ignored by a
+    single process (see README: Scaling out)."""
 
     @property
     def method(self) -> str:
@@ -148,6 +152,26 @@ def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
     return model, tok
 
 
+def shard(config: TrainConfig, *models) -> bool:
+    """Shard the decoder layers of ``models`` (the trainable policy, a frozen full-fine-tuning
+    reference) with FSDP when the run asks for it under several processes; returns whether it did.
+    Call it before building the optimizer (sharding replaces the parameters)."""
+    if not distributed.use_fsdp(config.fsdp):
+        return False
+    for m in models:
+        if m is not None:
+            distributed.shard_layers(m)
+    return True
+
+
+def refuse_fsdp(config: TrainConfig, method: str) -> None:
+    """Raise when FSDP is asked for under several processes by a trainer that does not shard."""
+    if distributed.use_fsdp(config.fsdp):
+        raise NotImplementedError(
+            f"FSDP sharding is not supported by the {method} trainer yet (GRPO-family and DPO are): run it "
+            "data-parallel without --fsdp / an FSDP accelerate config (README: Scaling out)")
+
+
 def frozen_copy(model):
     """A frozen reference for full fine-tuning (with LoRA, disabling the adapter is the reference)."""
     ref = copy.deepcopy(model)
@@ -162,6 +186,11 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     on CPU it steps the 135M-parameter model in 0.05 s against 0.4 s (foreach) and seconds
     (the per-tensor loop torch uses on CPU by default)."""
     params = [dict(g, params=list(g["params"])) for g in params] if isinstance(params[0], dict) else list(params)
+    if not isinstance(params[0], dict) and len({distributed.is_dtensor(p) for p in params}) > 1:
+        # FSDP with replicated weights next to sharded ones (full fine-tuning: embeddings, norm):
+        # one group each, as torch's fused/foreach kernels take no mix of DTensors and tensors
+        params = [{"params": [p for p in params if not distributed.is_dtensor(p)]},
+                  {"params": [p for p in params if distributed.is_dtensor(p)]}]
     tensors = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
     fused = all(p.is_floating_point() for p in tensors) and {p.device.type for p in tensors} <= {"cpu", "cuda"}
     kwargs = {"fused": True} if fused else {"foreach": True}
@@ -389,8 +418,9 @@ class Run:
     def finish(self, model, tokenizer, metrics: dict[str, Any]) -> RunResult:
         """Save final/ (HF format), run the doctor's last check and write report.html (rank 0)."""
         distributed.check_in_sync(trainable(model))
+        full = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # every rank
         if self.main:
-            ckpt.save_model(model, self.run_dir / "final", tokenizer)
+            ckpt.save_model(model, self.run_dir / "final", tokenizer, state_dict=full)
         self.tracker.close()
         if self.main:
             self.doctor.finish(self.run_dir, self.tracker.history)
@@ -416,8 +446,9 @@ def greedy_eval_sharded(policy, tok, rows: list[dict], reward, max_new_tokens: i
     (accuracy over every judged row; rank 0's examples)."""
     from posttrain.evaluate import greedy_eval
 
-    part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
-                       chat_template=chat_template)
+    with distributed.gathered(policy):  # FSDP: the ranks generate different numbers of tokens
+        part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
+                           chat_template=chat_template)
     every = distributed.gather(part)
     if len(every) == 1:
         return part
@@ -467,7 +498,9 @@ def grad_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float,
     gradients are first summed over them (each rank's loss was scaled by its share of the batch)."""
     distributed.sum_gradients(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if max_grad_norm > 0:
+    if any(distributed.is_dtensor(p) for p in params):  # FSDP: sharded and replicated gradients
+        norm = distributed.clip_grad_norm(params, max_grad_norm)
+    elif max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.tensor(0.0)

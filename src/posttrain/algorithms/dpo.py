@@ -30,6 +30,9 @@ Choices and departures from the paper and from TRL:
 - Under several processes each takes 1/N of a step's pairs (and of the reference and evaluation
   pairs); a micro-batch's loss is weighted by its share of the global batch, so the summed
   gradients equal one process's.
+- FSDP (``--fsdp`` or an FSDP accelerate config, several processes): the decoder layers are
+  sharded (``distributed.shard_layers``); the reference log-probs and the held-out evaluation run
+  with the weights gathered (each rank scores its own share of the pairs).
 """
 
 from __future__ import annotations
@@ -157,11 +160,12 @@ class Reference:
             table = dd.sequence_logps(ref, examples, pad, share and dd.supports_shared_prompt(ref),
                                       config.ref_batch_tokens, config.row_tokens)
             del ref
-        elif config.lora:
-            with policy.disable_adapter():
+        elif config.lora:  # FSDP: gathered, as the ranks run different numbers of batches
+            with policy.disable_adapter(), distributed.gathered(policy):
                 table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
         else:  # full fine-tuning: the policy before its first step is the reference
-            table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
+            with distributed.gathered(policy):
+                table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
         table = {k: v for part in distributed.gather(table) for k, v in part.items()}
         if len(table) != len({e.index for e in everything}):
             raise RuntimeError("reference log-probs: pairs missing after gathering the processes' parts")
@@ -205,16 +209,23 @@ def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, sh
     policy.train()
     sums: dict[str, float] = {}
     tokens = 0
-    for mb in _micro(batch, config.micro_batch_size):
+    sharded = distributed.is_sharded(policy)
+    finite = True
+    micro = _micro(batch, config.micro_batch_size)
+    for k, mb in enumerate(micro):
         w = len(mb) / (total or len(batch))
         loss, metrics, n = batch_loss(policy, mb, ref, config, pad_id, share)
         tokens += n
         if not torch.isfinite(loss):
-            return sums, tokens, False
+            if not sharded:
+                return sums, tokens, False
+            finite = False  # FSDP: every rank runs every forward and backward (they communicate)
+        distributed.grad_sync(policy, k == len(micro) - 1)  # FSDP: reduce once, in the last backward
         (loss * w).backward()
-        for k, v in {"loss": float(loss.detach()), **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + w * v
-    return sums, tokens, True
+        if finite:
+            for key, v in {"loss": float(loss.detach()), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + w * v
+    return sums, tokens, finite
 
 
 def step_optimizer(policy, optimizer, scheduler, config: DPOConfig, finite: bool) -> dict:
@@ -236,10 +247,11 @@ def preference_eval(policy, examples, ref: Reference, config: DPOConfig, pad_id:
     device = next(policy.parameters()).device
     pol, n = [torch.zeros(0, 2, dtype=torch.float64)], [torch.zeros(0, 2, dtype=torch.float64)]
     try:
-        for b in dd.batches_by_tokens(examples[distributed.shard(len(examples))], config.ref_batch_tokens):
-            packed = dd.pack(b, pad_id, share, config.row_tokens, device)
-            pol.append(dd.pair_logprobs(policy, packed, config.chunk_size).cpu().double())
-            n.append(packed.lengths_P2.cpu().double())
+        with distributed.gathered(policy):  # FSDP: the ranks' batches differ in number
+            for b in dd.batches_by_tokens(examples[distributed.shard(len(examples))], config.ref_batch_tokens):
+                packed = dd.pack(b, pad_id, share, config.row_tokens, device)
+                pol.append(dd.pair_logprobs(policy, packed, config.chunk_size).cpu().double())
+                n.append(packed.lengths_P2.cpu().double())
     finally:
         policy.train(training)
     pol_P2, n_P2 = distributed.gather_cat(torch.cat(pol)), distributed.gather_cat(torch.cat(n))
@@ -305,7 +317,10 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     distributed.check_divisible("batch_size", config.batch_size)
     policy, tok = common.load_policy(config)
     if config.activation_checkpointing > 0:
+        if distributed.use_fsdp(config.fsdp):
+            raise NotImplementedError("activation_checkpointing together with FSDP is not supported yet: drop one")
         enable_activation_checkpointing(policy, config.activation_checkpointing)
+    common.shard(config, policy)  # FSDP: decoder layers sharded (the reference is computed before step 1)
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not distributed.is_main())

@@ -30,6 +30,10 @@ No value model: the group's mean reward is the baseline. Choices and departures 
   sequences or rows, summed over processes), so the summed gradients equal one process's; batch
   statistics (``scale_rewards=batch``, REINFORCE++'s whitening) are taken over every process's
   completions.
+- FSDP (``--fsdp`` or an FSDP accelerate config, several processes): the policy's decoder layers
+  (with their LoRA weights) are sharded, embeddings, final norm and head replicated
+  (``distributed.shard_layers``); the reference is the adapter disabled (LoRA) or a frozen copy
+  sharded the same way; sampling gathers the weights (the bfloat16 copy is synced from them).
 """
 
 from __future__ import annotations
@@ -177,9 +181,10 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
     sums: dict[str, float] = {}
     grad_norms, nonfinite = [], 0
     policy.train()
+    sharded = distributed.is_sharded(policy)
     for it in range(config.num_iterations):
         step_ok = True
-        for mb, b in zip(mbs, rows_of):
+        for k, (mb, b) in enumerate(zip(mbs, rows_of)):
             logp, ent = rollout_logprobs(policy, r, T, with_entropy=True, rows=mb)
             m = mask_BC[b]
             old = logp.detach() if old_BC is None else old_BC[b]
@@ -199,8 +204,14 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
             stats["loss"] = float(loss.detach())
             if not torch.isfinite(loss):
                 step_ok = False
-                continue
+                if not sharded:
+                    continue
+            # FSDP: every rank runs every backward (they communicate); a non-finite one is dropped
+            # with the step below. Gradients are reduced once, in the last micro-batch's backward.
+            distributed.grad_sync(policy, k == len(mbs) - 1)
             (loss * w).backward()
+            if not step_ok:
+                continue
             if it == 0:
                 tok_w = float(m.sum()) / max(1.0, float(whole[0]))
                 for k, v in stats.items():
@@ -247,13 +258,14 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
     eval_spec = config.eval_reward or task_reward or reward_spec
     run = common.Run(config, "grpo", total_steps=config.max_steps)
     policy, tok = common.load_policy(config)
+    reference = _Reference(policy, config)  # before restore: a frozen copy must hold the initial weights
+    common.shard(config, policy, reference.copy)  # FSDP: the frozen copy is sharded like the policy
     lr = common.resolve_lr(config, FULL_FT_LR)
     optimizer = common.build_optimizer(policy, config, lr)
     scheduler = common.build_scheduler(optimizer, config)
     stream = common.PromptStream(train_rows, config.seed)
     sampler_gen = torch.Generator().manual_seed(config.seed)
     run.generators["sampling"] = sampler_gen
-    reference = _Reference(policy, config)  # before restore: a frozen copy must hold the initial weights
     start, _ = run.restore(policy, optimizer, scheduler, stream)
     rollout = rollout_model(policy, config.rollout_dtype)
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens)

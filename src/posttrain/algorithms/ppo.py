@@ -239,6 +239,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     if config.ppo_epochs < 1 or config.minibatches < 1:
         raise ValueError("ppo_epochs and minibatches must be >= 1")
     common.start(config)
+    common.refuse_fsdp(config, "PPO")
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
     per_process = config.prompts_per_step // distributed.world_size()
     if config.minibatches > per_process:

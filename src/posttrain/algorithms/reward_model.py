@@ -150,6 +150,7 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     from posttrain.algorithms.dpo_data import encode_pairs
 
     common.start(config)
+    common.refuse_fsdp(config, "reward-model")
     distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
     run = common.Run(config, "rm", total_steps=config.max_steps)

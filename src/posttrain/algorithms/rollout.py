@@ -136,7 +136,9 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
         rows = stream.take(n_prompts)[mine]
         gens = prompt_generators(generator, mine, device) if generator is not None else None
         t0 = time.perf_counter()
-        batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None, chat_template, gens)
+        with distributed.gathered(sampler if sampler is policy else None):  # FSDP: ranks stop at different lengths
+            batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None, chat_template,
+                                       gens)
         t_gen += batch.rollouts.seconds
         t_score += time.perf_counter() - t0 - batch.rollouts.seconds
         std = batch.group_std_P()
