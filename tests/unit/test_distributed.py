@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from posttrain.algorithms.dpo import DPOConfig, train_dpo
-from posttrain.algorithms.grpo import GRPOConfig, train_grpo
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 BIN = Path(sys.executable).parent
@@ -119,14 +118,14 @@ def grpo_two(tmp_path_factory, peaked_dir, prompts) -> Path:
 
 
 def test_grpo_two_processes_match_one(grpo_two, peaked_dir, prompts, tmp_path):
-    one = train_grpo(GRPOConfig(**grpo_fields(peaked_dir, prompts, tmp_path, "one")))
+    one = run_single({"method": "grpo", "config": grpo_fields(peaked_dir, prompts, tmp_path, "one")}, tmp_path)
     assert_ranks_identical(grpo_two)
-    assert_same_weights(final_weights(one.run_dir), final_weights(grpo_two))
-    h1, h2 = history(one.run_dir), history(grpo_two)
+    assert_same_weights(final_weights(one), final_weights(grpo_two))
+    h1, h2 = history(one), history(grpo_two)
     assert len(h2) == 4
     assert_same_losses(h1, h2, ("loss", "pg_loss", "kl", "entropy", "reward/mean", "reward/std", "grad_norm"))
     assert h2[-1]["kl"] > 0  # the adapter moved away from the reference
-    e1 = [json.loads(x) for x in (one.run_dir / "evals.jsonl").read_text().splitlines()]
+    e1 = [json.loads(x) for x in (one / "evals.jsonl").read_text().splitlines()]
     e2 = [json.loads(x) for x in (grpo_two / "evals.jsonl").read_text().splitlines()]
     assert [(e["step"], e["n"], e["accuracy"]) for e in e1] == [(e["step"], e["n"], e["accuracy"]) for e in e2]
     # only rank 0 wrote the run directory's files (one line per step, not two)
