@@ -55,7 +55,7 @@ def test_reward_model_learns_the_arithmetic_preferences(rm_run):
 def test_ppo_raises_the_reward_model_score_within_a_kl_bound(rm_run, tmp_path):
     spec = f"reward_model({rm_run.run_dir / 'final'})"
     res = train_ppo(PPOConfig(task="arithmetic", task_size=500, eval_size=16, reward=spec, eval_reward=spec,
-                              output_dir=str(tmp_path), name="ppo", max_steps=12, prompts_per_step=8, group_size=2,
+                              output_dir=str(tmp_path), name="ppo", max_steps=8, prompts_per_step=8, group_size=2,
                               max_new_tokens=20, lr=3e-4, value_lr=1e-3, ppo_epochs=1, checkpoint_every=0,
                               log_every=3))
     before, after = res.evals[0]["accuracy"], res.evals[-1]["accuracy"]  # greedy eval: mean reward-model score
@@ -67,7 +67,7 @@ def test_ppo_raises_the_reward_model_score_within_a_kl_bound(rm_run, tmp_path):
           f"KL (last 3 steps) {kl_tok:.4f}/token, {kl_seq:.3f}/sequence; "
           f"explained variance {last[-1]['explained_variance']:.3f}")
     print("after:", [e["completion"] for e in res.evals[-1]["examples"]])
-    # measured on 2 cores: held-out -1.17 -> -0.88, train reward -1.19 -> -0.63 (RM score std ~1.4)
+    # measured on 2 cores (8 steps): held-out -1.17 -> -0.84, train reward -1.07 -> -0.73 (RM score std ~1.4)
     first_reward = res.history[0]["reward/mean"]
     assert after > before + 0.15, (before, after)
     assert sum(m["reward/mean"] for m in last) / 3 > first_reward + 0.25
