@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_command_runs_and_prints_accuracy_before_and_after(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--steps", "1", "--eval-size", "8",
+    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--steps", "1", "--eval-size", "4",
                           "--output-dir", str(tmp_path), "--name", "demo"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -47,6 +47,7 @@ def main(run_dir: Path, mode: str, phase: str) -> None:
             step()
         save_checkpoint(run_dir, 3, model, opt, sched, state={"pos": pos, "order": order},
                         generators={"order": order_gen})
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, run_dir / "at-checkpoint.pt")
     else:
         state = load_checkpoint(latest_checkpoint(run_dir), model, opt, sched, generators={"order": order_gen})
         pos, order = state["pos"], state["order"]
