@@ -184,7 +184,7 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
     sharded = distributed.is_sharded(policy)
     for it in range(config.num_iterations):
         step_ok = True
-        for k, (mb, b) in enumerate(zip(mbs, rows_of)):
+        for j, (mb, b) in enumerate(zip(mbs, rows_of)):
             logp, ent = rollout_logprobs(policy, r, T, with_entropy=True, rows=mb)
             m = mask_BC[b]
             old = logp.detach() if old_BC is None else old_BC[b]
@@ -208,7 +208,7 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
                     continue
             # FSDP: every rank runs every backward (they communicate); a non-finite one is dropped
             # with the step below. Gradients are reduced once, in the last micro-batch's backward.
-            distributed.grad_sync(policy, k == len(mbs) - 1)
+            distributed.grad_sync(policy, j == len(mbs) - 1)
             (loss * w).backward()
             if not step_ok:
                 continue

@@ -80,7 +80,7 @@ def generate_and_score(policy, tokenizer, rows, group_size, sampling: SamplingCo
     # each completion's sampled token ids go to the reward functions as the column `completion_ids`
     # (TRL's name), so length-based rewards count tokens, not words
     ids_B = [ids[:int(n)] for ids, n in zip(rollouts.completion_ids_BC.tolist(), rollouts.lengths_B.tolist())]
-    rows_B = [{**r, "completion_ids": ids_B[i]} for i, r in enumerate(r for r in rows for _ in range(group_size))]
+    rows_B = [{**rows[i // group_size], "completion_ids": ids} for i, ids in enumerate(ids_B)]
     rewards_B, parts = score(rows_B, texts, reward_fn)
     return ScoredBatch(list(rows), rollouts, texts, rewards_B, parts)
 
