@@ -10,7 +10,21 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (e.g. 1 on a shared machine) wins
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs 2 workers (pytest -n 2) on a 2-core machine: one thread each, for this process
+    # and the subprocesses it starts (several threads per worker would contend for the cores).
+    # Each worker gets its own temp dir (sticky, world-writable like /tmp, for the sandbox's
+    # users), so a test that checks what the sandbox leaves in the temp dir sees only its own.
+    import tempfile
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    worker_tmp = Path(tempfile.gettempdir()) / f"posttrain-tests-{os.environ['PYTEST_XDIST_WORKER']}"
+    worker_tmp.mkdir(exist_ok=True)
+    worker_tmp.chmod(0o1777)
+    os.environ["TMPDIR"] = str(worker_tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+elif "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (e.g. 1 on a shared machine) wins
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

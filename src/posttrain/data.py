@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 Kind = Literal["preference", "prompt"]
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -36,16 +36,28 @@ class DataError(ValueError):
         super().__init__(f"{where}: " + (f"field '{field}': " if field else "") + problem)
 
 
-def load_rows(source: str | Path, kind: Kind = "prompt", split: str | None = None) -> list[dict[str, Any]]:
+RowCheck = Callable[[dict], Optional[tuple[str, str]]]
+"""A column check: ``(field, problem)`` for a row the run could not use, else None (e.g. the code
+reward's, for a ``tests`` column that is not valid Python: ``rewards.row_checks``)."""
+
+
+def load_rows(source: str | Path, kind: Kind = "prompt", split: str | None = None,
+              checks: Sequence[RowCheck] = ()) -> list[dict[str, Any]]:
     """Read and validate every row of ``source``; return them as dicts (values as given, plus an
-    implicit ``prompt`` where TRL would derive one)."""
+    implicit ``prompt`` where TRL would derive one). ``checks`` run on each row after its own
+    validation; a problem raises ``DataError`` at that row's line."""
     if kind not in _FIELDS:
         raise ValueError(f"kind must be one of {sorted(_FIELDS)}, got {kind!r}")
     name = str(source)
     rows, unit = _read(Path(source).expanduser(), name, split)
     out = []
     for number, row in rows:
-        out.append(validate_row(row, kind, name, number, unit))
+        row = validate_row(row, kind, name, number, unit)
+        for check in checks:
+            problem = check(row)
+            if problem is not None:
+                raise DataError(name, number, problem[0], problem[1], unit)
+        out.append(row)
     if not out:
         raise DataError(name, None, None, "no rows")
     return out

@@ -189,6 +189,15 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return device
 
 
+def local_dir(spec: str) -> Path:
+    """The directory a local model spec loads from: the path itself, or a run directory's ``final/``
+    (a path that is not a directory is returned as given)."""
+    path = Path(str(spec)).expanduser()
+    if (path / "final").is_dir() and not (path / "config.json").is_file():
+        return path / "final"  # a run directory: its final model
+    return path
+
+
 def load_model(
     spec: str = EMBEDDED,
     dtype: torch.dtype = torch.float32,
@@ -197,11 +206,7 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` for a spec (see the module docstring). The model is in eval mode."""
     spec = str(spec)
-    path = Path(spec).expanduser()
-    if spec == EMBEDDED:
-        path = ensure_embedded()
-    elif (path / "final").is_dir() and not (path / "config.json").is_file():
-        path = path / "final"  # a run directory: its final model
+    path = ensure_embedded() if spec == EMBEDDED else local_dir(spec)
     with _quiet():
         model, tokenizer = _load(spec, path, dtype, padding_side)
     if spec == EMBEDDED:  # adapters saved on top of it then name the portable spec, not a cache path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -226,3 +227,28 @@ def test_humaneval_all_canonical_pass_and_all_stubs_fail():
     bad = code_rewards(rows, ["    pass\n"] * len(rows))
     assert [r["task_id"] for r, s in zip(rows, bad) if s != 0.0] == []
     assert time.monotonic() - t < 120
+
+
+def test_unrunnable_tests_column_stops_at_load_naming_line_and_field(tmp_path):
+    # found when the data is read, before any model is loaded, not as an exception mid-run
+    from posttrain.algorithms.common import load_rows_for
+    from posttrain.algorithms.grpo import GRPOConfig
+    from posttrain.data import DataError, load_rows
+    from posttrain.rewards import row_checks
+
+    good = {"prompt": "Write f.", "tests": "assert f() == 1"}
+    path = tmp_path / "code.jsonl"
+    for bad, problem in [({"prompt": "Write f.", "tests": "assert f( == 1"}, "not valid Python"),
+                         ({"prompt": "Write f.", "tests": "def check(candidate):\n    assert candidate() == 1"},
+                          "no entry_point")]:
+        path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        assert len(load_rows(path, "prompt", checks=row_checks("math"))) == 2  # other rewards: no check
+        for load in (lambda: load_rows(path, "prompt", checks=row_checks("format:0.1,code")),
+                     lambda: load_rows_for(GRPOConfig(data=str(path), reward="code"), "prompt")):
+            with pytest.raises(DataError) as e:
+                load()
+            assert (e.value.source, e.value.line, e.value.field) == (str(path), 3, "tests")
+            assert problem in str(e.value) and f"{path}:3" in str(e.value)
+    fixed = {**good, "tests": "def check(candidate):\n    assert candidate() == 1", "entry_point": "f"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(fixed) + "\n" + json.dumps({"prompt": "no tests"}) + "\n")
+    assert len(load_rows(path, "prompt", checks=row_checks("code"))) == 3

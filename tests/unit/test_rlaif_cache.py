@@ -4,6 +4,8 @@ template, prompt and response, failures are not cached, and threads/instances sh
 import sqlite3
 import threading
 
+import pytest
+
 from posttrain.rlaif import FunctionBackend, Judge, JudgeCache, JudgeConfig, cache_key
 
 
@@ -47,14 +49,17 @@ def test_key_covers_judge_template_prompt_and_response(tmp_path):
         assert j.backend.calls == (0 if change == "same" else 1), change
 
 
-def test_local_judge_retrained_in_place_is_asked_again(tmp_path):
-    model_dir = tmp_path / "judge-model"
-    model_dir.mkdir()
+@pytest.mark.parametrize("given", ["model directory", "run directory"])
+def test_local_judge_retrained_in_place_is_asked_again(tmp_path, given):
+    # a run directory as the judge's model loads its final/: that is where retraining writes
+    spec = tmp_path / "judge-run"
+    model_dir = spec / "final" if given == "run directory" else spec
+    model_dir.mkdir(parents=True)
     (model_dir / "model.safetensors").write_bytes(b"first weights")
     path = tmp_path / "cache.sqlite"
 
     def judge():
-        cfg = JudgeConfig(backend="local", model=str(model_dir), cache=str(path))
+        cfg = JudgeConfig(backend="local", model=str(spec), cache=str(path))
         return Judge(cfg, FunctionBackend(cfg, lambda m: "Rating: 6"))
 
     judge().score("q", "r")

@@ -266,7 +266,9 @@ def load_rows_for(config: TrainConfig, kind: str) -> tuple[list[dict], list[dict
         train = get_task(config.task, "train", n=config.task_size, seed=config.seed) if "train" in info.splits else []
         test = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
         return (train or test), test, info.reward
-    rows = load_rows(config.data, kind)
+    from posttrain.rewards import row_checks
+
+    rows = load_rows(config.data, kind, checks=row_checks(getattr(config, "reward", None)))
     n_eval = int(round(len(rows) * config.eval_fraction))
     if n_eval:
         rng = random.Random(config.seed)

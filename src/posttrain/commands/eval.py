@@ -35,7 +35,9 @@ def _rows(args):
     if args.data:
         if not args.reward:
             raise SystemExit("error: --data needs --reward")
-        return load_rows(args.data, "prompt")[: args.n], args.reward
+        from posttrain.rewards import row_checks
+
+        return load_rows(args.data, "prompt", checks=row_checks(args.reward))[: args.n], args.reward
     raise SystemExit("error: give --task, --data or --suite")
 
 

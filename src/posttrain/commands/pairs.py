@@ -52,8 +52,9 @@ def load_prompts(args) -> tuple[list[dict], str | None]:
             raise ValueError(f"task {args.task!r} has no {args.split!r} split (splits: {', '.join(info.splits)})")
         return get_task(args.task, args.split, n=args.task_size, seed=args.seed), info.reward
     from posttrain.data import load_rows
+    from posttrain.rewards import row_checks
 
-    rows = load_rows(args.data, "prompt")
+    rows = load_rows(args.data, "prompt", checks=row_checks(args.reward))
     return (rows[:args.limit] if args.limit > 0 else rows), None
 
 

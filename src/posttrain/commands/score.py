@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         reward = rewards.from_spec(args.reward)
-        rows = load_rows(args.data, "prompt")
+        rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
     except (ValueError, KeyError, ImportError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2

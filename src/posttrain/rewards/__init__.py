@@ -88,6 +88,8 @@ _REGISTRY: dict[str, tuple[Callable[..., Any] | None, bool, Callable[..., Any] |
     name: (None, factory, batch) for name, (_, _, factory, batch) in _BUILTIN.items()
 }
 _RESERVED = ("prompt", "completion")
+_ROW_CHECKS = {"code": "posttrain.rewards.code:row_problem"}
+"""Built-in rewards that can tell at load time that a row's columns are unusable (``row_checks``)."""
 
 
 def register(name: str, *, factory: bool = False, batch: Callable[..., Any] | None = None, replace: bool = False):
@@ -134,6 +136,15 @@ def _resolve(name: str) -> tuple[Callable[..., Any], bool, Callable[..., Any] | 
     if isinstance(batch, str):
         batch = _load(batch)
     return target, factory, batch
+
+
+def row_checks(spec: str | None) -> list[Callable[[dict], tuple[str, str] | None]]:
+    """The data checks of the rewards in ``spec`` (``data.load_rows(checks=...)``): a dataset whose
+    ``tests`` column is not runnable Python stops at load time, naming the line, rather than in
+    the middle of a run."""
+    if not spec:
+        return []
+    return [_load(_ROW_CHECKS[name]) for name in dict.fromkeys(n for n, _, _ in parse_spec(spec)) if name in _ROW_CHECKS]
 
 
 def as_text(x: Any) -> str:

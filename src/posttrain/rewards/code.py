@@ -423,6 +423,20 @@ def _plan(tests: str, entry_point: str | None, prompt: str) -> dict:
     return {"remote": sorted(remote), "call_check": has_check and not calls, "check_target": target}
 
 
+def row_problem(row: dict) -> tuple[str, str] | None:
+    """``("tests", problem)`` when a row's tests cannot be run (not Python, empty, ``check``
+    without an entry point), else None; a row without tests is fine (the reward skips it)."""
+    tests = row.get("tests")
+    if not isinstance(tests, str) or not tests.strip():
+        return None
+    entry_point = row.get("entry_point")
+    try:
+        _plan(tests, entry_point, prompt_code(row.get("prompt"), entry_point))
+    except ValueError as e:
+        return "tests", str(e)
+    return None
+
+
 def run_tests(program: str, tests: str, entry_point: str | None = None, prompt_code: str = "",
               partial: bool = False, limits: Limits = Limits()) -> CodeReport:
     """Run `program` in a candidate sandbox and `tests` in a judge sandbox (see module doc).
@@ -513,4 +527,5 @@ def code_rewards(rows, completions, max_workers: int | None = None, **options) -
         return list(pool.map(one, range(len(rows))))
 
 
-__all__ = ["CodeReport", "build_program", "code_reward", "code_rewards", "extract_code", "prompt_code", "run_tests"]
+__all__ = ["CodeReport", "build_program", "code_reward", "code_rewards", "extract_code", "prompt_code", "row_problem",
+           "run_tests"]

@@ -101,10 +101,13 @@ def response_as_text(response: Any) -> str:
 
 
 def _local_weights_stamp(config: JudgeConfig) -> Optional[list]:
-    """A local judge's model directory as (file, size, mtime) of its weight files; None otherwise."""
+    """A local judge's model directory (a run directory: its ``final/``, which is what loads) as
+    (file, size, mtime) of its weight files; None otherwise."""
+    from posttrain.models import local_dir
+
     if config.backend != "local" or not Path(config.model_spec).is_dir():
         return None
-    files = sorted(p for p in Path(config.model_spec).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    files = sorted(p for p in local_dir(config.model_spec).iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
