@@ -127,3 +127,42 @@ def test_label_command_end_to_end_and_resume(tmp_path):
         # rerun: everything is done, nothing is asked again, nothing is duplicated
         assert cli.main(args) == 0
         assert echo.stats()["total"] == served and len(read_pairs(out)) == 2
+
+
+def test_pairs_command_with_a_judge_reward_end_to_end_and_resume(tmp_path):
+    """`posttrain pairs --reward judge(...)`: the embedded model's samples are scored by a judge over
+    HTTP (the echo backend answers with the filled template, so each sample's rating is known: the
+    number it wrote), the best and worst of each prompt become a pair with the judge's scores, and
+    a rerun asks the judge nothing new."""
+    from posttrain.rlaif.parse import normalise_rating, parse_rating
+
+    asks = ["Pick a number from 1 to 9. Reply with the number only.",
+            "Rate the movie 'Cats' from 1 to 9. Reply with the number only.",
+            "How many legs does a spider have? Reply with the number only.",
+            "Give a score from 1 to 9 to the color blue. Reply with the number only."]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in asks))
+    out = tmp_path / "pairs.jsonl"
+    with KatanServer(ensure_embedded(), backend="echo", providers=("openai",)) as echo:
+        cfg = tmp_path / "judge.yaml"
+        cfg.write_text(f"backend: openai\nmodel: judge\nbase_url: {echo.openai_url}\n"
+                       f"score_template: 'Rating: {{response}}'\ncache: {tmp_path / 'cache.sqlite'}\nmax_tokens: 32\n")
+        args = ["pairs", "--data", str(data), "--reward", f"judge({cfg})", "--n", "6", "--max-new-tokens", "3",
+                "--temperature", "1.0", "--out", str(out), "--dtype", "float32"]
+        assert cli.main(args) == 0
+        served = echo.stats()["total"]
+        pairs = read_pairs(out)
+        assert 1 <= len(pairs) <= len(asks) and 1 <= served <= 6 * len(asks)
+
+        def judged(text):  # what the judge made of "Rating: <sample>", on its default 1-10 scale
+            rating = parse_rating(f"Rating: {text}", 1, 10)
+            return None if rating is None else normalise_rating(rating, 1, 10)
+
+        for p in pairs:
+            chosen, rejected = (p[k] if isinstance(p[k], str) else p[k][-1]["content"] for k in ("chosen", "rejected"))
+            assert judged(chosen) == pytest.approx(p["chosen_score"])
+            assert judged(rejected) == pytest.approx(p["rejected_score"])
+            assert p["chosen_score"] > p["rejected_score"]
+
+        assert cli.main(args) == 0  # resumed: every prompt is done, the judge is not asked again
+        assert echo.stats()["total"] == served and read_pairs(out) == pairs
