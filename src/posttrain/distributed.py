@@ -419,24 +419,51 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     return total
 
 
+def local_state(obj: Any) -> Any:
+    """``obj`` (a state dict, nested dicts/lists/tuples) with every DTensor replaced by a copy of
+    this rank's local shard: what a rank writes to its own checkpoint file."""
+    if is_dtensor(obj):
+        return obj.to_local().clone()
+    if isinstance(obj, dict):
+        return {k: local_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(local_state(v) for v in obj)
+    return obj
+
+
 def local_optimizer_state(optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded state as this rank's local tensors (saved per rank)."""
-    sd = optimizer.state_dict()
-    sd["state"] = {i: {k: (v.to_local().clone() if is_dtensor(v) else v) for k, v in st.items()}
-                   for i, st in sd["state"].items()}
-    return sd
+    """``optimizer.state_dict()`` with sharded state as this rank's local tensors (saved per rank).
+    ``optimizer`` may be a ``value_head.TrainState``: the extra modules' sharded weights (a value
+    adapter, a separate value model) are saved as local shards too."""
+    return local_state(optimizer.state_dict())
 
 
 def load_local_optimizer_state(optimizer, sd: dict[str, Any]) -> None:
-    """Inverse of ``local_optimizer_state``: load, then wrap the state of sharded parameters back
-    into DTensors laid out like their parameters."""
+    """Inverse of ``local_optimizer_state``: load (a ``TrainState`` loads its modules' local shards
+    into their sharded parameters), then wrap the optimizer state of sharded parameters back into
+    DTensors laid out like their parameters."""
     from torch.distributed.tensor import DTensor
 
     optimizer.load_state_dict(sd)
-    for p, st in optimizer.state.items():
+    inner = getattr(optimizer, "optimizer", optimizer)  # a TrainState holds the torch optimizer
+    for p, st in inner.state.items():
         if not is_dtensor(p):
             continue
         for k, v in list(st.items()):
             if isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.to_local().shape and v.dim():
                 st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                            stride=p.stride())
+
+
+@torch.no_grad()
+def copy_into(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.copy_(value)``, where for a sharded ``p`` a plain ``value`` is this rank's local shard
+    (as ``local_state`` saved it)."""
+    if is_dtensor(p) and not is_dtensor(value):
+        local = p.to_local()
+        if local.shape != value.shape:
+            raise RuntimeError(f"a saved shard of shape {tuple(value.shape)} does not fit this rank's shard "
+                               f"{tuple(local.shape)} (resumed with another number of processes?)")
+        local.copy_(value)
+    else:
+        p.copy_(value)

@@ -3,11 +3,13 @@
 usage: torchrun --nproc_per_node N dist_worker.py SPEC.json
        accelerate launch --multi_gpu --num_processes N dist_worker.py SPEC.json
 
-SPEC: {"method": "grpo" | "dpo" | ..., "config": {field: value}, "kill_after_checkpoint": step or null}
+SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_after_checkpoint": step or null}
 
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
 test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
-their sizes in shards-rank<R>.json). With ``kill_after_checkpoint`` every rank
+their sizes in shards-rank<R>.json). The reward-model and PPO trainers keep more trained tensors
+beside the model (a head, a value adapter or model) in the ``TrainState`` they checkpoint: those
+are saved too, as ``<part>.<name>`` (``head.linear.weight``, ``value.weights.<param>``, ...). With ``kill_after_checkpoint`` every rank
 SIGKILLs itself right after that step's checkpoint is complete: a crash, not a clean stop.
 """
 
@@ -28,9 +30,11 @@ def main(spec_path: str) -> None:
     cls, train = resolve(spec["method"])
     kill_at = spec.get("kill_after_checkpoint")
     checkpoint, finish = common.Run.checkpoint, common.Run.finish
+    parts = {}  # the TrainState's extra modules (every trainer checkpoints at its last step)
 
-    def checkpoint_then_maybe_die(self, step, *args, **kw):
-        path = checkpoint(self, step, *args, **kw)
+    def checkpoint_then_maybe_die(self, step, model, optimizer, *args, **kw):
+        parts.update(getattr(optimizer, "parts", {}))
+        path = checkpoint(self, step, model, optimizer, *args, **kw)
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
@@ -44,6 +48,8 @@ def main(spec_path: str) -> None:
                 shards[n] = [p.to_local().numel(), p.numel()]
             if p.requires_grad:
                 weights[n] = (p.to_local() if distributed.is_dtensor(p) else p).detach().clone()
+        for k, part in parts.items():
+            weights.update(flat(distributed.local_state(part.state_dict()), k))
         torch.save(weights, self.run_dir / f"weights-rank{distributed.rank()}.pt")
         if shards:
             (self.run_dir / f"shards-rank{distributed.rank()}.json").write_text(json.dumps(shards))
@@ -51,6 +57,12 @@ def main(spec_path: str) -> None:
 
     common.Run.checkpoint, common.Run.finish = checkpoint_then_maybe_die, finish_and_dump
     train(cls(**spec["config"]))
+
+
+def flat(state, prefix: str) -> dict:
+    if isinstance(state, dict):
+        return {n: t for k, v in state.items() for n, t in flat(v, f"{prefix}.{k}").items()}
+    return {prefix: state}
 
 
 if __name__ == "__main__":

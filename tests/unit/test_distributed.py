@@ -275,6 +275,86 @@ def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
     assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
 
 
+# ------------------------------------------------------------------------------------------- reward model
+
+
+def rm_fields(model: str, data: str, out: Path) -> dict:
+    # 5 training pairs, 4 per step (2 per process); 3 held out, scored one per batch, so rank 0
+    # runs two evaluation forwards and rank 1 one (under FSDP: inside `gathered`)
+    return dict(model=model, data=data, lora=True, lr=3e-3, batch_size=4, max_steps=3, eval_fraction=0.375,
+                eval_batch_size=1, checkpoint_every=2, keep_last=5, log_every=100, device="cpu", output_dir=str(out))
+
+
+def rm_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {**final_weights(run_dir), **{f"head.{k}": v for k, v in
+                                         load_file(run_dir / "final" / "value_head.safetensors").items()}}
+
+
+def evals_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+
+
+def assert_same_evals(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
+    assert [e["step"] for e in a] == [e["step"] for e in b] and a
+    for x, y in zip(a, b):
+        for k in keys:
+            assert abs(x[k] - y[k]) < 1e-5, (x["step"], k, x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def rm_one(tiny_dir, pairs, tmp_path_factory) -> Path:
+    """The reward model trained by one process (in this one, one thread)."""
+    from posttrain.algorithms.reward_model import RewardModelConfig, train_reward_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fields = rm_fields(tiny_dir, pairs, tmp_path_factory.mktemp("rm-one"))
+        return train_reward_model(RewardModelConfig(**fields, name="one")).run_dir
+    finally:
+        torch.set_num_threads(n)
+
+
+RM_LOSSES = ("loss", "bt_loss", "rewards/margin", "rewards/accuracy", "rewards/chosen", "grad_norm")
+RM_EVALS = ("accuracy", "margin", "loss", "score/mean", "score/std")
+
+
+def test_reward_model_two_processes_match_one(rm_one, tiny_dir, pairs, tmp_path):
+    launch("torchrun", {"method": "rm", "config": {**rm_fields(tiny_dir, pairs, tmp_path), "name": "two"}}, tmp_path)
+    two = tmp_path / "two"
+    assert_ranks_identical(two)  # the adapter and the head
+    assert "head.linear.weight" in torch.load(two / "weights-rank0.pt")
+    assert_same_weights(rm_weights(rm_one), rm_weights(two))
+    assert_same_losses(history(rm_one), history(two), RM_LOSSES)
+    assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
+    assert [e["n"] for e in evals_of(two)] == [3, 3]
+
+
+def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_path):
+    import shutil
+
+    fields = rm_fields(tiny_dir, pairs, tmp_path)
+    launch("accelerate", {"method": "rm", "config": {**fields, "name": "two"}}, tmp_path,
+           env={"ACCELERATE_USE_FSDP": "true"})
+    two = tmp_path / "two"
+    final = rm_weights(two)
+    assert assert_layers_sharded(two, final_weights(two)) == 28  # the head is not sharded: equal on both ranks
+    assert_same_weights(rm_weights(rm_one), final)
+    assert_same_losses(history(rm_one), history(two), RM_LOSSES)
+    assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
+    ckpt = two / "checkpoints" / "step-2"
+    assert sorted(p.name for p in ckpt.glob("optimizer*")) == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
+    # resume the run from its step-2 checkpoint (a copy without what came after): step 3 again
+    again = tmp_path / "again"
+    shutil.copytree(two, again, ignore=shutil.ignore_patterns("step-3", "final", "weights-*", "shards-*"))
+    launch("accelerate", {"method": "rm", "config": {**fields, "name": "again", "resume": str(again)}}, tmp_path,
+           env={"ACCELERATE_USE_FSDP": "true"})
+    assert history(again) == history(two)
+    assert_same_weights(final, rm_weights(again), atol=0)
+
+
 def test_fsdp_is_refused_by_trainers_that_do_not_shard(monkeypatch):
     from posttrain import distributed
     from posttrain.algorithms import common
