@@ -194,10 +194,14 @@ class ValueModel:
     def __init__(self, model, head: ValueHead, adapter: str | None = None):
         self.model, self.head, self.adapter = model, head, adapter
         self.trunk = trunk_of(model)
-        if adapter is not None:
-            self.weights = adapter_params(model, adapter)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look up the model's trained tensors (again after FSDP sharding, which replaces them)."""
+        if self.adapter is not None:
+            self.weights = adapter_params(self.model, self.adapter)
         else:
-            self.weights = ParamSet([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+            self.weights = ParamSet([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
 
     def parameters(self) -> list[torch.Tensor]:
         return self.weights.parameters() + list(self.head.parameters())

@@ -3,20 +3,27 @@
 usage: torchrun --nproc_per_node N dist_worker.py SPEC.json
        accelerate launch --multi_gpu --num_processes N dist_worker.py SPEC.json
 
-SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_after_checkpoint": step or null}
+SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_after_checkpoint": step or null,
+       "resume_copy": step or null}
 
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
 test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
 their sizes in shards-rank<R>.json). The reward-model and PPO trainers keep more trained tensors
 beside the model (a head, a value adapter or model) in the ``TrainState`` they checkpoint: those
-are saved too, as ``<part>.<name>`` (``head.linear.weight``, ``value.weights.<param>``, ...). With ``kill_after_checkpoint`` every rank
+are saved too, as ``<part>.<name>`` (``head.linear.weight``, ``value.weights.<param>``, ...).
+
+With ``resume_copy`` the finished run's directory is copied to ``<name>-resumed`` without what
+came after that step's checkpoint, and the same processes resume it to the end (a resume test
+without paying for a second launch; a resume in new processes is the SIGKILL test's). With ``kill_after_checkpoint`` every rank
 SIGKILLs itself right after that step's checkpoint is complete: a crash, not a clean stop.
 """
 
 import json
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -56,7 +63,18 @@ def main(spec_path: str) -> None:
         return finish(self, model, tokenizer, metrics)
 
     common.Run.checkpoint, common.Run.finish = checkpoint_then_maybe_die, finish_and_dump
-    train(cls(**spec["config"]))
+    config = spec["config"]
+    train(cls(**config))
+    if spec.get("resume_copy"):
+        run_dir = Path(config["output_dir"]) / config["name"]
+        copy = run_dir.with_name(run_dir.name + "-resumed")
+        if distributed.is_main():
+            later = {f"step-{s}" for s in range(spec["resume_copy"] + 1, config["max_steps"] + 1)}
+            shutil.copytree(run_dir, copy, ignore=lambda d, names: [
+                n for n in names if n in later or n == "final" or n.startswith(("weights-", "shards-"))])
+        distributed.barrier()
+        parts.clear()
+        train(cls(**{**config, "name": copy.name, "resume": str(copy)}))
 
 
 def flat(state, prefix: str) -> dict:

@@ -186,10 +186,11 @@ def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
 # ------------------------------------------------------------------------------------------- FSDP
 
 
-def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor]) -> int:
+def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor], rename=None) -> int:
     """Each rank holds about half of every decoder-layer parameter, and the two ranks' shards of
-    the trainable ones, put together, are the gathered weights saved in final/. Returns how many
-    parameters were checked."""
+    the trainable ones, put together, are the gathered weights saved in final/ (``rename``: a
+    parameter's name -> its key in ``final``). Returns how many parameters were checked."""
+    rename = rename or (lambda n: n.replace(".default.", "."))
     s0 = json.loads((run_dir / "shards-rank0.json").read_text())
     s1 = json.loads((run_dir / "shards-rank1.json").read_text())
     assert s0.keys() == s1.keys() and s0
@@ -200,12 +201,13 @@ def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor]) -> int:
     w0, w1 = torch.load(run_dir / "weights-rank0.pt"), torch.load(run_dir / "weights-rank1.pt")
     checked = 0
     for n in w0:
-        saved = n.replace("base_model.model.", "base_model.model.", 1).replace(".default.", ".")
         if n in s0:
-            assert saved in final, saved
-            assert torch.equal(torch.cat([w0[n], w1[n]]), final[saved]), n
+            assert rename(n) in final, rename(n)
+            assert torch.equal(torch.cat([w0[n], w1[n]]), final[rename(n)]), n
             checked += 1
-        else:  # replicated (embeddings, final norm): identical on both ranks
+        elif n.split(".weights.", 1)[-1] in s0:  # a TrainState's copy of a sharded one (PPO's critic)
+            assert torch.equal(w0[n], w0[n.split(".weights.", 1)[1]]) and torch.equal(w1[n], w1[n.split(".weights.", 1)[1]]), n
+        else:  # replicated (embeddings, final norm, a value head): identical on both ranks
             assert torch.equal(w0[n], w1[n]), n
     assert checked
     return checked
@@ -333,10 +335,9 @@ def test_reward_model_two_processes_match_one(rm_one, tiny_dir, pairs, tmp_path)
 
 
 def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_path):
-    import shutil
-
+    # accelerate's FSDP switch; then resumed from a copy of its step-2 checkpoint (dist_worker)
     fields = rm_fields(tiny_dir, pairs, tmp_path)
-    launch("accelerate", {"method": "rm", "config": {**fields, "name": "two"}}, tmp_path,
+    launch("accelerate", {"method": "rm", "config": {**fields, "name": "two"}, "resume_copy": 2}, tmp_path,
            env={"ACCELERATE_USE_FSDP": "true"})
     two = tmp_path / "two"
     final = rm_weights(two)
@@ -346,13 +347,77 @@ def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_
     assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
     ckpt = two / "checkpoints" / "step-2"
     assert sorted(p.name for p in ckpt.glob("optimizer*")) == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
-    # resume the run from its step-2 checkpoint (a copy without what came after): step 3 again
-    again = tmp_path / "again"
-    shutil.copytree(two, again, ignore=shutil.ignore_patterns("step-3", "final", "weights-*", "shards-*"))
-    launch("accelerate", {"method": "rm", "config": {**fields, "name": "again", "resume": str(again)}}, tmp_path,
-           env={"ACCELERATE_USE_FSDP": "true"})
+    # resumed from the step-2 checkpoint: step 3 again, exactly
+    again = tmp_path / "two-resumed"
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-2", "step-3"]
     assert history(again) == history(two)
     assert_same_weights(final, rm_weights(again), atol=0)
+
+
+# ------------------------------------------------------------------------------------------- PPO
+
+
+def ppo_fields(model: str, data: str, out: Path, name: str) -> dict:
+    # 4 prompts x 2 completions per step (2 prompts per process), LoRA policy with the critic on a
+    # second adapter of the same sharded layers, the reference = adapters disabled (kl_coef > 0);
+    # one minibatch (the union of the processes' is then one process's), 2 epochs; a held-out
+    # quarter evaluated at the end (gathered); checkpoints at steps 1 and 2. Seed 1 as for GRPO.
+    # lr 1e-3: Adam's first steps move a weight by ~lr whatever its gradient's size, so a float
+    # rounding of a tiny gradient (a 2-prompt batch against a 4-prompt one) shows as ~lr/300 in
+    # the weights (measured: 3e-5 at 1e-2, 3e-6 at 1e-3, data-parallel and FSDP alike).
+    return dict(model=model, data=data, reward="format(pattern=[a-m].*)", max_steps=2, group_size=2,
+                prompts_per_step=4, max_new_tokens=3, lr=1e-3, value_lr=1e-3, lora=True, value_model="adapter",
+                kl_coef=0.1, ppo_epochs=2, minibatches=1, eval_fraction=0.25, eval_at_start=False,
+                checkpoint_every=1, keep_last=5, log_every=100, device="cpu", output_dir=str(out), name=name, seed=1)
+
+
+def ppo_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's adapter, the critic's adapter and its head, from final/."""
+    from safetensors.torch import load_file
+
+    value = run_dir / "final" / "value"
+    return {**final_weights(run_dir), **{f"value.{k}": v for k, v in load_file(value / "adapter_model.safetensors").items()},
+            **{f"head.{k}": v for k, v in load_file(value / "value_head.safetensors").items()}}
+
+
+PPO_LOSSES = ("loss", "pg_loss", "value_loss", "kl", "entropy", "reward/mean", "value/mean", "returns/mean",
+              "grad_norm", "value_grad_norm")
+
+
+def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
+    from posttrain.algorithms.ppo import PPOConfig, train_ppo
+
+    # then resumed from a copy of its step-1 checkpoint, by the same processes (dist_worker)
+    fields = {**ppo_fields(peaked_dir, prompts, tmp_path, "fsdp"), "fsdp": True}
+    launch("torchrun", {"method": "ppo", "config": fields, "resume_copy": 1}, tmp_path)
+    two = tmp_path / "fsdp"
+    final = ppo_weights(two)
+    # both adapters' LoRA weights are sharded: 2 layers x 7 projections x (lora_A, lora_B) x 2 adapters
+    critic = lambda n: "value." + n.replace(".value.", ".") if ".value." in n else n.replace(".default.", ".")
+    assert assert_layers_sharded(two, final, critic) == 56
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes
+    try:
+        one = train_ppo(PPOConfig(**{**fields, "name": "one", "fsdp": False})).run_dir
+    finally:
+        torch.set_num_threads(n)
+    assert_same_weights(ppo_weights(one), final)
+    h1, h2 = history(one), history(two)
+    assert len(h2) == 2
+    assert_same_losses(h1, h2, PPO_LOSSES)
+    assert h2[-1]["kl"] > 0 and h2[-1]["value_grad_norm"] > 0
+    assert_same_evals(evals_of(one), evals_of(two), ("accuracy", "n"))
+    # the critic's adapter tensors are in each rank's optimizer file as that rank's shards
+    ckpt = two / "checkpoints" / "step-1"
+    states = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    w0, w1 = (s["value"]["weights"] for s in states)
+    name = next(n for n in w0 if "lora_A" in n)
+    assert w0[name].shape[0] + w1[name].shape[0] == final[f"value.{name}".replace(".value.", ".")].shape[0]
+    # resumed from the step-1 checkpoint: step 2 again, exactly
+    again = tmp_path / "fsdp-resumed"
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert history(again) == h2
+    assert_same_weights(final, ppo_weights(again), atol=0)
 
 
 def test_fsdp_is_refused_by_trainers_that_do_not_shard(monkeypatch):

@@ -39,6 +39,18 @@ Choices and departures:
   whitening and the adaptive KL's sequence KL are taken over every process's completions. The
   critic (its adapter and head, or the separate model) is trained and kept in step like the
   policy; the reference (adapters disabled, or a frozen copy) is never trained nor synchronised.
+- FSDP (``--fsdp`` or an FSDP accelerate config, several processes; ``distributed.shard_layers``):
+  the policy's decoder layers are sharded, with both LoRA adapters inside them (the policy's and
+  the critic's ``value_model=adapter``); a separate critic's layers are sharded the same way; the
+  reference is the sharded policy with its adapters disabled (LoRA) or a frozen copy sharded like
+  it (full fine-tuning). Embeddings, final norms and the value head stay replicated, their
+  gradients summed. Every rank runs the same passes (one per minibatch of its prompts, the same
+  number everywhere); sampling and evaluation gather the weights. A checkpoint holds the policy's
+  full weights (rank 0) and, per rank, the optimizer state and the critic's weights as local
+  shards (``TrainState``); ``final/value`` holds the critic's full weights. A reward model used as
+  the reward (``reward_model(...)``) is frozen and replicated, not sharded: each rank scores its
+  own completions in batches of its own number, and a frozen model has no gradients or optimizer
+  state, FSDP's main saving; sharding it would gather its full weights for every scoring anyway.
 """
 
 from __future__ import annotations
@@ -239,7 +251,6 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     if config.ppo_epochs < 1 or config.minibatches < 1:
         raise ValueError("ppo_epochs and minibatches must be >= 1")
     common.start(config)
-    common.refuse_fsdp(config, "PPO")
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
     per_process = config.prompts_per_step // distributed.world_size()
     if config.minibatches > per_process:
@@ -256,8 +267,13 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     use_ref = config.kl_coef > 0 or config.kl_target is not None
     reference = Reference(policy, config) if use_ref else None
     critic = make_value_model(config, policy, config.seed)
-    rollout = rollout_model(policy, config.rollout_dtype)
     distributed.sync_params(critic.parameters())  # the critic starts identical on every process too
+    # FSDP: the policy's layers (with the value adapter's LoRA weights), a separate critic's and a
+    # frozen reference copy's; before the optimizer (sharding replaces the parameters)
+    if common.shard(config, policy, reference.copy if reference else None,
+                    critic.model if critic.adapter is None else None):
+        critic.refresh()
+    rollout = rollout_model(policy, config.rollout_dtype)
     lr = common.resolve_lr(config, FULL_FT_LR)
     param_sets = (policy_params(policy), critic.parameters())
     optimizer = build_optimizer(*param_sets, config, lr, config.value_lr or lr * VALUE_LR_MULTIPLIER)
@@ -302,6 +318,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
         if step == last:
             break
     run.final_eval(last, evaluate)
+    full = distributed.full_state_dict(critic.model) if distributed.is_sharded(critic.model) else None  # every rank
     if distributed.is_main():
-        critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
+        critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"}, state_dict=full)
     return run.finish(policy, tok, metrics)
