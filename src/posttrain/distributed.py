@@ -24,18 +24,18 @@ and head directly (``grouped``, ``dpo_data``, ``value_head``), which would bypas
 hooks. The frozen reference (adapter disabled, or a frozen copy) is never trained or synchronised.
 
 FSDP (opt-in: the ``fsdp`` config field / ``--fsdp``, or ``ACCELERATE_USE_FSDP=true`` as set by
-``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; GRPO-family
-and DPO trainers, the others refuse): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to
-each decoder layer (with the LoRA weights inside it), not to the root, since the trainers call the
-trunk and head directly. Embeddings, the final norm and the (tied) head stay replicated, their
-gradients summed by ``sum_gradients`` (which skips DTensors). FSDP reduces the layers' gradients
+``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; every
+trainer): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to each decoder layer (with the
+LoRA weights inside it, e.g. PPO's critic adapter too), not to the root, since the trainers call
+the trunk and head directly. Embeddings, the final norm, the (tied) head and the scalar value /
+reward heads stay replicated, their gradients summed by ``sum_gradients`` (which skips DTensors). FSDP reduces the layers' gradients
 as a plain SUM (divide factor 1), once per step (``grad_sync``: only the last micro-batch's
 backward reduces). ``clip_grad_norm`` takes the global norm over shards and replicated tensors;
 the optimizer steps each rank's shards (``local_optimizer_state``: one file per rank in a
-checkpoint). A sharded layer gathers its weights in each forward, so every rank must run the same
+checkpoint, with a ``TrainState``'s extra sharded tensors, e.g. PPO's critic, as local shards). A sharded layer gathers its weights in each forward, so every rank must run the same
 number of forwards and backwards; where they do not (sampling until EOS, evaluation, DPO's
-reference and held-out log-probs over each rank's share, the rollout copy's sync) the trainers
-run inside ``gathered``, which holds every layer's full weights for the block. Checkpoints and
+reference and held-out log-probs and the reward model's held-out scores over each rank's share,
+the rollout copy's sync) the trainers run inside ``gathered``, which holds every layer's full weights for the block. Checkpoints and
 ``final/`` hold full weights (``full_state_dict``, written by rank 0); loading full weights into
 a sharded model keeps each rank's shard. DeepSpeed configs get a warning and a data-parallel run.
 """

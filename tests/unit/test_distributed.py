@@ -1,10 +1,11 @@
-"""Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO and
-DPO end with bit-identical weights on both ranks, and with the weights and losses of a single
-process trained on the same global batch with the same seed; a two-process GRPO run killed with
-SIGKILL after a checkpoint and resumed under two processes logs what the uninterrupted run did.
-The same under FSDP (decoder layers sharded over the two processes): GRPO with LoRA and with full
-fine-tuning, DPO through accelerate's FSDP switch; layers really are sharded, results match one
-process, and an FSDP checkpoint resumes."""
+"""Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO,
+DPO, the reward model and PPO end with bit-identical weights on both ranks, and with the weights
+and losses of a single process trained on the same global batch with the same seed; a two-process
+GRPO run killed with SIGKILL after a checkpoint and resumed under two processes logs what the
+uninterrupted run did. The same under FSDP (decoder layers sharded over the two processes): GRPO
+with LoRA and with full fine-tuning, DPO with activation checkpointing through accelerate's FSDP
+switch, the reward model, PPO with its critic on a second LoRA adapter; layers really are sharded,
+results match one process, and FSDP checkpoints resume (GRPO, reward model, PPO)."""
 
 import json
 import os
@@ -261,13 +262,18 @@ def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
 
 
 def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
-    # accelerate launch with ACCELERATE_USE_FSDP=true (what an FSDP accelerate config sets)
+    # accelerate launch with ACCELERATE_USE_FSDP=true (what an FSDP accelerate config sets), and
+    # activation checkpointing of every layer (recomputed in backward inside FSDP's hooks); the
+    # single process runs without it: recomputing changes no number
     fields = dict(model=tiny_dir, data=pairs, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=3,
                   eval_fraction=0.25, eval_at_start=True, checkpoint_every=0, log_every=100, device="cpu",
                   output_dir=str(tmp_path))
-    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two"}}, tmp_path,
-           env={"ACCELERATE_USE_FSDP": "true"})
+    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two", "activation_checkpointing": 1}},
+           tmp_path, env={"ACCELERATE_USE_FSDP": "true"})
     two = tmp_path / "two"
+    info = json.loads((two / "info-rank0.json").read_text())
+    layers = [n for n in info["activation_checkpointing"] if "DecoderLayer" in n]
+    assert layers == ["FSDPLlamaDecoderLayer"] * 2, info  # both decoder layers: sharded and checkpointed
     final = final_weights(two)
     assert assert_layers_sharded(two, final) == 28
     one = run_single({"method": "dpo", "config": {**fields, "name": "one"}}, tmp_path)
@@ -384,9 +390,39 @@ PPO_LOSSES = ("loss", "pg_loss", "value_loss", "kl", "entropy", "reward/mean", "
               "grad_norm", "value_grad_norm")
 
 
-def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
+def train_ppo_here(fields: dict) -> Path:
+    """PPO in this process, with one thread as the launched processes."""
     from posttrain.algorithms.ppo import PPOConfig, train_ppo
 
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_ppo(PPOConfig(**fields)).run_dir
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_ppo_two_processes_full_finetuning_separate_critic_matches_one(peaked_dir, prompts, tmp_path):
+    # accelerate launch, data-parallel; full fine-tuning: a separate critic model and a frozen
+    # reference copy, every weight trained (lr 1e-4: see ppo_fields)
+    fields = {**ppo_fields(peaked_dir, prompts, tmp_path, "two"), "lora": False, "value_model": "separate",
+              "lr": 1e-4, "value_lr": 1e-4, "eval_fraction": 0.0, "checkpoint_every": 0}
+    launch("accelerate", {"method": "ppo", "config": fields}, tmp_path)
+    two = tmp_path / "two"
+    one = train_ppo_here({**fields, "name": "one"})
+    assert_ranks_identical(two)  # the policy and, as value.weights.* / value.head.*, the critic
+    assert any(k.startswith("value.weights.") for k in torch.load(two / "weights-rank0.pt"))
+    files = ("model.safetensors", "value/model.safetensors", "value/value_head.safetensors")
+    from safetensors.torch import load_file
+
+    for f in files:
+        assert_same_weights(load_file(one / "final" / f), load_file(two / "final" / f))
+    h2 = history(two)
+    assert_same_losses(history(one), h2, PPO_LOSSES)
+    assert h2[-1]["kl"] > 0 and h2[-1]["value_grad_norm"] > 0
+
+
+def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
     # then resumed from a copy of its step-1 checkpoint, by the same processes (dist_worker)
     fields = {**ppo_fields(peaked_dir, prompts, tmp_path, "fsdp"), "fsdp": True}
     launch("torchrun", {"method": "ppo", "config": fields, "resume_copy": 1}, tmp_path)
@@ -395,12 +431,7 @@ def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, p
     # both adapters' LoRA weights are sharded: 2 layers x 7 projections x (lora_A, lora_B) x 2 adapters
     critic = lambda n: "value." + n.replace(".value.", ".") if ".value." in n else n.replace(".default.", ".")
     assert assert_layers_sharded(two, final, critic) == 56
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched processes
-    try:
-        one = train_ppo(PPOConfig(**{**fields, "name": "one", "fsdp": False})).run_dir
-    finally:
-        torch.set_num_threads(n)
+    one = train_ppo_here({**fields, "name": "one", "fsdp": False})
     assert_same_weights(ppo_weights(one), final)
     h1, h2 = history(one), history(two)
     assert len(h2) == 2
@@ -420,19 +451,16 @@ def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, p
     assert_same_weights(final, ppo_weights(again), atol=0)
 
 
-def test_fsdp_is_refused_by_trainers_that_do_not_shard(monkeypatch):
+def test_fsdp_is_asked_for_by_the_flag_or_accelerate_and_needs_several_processes(monkeypatch):
     from posttrain import distributed
-    from posttrain.algorithms import common
 
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setattr(distributed, "active", lambda: True)
-    with pytest.raises(NotImplementedError, match="PPO"):
-        common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
+    assert distributed.use_fsdp(True) and not distributed.use_fsdp(False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(NotImplementedError, match="reward-model"):
-        common.refuse_fsdp(common.TrainConfig(), "reward-model")
+    assert distributed.use_fsdp(False)
     monkeypatch.setattr(distributed, "active", lambda: False)  # one process: nothing to shard
-    common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
-    assert not distributed.use_fsdp(True)
+    assert distributed.fsdp_requested(False) and not distributed.use_fsdp(True)
 
 
 # ------------------------------------------------------------------------------------------- parts

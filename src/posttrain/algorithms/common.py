@@ -112,8 +112,8 @@ class TrainConfig:
     """Run directory to continue from its newest checkpoint (set by --resume)."""
     fsdp: bool = False
     """Under several processes, shard the decoder layers over them with torch's FSDP2 (also turned
-    on by an FSDP accelerate config, ACCELERATE_USE_FSDP). GRPO-family and DPO only; ignored by a
-    single process (see README: Scaling out)."""
+    on by an FSDP accelerate config, ACCELERATE_USE_FSDP). Every trainer; ignored by a single
+    process (see README: Scaling out)."""
 
     @property
     def method(self) -> str:
@@ -153,23 +153,16 @@ def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
 
 
 def shard(config: TrainConfig, *models) -> bool:
-    """Shard the decoder layers of ``models`` (the trainable policy, a frozen full-fine-tuning
-    reference) with FSDP when the run asks for it under several processes; returns whether it did.
-    Call it before building the optimizer (sharding replaces the parameters)."""
+    """Shard the decoder layers of ``models`` (the trainable policy or reward model, a frozen
+    full-fine-tuning reference, PPO's separate critic) with FSDP when the run asks for it under
+    several processes; returns whether it did. Call it before building the optimizer (sharding
+    replaces the parameters: look up any list of them again)."""
     if not distributed.use_fsdp(config.fsdp):
         return False
     for m in models:
         if m is not None:
             distributed.shard_layers(m)
     return True
-
-
-def refuse_fsdp(config: TrainConfig, method: str) -> None:
-    """Raise when FSDP is asked for under several processes by a trainer that does not shard."""
-    if distributed.use_fsdp(config.fsdp):
-        raise NotImplementedError(
-            f"FSDP sharding is not supported by the {method} trainer yet (GRPO-family and DPO are): run it "
-            "data-parallel without --fsdp / an FSDP accelerate config (README: Scaling out)")
 
 
 def frozen_copy(model):

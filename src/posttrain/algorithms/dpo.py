@@ -32,7 +32,9 @@ Choices and departures from the paper and from TRL:
   gradients equal one process's.
 - FSDP (``--fsdp`` or an FSDP accelerate config, several processes): the decoder layers are
   sharded (``distributed.shard_layers``); the reference log-probs and the held-out evaluation run
-  with the weights gathered (each rank scores its own share of the pairs).
+  with the weights gathered (each rank scores its own share of the pairs). Activation
+  checkpointing composes with it: it is switched on before sharding, so a layer's recomputation
+  in backward runs inside FSDP's hooks, with the weights the backward gathers.
 """
 
 from __future__ import annotations
@@ -316,9 +318,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
     policy, tok = common.load_policy(config)
-    if config.activation_checkpointing > 0:
-        if distributed.use_fsdp(config.fsdp):
-            raise NotImplementedError("activation_checkpointing together with FSDP is not supported yet: drop one")
+    if config.activation_checkpointing > 0:  # before sharding: FSDP's hooks then run inside the recomputation
         enable_activation_checkpointing(policy, config.activation_checkpointing)
     common.shard(config, policy)  # FSDP: decoder layers sharded (the reference is computed before step 1)
     from rich.console import Console
