@@ -15,29 +15,37 @@ How training is spread (data parallel, replicated weights):
   ``shard``: GRPO/PPO prompts (so a prompt's whole group lives on one rank), DPO/reward-model pairs;
 - each rank scales its loss by its share of the global reduction (tokens, sequences or pairs,
   summed across ranks with ``all_sum``), so the *sum* of the ranks' gradients is the gradient a
-  single process gets from the whole batch; ``sum_gradients`` adds them up (flattened into a few
-  buckets, one all-reduce each) before clipping and the optimizer step, which every rank then
-  takes identically: the weights stay bit-identical without a wrapper.
+  single process gets from the whole batch; torch's ``DistributedDataParallel`` adds them up
+  (``DataParallel``: a comm hook that all-reduces with SUM, not divided by the world size),
+  before clipping and the optimizer step, which every rank then takes identically: the weights
+  stay bit-identical.
 
-The model is deliberately not wrapped in ``DistributedDataParallel``: the trainers call its trunk
-and head directly (``grouped``, ``dpo_data``, ``value_head``), which would bypass DDP's gradient
-hooks. The frozen reference (adapter disabled, or a frozen copy) is never trained or synchronised.
+The trainers call the model's trunk and heads directly (``grouped``, ``dpo_data``,
+``value_head``), not its ``forward``, which DDP would not see; so DDP wraps a holder of the
+trained modules (policy, reward/value head, a separate critic) whose forward runs a closure, and
+each micro-batch's loss is computed inside it (``run``); the micro-batches before the last of a
+step run under ``no_sync`` (gradients accumulate locally, one reduction per step). Every rank
+runs every backward (a non-finite loss is backpropagated, then the step is dropped on all ranks).
+The frozen reference (adapter disabled, or a frozen copy) and no-grad passes bypass DDP: never
+trained or synchronised.
 
 FSDP (opt-in: the ``fsdp`` config field / ``--fsdp``, or ``ACCELERATE_USE_FSDP=true`` as set by
 ``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; every
 trainer): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to each decoder layer (with the
-LoRA weights inside it, e.g. PPO's critic adapter too), not to the root, since the trainers call
-the trunk and head directly. Embeddings, the final norm, the (tied) head and the scalar value /
-reward heads stay replicated, their gradients summed by ``sum_gradients`` (which skips DTensors). FSDP reduces the layers' gradients
-as a plain SUM (divide factor 1), once per step (``grad_sync``: only the last micro-batch's
-backward reduces). ``clip_grad_norm`` takes the global norm over shards and replicated tensors;
-the optimizer steps each rank's shards (``local_optimizer_state``: one file per rank in a
-checkpoint, with a ``TrainState``'s extra sharded tensors, e.g. PPO's critic, as local shards). A sharded layer gathers its weights in each forward, so every rank must run the same
-number of forwards and backwards; where they do not (sampling until EOS, evaluation, DPO's
-reference and held-out log-probs and the reward model's held-out scores over each rank's share,
-the rollout copy's sync) the trainers run inside ``gathered``, which holds every layer's full weights for the block. Checkpoints and
-``final/`` hold full weights (``full_state_dict``, written by rank 0); loading full weights into
-a sharded model keeps each rank's shard. DeepSpeed configs get a warning and a data-parallel run.
+LoRA weights inside it, e.g. PPO's critic adapter too), not to the root, since the trainers call the
+trunk and head directly. Embeddings, the final norm, the (tied) head and the scalar value / reward
+heads stay replicated, their gradients summed by ``sum_gradients`` (which skips DTensors; no DDP
+wrapper under FSDP). FSDP reduces the layers' gradients as a plain SUM (divide factor 1), once per
+step (``grad_sync``: only the last micro-batch's backward reduces). ``clip_grad_norm`` takes the
+global norm over shards and replicated tensors; the optimizer steps each rank's shards
+(``local_optimizer_state``: one file per rank in a checkpoint, with a ``TrainState``'s extra sharded
+tensors, e.g. PPO's critic, as local shards). A sharded layer gathers its weights in each forward,
+so every rank must run the same number of forwards and backwards; where they do not (sampling until
+EOS, evaluation, DPO's reference and held-out log-probs and the reward model's held-out scores over
+each rank's share, the rollout copy's sync) the trainers run inside ``gathered``, which holds every
+layer's full weights for the block. Checkpoints and ``final/`` hold full weights
+(``full_state_dict``, written by rank 0); loading full weights into a sharded model keeps each
+rank's shard. DeepSpeed configs get a warning and a data-parallel run.
 """
 
 from __future__ import annotations
@@ -233,11 +241,13 @@ def sum_gradients(params: Iterable[torch.Tensor], bucket_numel: int = BUCKET_NUM
     """Replace each trainable parameter's gradient by its sum over ranks, in place.
 
     Call it once per optimizer step, after every backward of the step (gradient accumulation
-    stays local) and before clipping. A gradient that is None on some ranks counts as zeros there;
+    stays local) and before clipping. Parameters that FSDP (DTensors) or a ``DataParallel`` (DDP)
+    already reduced in backward are skipped. A gradient that is None on some ranks counts as zeros there;
     one that is None on every rank stays None (AdamW then skips it, as in a single process)."""
     if not active():
         return
-    params = [p for p in params if p.requires_grad and not is_dtensor(p)]  # FSDP reduces its own
+    # FSDP reduces its own (DTensors), DDP those of a DataParallel (in the last backward)
+    params = [p for p in params if p.requires_grad and not is_dtensor(p) and not getattr(p, DDP_MARK, False)]
     if not params:
         return
     dev = _comm_device()
@@ -287,6 +297,73 @@ def check_in_sync(params: Iterable[torch.Tensor], what: str = "weights") -> None
         bad = next(i for i in range(len(sums)) if any(e[i] != every[0][i] for e in every[1:]))
         raise RuntimeError(f"the processes' {what} differ (tensor #{bad}): a rank trained on something the others "
                            "did not; this is a bug, please report it")
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+DDP_MARK = "_posttrain_ddp"
+"""Attribute set on the parameters a ``DataParallel`` reduces (``sum_gradients`` skips them)."""
+
+
+class _Holder(torch.nn.Module):
+    """Owns the trained modules (so DDP sees their parameters); its forward runs a closure."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def _sum_hook(state, bucket):
+    """DDP comm hook: all-reduce SUM, not divided by the world size (each rank's loss is already
+    scaled by its share of the global batch, so the ranks' gradients add up to the batch's)."""
+    fut = _dist().all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class DataParallel:
+    """torch's ``DistributedDataParallel`` over a trainer's trained modules.
+
+    The trainers call a model's trunk and heads directly, not its ``forward``, so the modules are
+    put in a holder whose forward runs a closure: ``dp.run(fn, sync)`` computes a micro-batch's
+    loss inside DDP's forward, and DDP all-reduces the gradients (bucketed, overlapped with the
+    backward) in the backward of the last micro-batch of a step (``sync=True``; the others run
+    under ``no_sync`` and accumulate locally). Every rank must therefore run every backward: a
+    non-finite loss is backpropagated like the others and the step dropped afterwards. The frozen
+    reference and no-grad passes (sampling, old/reference log-probs, evaluation) bypass it."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.holder = _Holder([m for m in modules if m is not None])
+        self.ddp = DistributedDataParallel(
+            self.holder, broadcast_buffers=False, gradient_as_bucket_view=True,
+            find_unused_parameters=True,  # e.g. an untied LM head a reward model or critic never reads
+            device_ids=[_comm_device().index] if _comm_device().type == "cuda" else None)
+        self.ddp.register_comm_hook(None, _sum_hook)
+        for p in self.holder.parameters():
+            if p.requires_grad:
+                setattr(p, DDP_MARK, True)
+
+    def run(self, fn, *args, sync: bool = True):
+        """``fn(*args)`` through DDP's forward; ``sync=False``: its backward accumulates locally."""
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            return self.ddp(fn, *args)
+
+
+def data_parallel(*modules: torch.nn.Module) -> "DataParallel | None":
+    """A ``DataParallel`` over ``modules`` under several processes, unless they are FSDP-sharded
+    (then FSDP reduces the layers and ``sum_gradients`` the replicated rest); None otherwise."""
+    if not active() or any(is_sharded(m) for m in modules):
+        return None
+    return DataParallel(*modules)
+
+
+def run(dp: "DataParallel | None", fn, *args, sync: bool = True):
+    """``fn(*args)``, through ``dp`` when there is one."""
+    return fn(*args) if dp is None else dp.run(fn, *args, sync=sync)
 
 
 # ------------------------------------------------------------------------------------ FSDP

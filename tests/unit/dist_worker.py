@@ -9,7 +9,7 @@ SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
 test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
 their sizes in shards-rank<R>.json; info-rank<R>.json names the modules with activation
-checkpointing on). The reward-model and PPO trainers keep more trained tensors
+checkpointing on, and whether DDP reduced the model's gradients). The reward-model and PPO trainers keep more trained tensors
 beside the model (a head, a value adapter or model) in the ``TrainState`` they checkpoint: those
 are saved too, as ``<part>.<name>`` (``head.linear.weight``, ``value.weights.<param>``, ...).
 
@@ -60,8 +60,9 @@ def main(spec_path: str) -> None:
             weights.update(flat(distributed.local_state(part.state_dict()), k))
         torch.save(weights, self.run_dir / f"weights-rank{distributed.rank()}.pt")
         checkpointed = [type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        ddp = any(getattr(p, distributed.DDP_MARK, False) for p in model.parameters())
         (self.run_dir / f"info-rank{distributed.rank()}.json").write_text(json.dumps({
-            "activation_checkpointing": checkpointed}))
+            "activation_checkpointing": checkpointed, "ddp": ddp}))
         if shards:
             (self.run_dir / f"shards-rank{distributed.rank()}.json").write_text(json.dumps(shards))
         return finish(self, model, tokenizer, metrics)

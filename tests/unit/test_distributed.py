@@ -71,6 +71,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_ranks_identical(run_dir: Path) -> None:
+    """Both ranks hold the same trained tensors, whose gradients DDP reduced."""
+    assert json.loads((run_dir / "info-rank0.json").read_text())["ddp"]
     r0 = torch.load(run_dir / "weights-rank0.pt")
     r1 = torch.load(run_dir / "weights-rank1.pt")
     assert r0.keys() == r1.keys() and r0
@@ -192,6 +194,7 @@ def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor], rename=
     the trainable ones, put together, are the gathered weights saved in final/ (``rename``: a
     parameter's name -> its key in ``final``). Returns how many parameters were checked."""
     rename = rename or (lambda n: n.replace(".default.", "."))
+    assert not json.loads((run_dir / "info-rank0.json").read_text())["ddp"]  # FSDP reduces, not DDP
     s0 = json.loads((run_dir / "shards-rank0.json").read_text())
     s1 = json.loads((run_dir / "shards-rank1.json").read_text())
     assert s0.keys() == s1.keys() and s0

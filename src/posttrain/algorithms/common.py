@@ -6,7 +6,8 @@ copy-paste between algorithm loops).
 
 Under several processes (``posttrain.distributed``) the run directory, metrics, samples, evals,
 reports and ``final/`` are written by rank 0 only; every rank loads the same checkpoint and its
-own RNG state; ``grad_step`` sums the ranks' gradients before clipping, and evaluation is split
+own RNG state; the trainers run their losses through DDP (``distributed.DataParallel``), or under
+FSDP ``grad_step`` sums the replicated tensors' gradients before clipping; evaluation is split
 across the ranks and gathered.
 """
 
@@ -491,7 +492,8 @@ class Phase:
 def grad_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
     """Clip, check and take the optimizer step. A non-finite gradient skips the step (gradients
     dropped, nothing trained on it) and returns (norm, False). Under several processes the
-    gradients are first summed over them (each rank's loss was scaled by its share of the batch)."""
+    gradients not reduced in backward (by DDP or FSDP: the replicated ones under FSDP) are first
+    summed over them (each rank's loss was scaled by its share of the batch)."""
     distributed.sum_gradients(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if any(distributed.is_dtensor(p) for p in params):  # FSDP: sharded and replicated gradients

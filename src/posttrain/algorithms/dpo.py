@@ -203,11 +203,11 @@ def _micro(batch: list, size: int) -> list[list]:
 
 
 def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
-               total: int | None = None) -> tuple[dict, int, bool]:
+               total: int | None = None, dp: distributed.DataParallel | None = None) -> tuple[dict, int, bool]:
     """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
     ``total`` pairs of the step (default: this batch; under several processes, the global batch),
     so the gradient (summed over processes) equals one batch's. Returns (metrics weighted the same
-    way, tokens fed, all losses finite)."""
+    way, tokens fed, all losses finite). ``dp``: the policy under DDP (data-parallel runs)."""
     policy.train()
     sums: dict[str, float] = {}
     tokens = 0
@@ -216,13 +216,14 @@ def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, sh
     micro = _micro(batch, config.micro_batch_size)
     for k, mb in enumerate(micro):
         w = len(mb) / (total or len(batch))
-        loss, metrics, n = batch_loss(policy, mb, ref, config, pad_id, share)
+        last = k == len(micro) - 1
+        loss, metrics, n = distributed.run(dp, batch_loss, policy, mb, ref, config, pad_id, share, sync=last)
         tokens += n
         if not torch.isfinite(loss):
-            if not sharded:
+            if not sharded and dp is None:
                 return sums, tokens, False
-            finite = False  # FSDP: every rank runs every forward and backward (they communicate)
-        distributed.grad_sync(policy, k == len(micro) - 1)  # FSDP: reduce once, in the last backward
+            finite = False  # FSDP, DDP: every rank runs every forward and backward (they communicate)
+        distributed.grad_sync(policy, last)  # FSDP: reduce once, in the last backward (DDP: sync=last)
         (loss * w).backward()
         if finite:
             for key, v in {"loss": float(loss.detach()), **metrics}.items():
@@ -337,6 +338,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     scheduler = common.build_scheduler(optimizer, config)
     stream = common.PromptStream(train, config.seed)
     start, _ = run.restore(policy, optimizer, scheduler, stream)
+    dp = distributed.data_parallel(policy)  # data-parallel runs: DDP reduces the gradients
     pad = tok.pad_token_id
 
     def evaluate(step: int):
@@ -359,7 +361,8 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
         with common.Phase(timer, "update"):
             with run.stop_safely(step, policy, optimizer, scheduler, stream):  # Ctrl-C: checkpoint, re-raise
                 batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
-                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size)
+                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size,
+                                                  dp=dp)
             smetrics = step_optimizer(policy, optimizer, scheduler, config, distributed.all_true(finite))
         metrics = {**distributed.reduce_metrics({**sums, "tokens": tokens}, sum_keys=[*sums, "tokens"]), **smetrics,
                    "epoch": stream.epoch + stream.pos / len(train), **timer.metrics()}

@@ -195,9 +195,10 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
 
 
 def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, batch: ScoredBatch, ro: dict,
-           generator: torch.Generator, param_sets) -> dict:
+           generator: torch.Generator, param_sets, dp: distributed.DataParallel | None = None) -> dict:
     """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
-    one optimizer step each. Returns the update's metrics (means over all minibatch steps)."""
+    one optimizer step each. Returns the update's metrics (means over all minibatch steps).
+    ``dp``: policy and critic under DDP (data-parallel runs)."""
     r = batch.rollouts
     P, G = r.num_prompts, r.group_size
     size = -(-P // config.minibatches)
@@ -206,27 +207,33 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
     n_steps, nonfinite = 0, 0
     policy.train()
     critic.train()
+
+    def minibatch_loss(mb: torch.Tensor, b: torch.Tensor):
+        """The minibatch's weighted loss and its parts (through DDP's forward in data-parallel runs)."""
+        m = mask_BC[b]
+        logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
+        pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
+                                    config.reduce, max_len=config.max_new_tokens)
+        ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
+        v = critic.values(r, rows=mb)
+        vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
+        whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
+        w_pg = losses.reduction_share(config.reduce, m, whole)
+        w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
+        return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
+
     for _ in range(config.ppo_epochs):
         order = torch.randperm(P, generator=generator)
         for i in range(0, P, size):
             mb = order[i:i + size]
-            b = _index(mb, G)
-            m = mask_BC[b]
-            logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
-            pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
-                                        config.reduce, max_len=config.max_new_tokens)
-            ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
-            v = critic.values(r, rows=mb)
-            vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
-            whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
-            w_pg = losses.reduction_share(config.reduce, m, whole)
-            w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
-            loss = w_pg * (pg + ent_loss) + w_v * config.value_coef * vl
-            if not distributed.all_true(bool(torch.isfinite(loss))):
+            loss, pg, vl, pm, em, vm = distributed.run(dp, minibatch_loss, mb, _index(mb, G))
+            finite = distributed.all_true(bool(torch.isfinite(loss)))
+            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
+                loss.backward()
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 continue
-            loss.backward()
             norm_p, norm_v, ok = grad_step(*param_sets, optimizer, config.max_grad_norm)
             nonfinite += 0 if ok else 1
             stats = {"loss": loss.detach(), "pg_loss": pg.detach(), "value_loss": vl.detach(),
@@ -284,6 +291,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     run.generators["minibatch"] = mb_gen = torch.Generator().manual_seed(config.seed + 1)
     kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
     start, extra = run.restore(policy, state, scheduler, stream)
+    dp = distributed.data_parallel(policy, critic.head, critic.model if critic.adapter is None else None)  # DDP
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
@@ -307,7 +315,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
             timer.add(k[5:], cmetrics.pop(k))
         with common.Phase(timer, "update"):
             ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
-            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets)
+            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets, dp)
         if "kl/seq" in ro["stats"]:
             kl_ctl.update(ro["stats"]["kl/seq"], int(distributed.all_sum(batch.valid_B.sum())))
         metrics = {**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics, **timer.metrics()}

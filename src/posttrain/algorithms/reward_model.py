@@ -175,6 +175,7 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     state = TrainState(optimizer, head=head)
     stream = common.PromptStream(examples, config.seed)
     start, _ = run.restore(model, state, scheduler, stream)
+    dp = distributed.data_parallel(model, head)  # data-parallel runs: DDP reduces the gradients
     pad_id = tok.pad_token_id
 
     def evaluate(step: int):
@@ -191,10 +192,15 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
         share = len(batch) / config.batch_size  # of the global batch: the processes' gradients add up to its
         model.train(), head.train()
         with common.Phase(timer, "update"):
-            rc, rr = pair_scores(trunk, head, batch, pad_id)
-            loss, m = bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
-            if distributed.all_true(bool(torch.isfinite(loss))):
+            def batch_loss():
+                rc, rr = pair_scores(trunk, head, batch, pad_id)
+                return bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
+
+            loss, m = distributed.run(dp, batch_loss)
+            finite = distributed.all_true(bool(torch.isfinite(loss)))
+            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
                 (loss * share).backward()
+            if finite:
                 norm, ok = common.grad_step(both, optimizer, scheduler, config.max_grad_norm)
             else:
                 optimizer.zero_grad(set_to_none=True)
