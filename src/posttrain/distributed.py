@@ -334,13 +334,17 @@ class DataParallel:
     non-finite loss is backpropagated like the others and the step dropped afterwards. The frozen
     reference and no-grad passes (sampling, old/reference log-probs, evaluation) bypass it."""
 
-    def __init__(self, *modules: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module, find_unused: bool = False):
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
         self.holder = _Holder([m for m in modules if m is not None])
+        # buffers (rotary tables) are the same everywhere: no sync in each forward
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        buffers = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
         self.ddp = DistributedDataParallel(
-            self.holder, broadcast_buffers=False, gradient_as_bucket_view=True,
-            find_unused_parameters=True,  # e.g. an untied LM head a reward model or critic never reads
+            self.holder, gradient_as_bucket_view=True, find_unused_parameters=find_unused, **buffers,
             device_ids=[_comm_device().index] if _comm_device().type == "cuda" else None)
         self.ddp.register_comm_hook(None, _sum_hook)
         for p in self.holder.parameters():
@@ -353,12 +357,19 @@ class DataParallel:
             return self.ddp(fn, *args)
 
 
-def data_parallel(*modules: torch.nn.Module) -> "DataParallel | None":
-    """A ``DataParallel`` over ``modules`` under several processes, unless they are FSDP-sharded
-    (then FSDP reduces the layers and ``sum_gradients`` the replicated rest); None otherwise."""
+def data_parallel(*modules: torch.nn.Module | None, read: Sequence[torch.nn.Module] | None = None
+                  ) -> "DataParallel | None":
+    """A ``DataParallel`` over ``modules`` (None entries skipped) under several processes, unless
+    they are FSDP-sharded (then FSDP reduces the layers and ``sum_gradients`` the replicated rest);
+    None otherwise. ``read``: the modules the losses read (default: all of ``modules``); trainable
+    parameters outside them (e.g. the untied LM head of a reward model, which reads the trunk)
+    make DDP look for unused parameters after each forward."""
+    modules = tuple(m for m in modules if m is not None)
     if not active() or any(is_sharded(m) for m in modules):
         return None
-    return DataParallel(*modules)
+    used = {id(p) for m in (read or modules) for p in m.parameters()}
+    unused = any(p.requires_grad and id(p) not in used for m in modules for p in m.parameters())
+    return DataParallel(*modules, find_unused=unused)
 
 
 def run(dp: "DataParallel | None", fn, *args, sync: bool = True):

@@ -291,7 +291,8 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     run.generators["minibatch"] = mb_gen = torch.Generator().manual_seed(config.seed + 1)
     kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
     start, extra = run.restore(policy, state, scheduler, stream)
-    dp = distributed.data_parallel(policy, critic.head, critic.model if critic.adapter is None else None)  # DDP
+    dp = distributed.data_parallel(policy, critic.head, critic.model if critic.adapter is None else None,
+                                   read=[policy, critic.head, critic.trunk])  # data-parallel runs: DDP
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens

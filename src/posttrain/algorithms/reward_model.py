@@ -175,7 +175,7 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     state = TrainState(optimizer, head=head)
     stream = common.PromptStream(examples, config.seed)
     start, _ = run.restore(model, state, scheduler, stream)
-    dp = distributed.data_parallel(model, head)  # data-parallel runs: DDP reduces the gradients
+    dp = distributed.data_parallel(model, head, read=[trunk, head])  # data-parallel runs: DDP reduces the gradients
     pad_id = tok.pad_token_id
 
     def evaluate(step: int):
