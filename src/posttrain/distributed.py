@@ -340,11 +340,15 @@ class DataParallel:
         from torch.nn.parallel import DistributedDataParallel
 
         self.holder = _Holder([m for m in modules if m is not None])
-        # buffers (rotary tables) are the same everywhere: no sync in each forward
-        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-        buffers = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+        # buffers (rotary tables) are the same everywhere: no sync in each forward; and no copy of
+        # rank 0's whole model at the start (init_sync): the trained tensors were made identical
+        # by sync_params, the frozen ones are loaded from the same files
+        known = inspect.signature(DistributedDataParallel.__init__).parameters
+        extra = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+        if "init_sync" in known:
+            extra["init_sync"] = False
         self.ddp = DistributedDataParallel(
-            self.holder, gradient_as_bucket_view=True, find_unused_parameters=find_unused, **buffers,
+            self.holder, gradient_as_bucket_view=True, find_unused_parameters=find_unused, **extra,
             device_ids=[_comm_device().index] if _comm_device().type == "cuda" else None)
         self.ddp.register_comm_hook(None, _sum_hook)
         for p in self.holder.parameters():
