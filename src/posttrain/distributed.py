@@ -15,29 +15,37 @@ How training is spread (data parallel, replicated weights):
   ``shard``: GRPO/PPO prompts (so a prompt's whole group lives on one rank), DPO/reward-model pairs;
 - each rank scales its loss by its share of the global reduction (tokens, sequences or pairs,
   summed across ranks with ``all_sum``), so the *sum* of the ranks' gradients is the gradient a
-  single process gets from the whole batch; ``sum_gradients`` adds them up (flattened into a few
-  buckets, one all-reduce each) before clipping and the optimizer step, which every rank then
-  takes identically: the weights stay bit-identical without a wrapper.
+  single process gets from the whole batch; torch's ``DistributedDataParallel`` adds them up
+  (``DataParallel``: a comm hook that all-reduces with SUM, not divided by the world size),
+  before clipping and the optimizer step, which every rank then takes identically: the weights
+  stay bit-identical.
 
-The model is deliberately not wrapped in ``DistributedDataParallel``: the trainers call its trunk
-and head directly (``grouped``, ``dpo_data``, ``value_head``), which would bypass DDP's gradient
-hooks. The frozen reference (adapter disabled, or a frozen copy) is never trained or synchronised.
+The trainers call the model's trunk and heads directly (``grouped``, ``dpo_data``,
+``value_head``), not its ``forward``, which DDP would not see; so DDP wraps a holder of the
+trained modules (policy, reward/value head, a separate critic) whose forward runs a closure, and
+each micro-batch's loss is computed inside it (``run``); the micro-batches before the last of a
+step run under ``no_sync`` (gradients accumulate locally, one reduction per step). Every rank
+runs every backward (a non-finite loss is backpropagated, then the step is dropped on all ranks).
+The frozen reference (adapter disabled, or a frozen copy) and no-grad passes bypass DDP: never
+trained or synchronised.
 
 FSDP (opt-in: the ``fsdp`` config field / ``--fsdp``, or ``ACCELERATE_USE_FSDP=true`` as set by
-``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; GRPO-family
-and DPO trainers, the others refuse): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to
-each decoder layer (with the LoRA weights inside it), not to the root, since the trainers call the
-trunk and head directly. Embeddings, the final norm and the (tied) head stay replicated, their
-gradients summed by ``sum_gradients`` (which skips DTensors). FSDP reduces the layers' gradients
-as a plain SUM (divide factor 1), once per step (``grad_sync``: only the last micro-batch's
-backward reduces). ``clip_grad_norm`` takes the global norm over shards and replicated tensors;
-the optimizer steps each rank's shards (``local_optimizer_state``: one file per rank in a
-checkpoint). A sharded layer gathers its weights in each forward, so every rank must run the same
-number of forwards and backwards; where they do not (sampling until EOS, evaluation, DPO's
-reference and held-out log-probs over each rank's share, the rollout copy's sync) the trainers
-run inside ``gathered``, which holds every layer's full weights for the block. Checkpoints and
-``final/`` hold full weights (``full_state_dict``, written by rank 0); loading full weights into
-a sharded model keeps each rank's shard. DeepSpeed configs get a warning and a data-parallel run.
+``accelerate launch --use_fsdp`` or an FSDP config file; only under several processes; every
+trainer): ``shard_layers`` applies torch's FSDP2 ``fully_shard`` to each decoder layer (with the
+LoRA weights inside it, e.g. PPO's critic adapter too), not to the root, since the trainers call the
+trunk and head directly. Embeddings, the final norm, the (tied) head and the scalar value / reward
+heads stay replicated, their gradients summed by ``sum_gradients`` (which skips DTensors; no DDP
+wrapper under FSDP). FSDP reduces the layers' gradients as a plain SUM (divide factor 1), once per
+step (``grad_sync``: only the last micro-batch's backward reduces). ``clip_grad_norm`` takes the
+global norm over shards and replicated tensors; the optimizer steps each rank's shards
+(``local_optimizer_state``: one file per rank in a checkpoint, with a ``TrainState``'s extra sharded
+tensors, e.g. PPO's critic, as local shards). A sharded layer gathers its weights in each forward,
+so every rank must run the same number of forwards and backwards; where they do not (sampling until
+EOS, evaluation, DPO's reference and held-out log-probs and the reward model's held-out scores over
+each rank's share, the rollout copy's sync) the trainers run inside ``gathered``, which holds every
+layer's full weights for the block. Checkpoints and ``final/`` hold full weights
+(``full_state_dict``, written by rank 0); loading full weights into a sharded model keeps each
+rank's shard. DeepSpeed configs get a warning and a data-parallel run.
 """
 
 from __future__ import annotations
@@ -233,11 +241,13 @@ def sum_gradients(params: Iterable[torch.Tensor], bucket_numel: int = BUCKET_NUM
     """Replace each trainable parameter's gradient by its sum over ranks, in place.
 
     Call it once per optimizer step, after every backward of the step (gradient accumulation
-    stays local) and before clipping. A gradient that is None on some ranks counts as zeros there;
+    stays local) and before clipping. Parameters that FSDP (DTensors) or a ``DataParallel`` (DDP)
+    already reduced in backward are skipped. A gradient that is None on some ranks counts as zeros there;
     one that is None on every rank stays None (AdamW then skips it, as in a single process)."""
     if not active():
         return
-    params = [p for p in params if p.requires_grad and not is_dtensor(p)]  # FSDP reduces its own
+    # FSDP reduces its own (DTensors), DDP those of a DataParallel (in the last backward)
+    params = [p for p in params if p.requires_grad and not is_dtensor(p) and not getattr(p, DDP_MARK, False)]
     if not params:
         return
     dev = _comm_device()
@@ -287,6 +297,88 @@ def check_in_sync(params: Iterable[torch.Tensor], what: str = "weights") -> None
         bad = next(i for i in range(len(sums)) if any(e[i] != every[0][i] for e in every[1:]))
         raise RuntimeError(f"the processes' {what} differ (tensor #{bad}): a rank trained on something the others "
                            "did not; this is a bug, please report it")
+
+
+# ------------------------------------------------------------------------------------ DDP
+
+DDP_MARK = "_posttrain_ddp"
+"""Attribute set on the parameters a ``DataParallel`` reduces (``sum_gradients`` skips them)."""
+
+
+class _Holder(torch.nn.Module):
+    """Owns the trained modules (so DDP sees their parameters); its forward runs a closure."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def _sum_hook(state, bucket):
+    """DDP comm hook: all-reduce SUM, not divided by the world size (each rank's loss is already
+    scaled by its share of the global batch, so the ranks' gradients add up to the batch's)."""
+    fut = _dist().all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class DataParallel:
+    """torch's ``DistributedDataParallel`` over a trainer's trained modules.
+
+    The trainers call a model's trunk and heads directly, not its ``forward``, so the modules are
+    put in a holder whose forward runs a closure: ``dp.run(fn, sync)`` computes a micro-batch's
+    loss inside DDP's forward, and DDP all-reduces the gradients (bucketed, overlapped with the
+    backward) in the backward of the last micro-batch of a step (``sync=True``; the others run
+    under ``no_sync`` and accumulate locally). Every rank must therefore run every backward: a
+    non-finite loss is backpropagated like the others and the step dropped afterwards. The frozen
+    reference and no-grad passes (sampling, old/reference log-probs, evaluation) bypass it."""
+
+    def __init__(self, *modules: torch.nn.Module, find_unused: bool = False):
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.holder = _Holder([m for m in modules if m is not None])
+        # buffers (rotary tables) are the same everywhere: no sync in each forward; and no copy of
+        # rank 0's whole model at the start (init_sync): the trained tensors were made identical
+        # by sync_params, the frozen ones are loaded from the same files
+        known = inspect.signature(DistributedDataParallel.__init__).parameters
+        extra = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+        if "init_sync" in known:
+            extra["init_sync"] = False
+        self.ddp = DistributedDataParallel(
+            self.holder, gradient_as_bucket_view=True, find_unused_parameters=find_unused, **extra,
+            device_ids=[_comm_device().index] if _comm_device().type == "cuda" else None)
+        self.ddp.register_comm_hook(None, _sum_hook)
+        for p in self.holder.parameters():
+            if p.requires_grad:
+                setattr(p, DDP_MARK, True)
+
+    def run(self, fn, *args, sync: bool = True):
+        """``fn(*args)`` through DDP's forward; ``sync=False``: its backward accumulates locally."""
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            return self.ddp(fn, *args)
+
+
+def data_parallel(*modules: torch.nn.Module | None, read: Sequence[torch.nn.Module] | None = None
+                  ) -> "DataParallel | None":
+    """A ``DataParallel`` over ``modules`` (None entries skipped) under several processes, unless
+    they are FSDP-sharded (then FSDP reduces the layers and ``sum_gradients`` the replicated rest);
+    None otherwise. ``read``: the modules the losses read (default: all of ``modules``); trainable
+    parameters outside them (e.g. the untied LM head of a reward model, which reads the trunk)
+    make DDP look for unused parameters after each forward."""
+    modules = tuple(m for m in modules if m is not None)
+    if not active() or any(is_sharded(m) for m in modules):
+        return None
+    used = {id(p) for m in (read or modules) for p in m.parameters()}
+    unused = any(p.requires_grad and id(p) not in used for m in modules for p in m.parameters())
+    return DataParallel(*modules, find_unused=unused)
+
+
+def run(dp: "DataParallel | None", fn, *args, sync: bool = True):
+    """``fn(*args)``, through ``dp`` when there is one."""
+    return fn(*args) if dp is None else dp.run(fn, *args, sync=sync)
 
 
 # ------------------------------------------------------------------------------------ FSDP
@@ -419,24 +511,51 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     return total
 
 
+def local_state(obj: Any) -> Any:
+    """``obj`` (a state dict, nested dicts/lists/tuples) with every DTensor replaced by a copy of
+    this rank's local shard: what a rank writes to its own checkpoint file."""
+    if is_dtensor(obj):
+        return obj.to_local().clone()
+    if isinstance(obj, dict):
+        return {k: local_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(local_state(v) for v in obj)
+    return obj
+
+
 def local_optimizer_state(optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded state as this rank's local tensors (saved per rank)."""
-    sd = optimizer.state_dict()
-    sd["state"] = {i: {k: (v.to_local().clone() if is_dtensor(v) else v) for k, v in st.items()}
-                   for i, st in sd["state"].items()}
-    return sd
+    """``optimizer.state_dict()`` with sharded state as this rank's local tensors (saved per rank).
+    ``optimizer`` may be a ``value_head.TrainState``: the extra modules' sharded weights (a value
+    adapter, a separate value model) are saved as local shards too."""
+    return local_state(optimizer.state_dict())
 
 
 def load_local_optimizer_state(optimizer, sd: dict[str, Any]) -> None:
-    """Inverse of ``local_optimizer_state``: load, then wrap the state of sharded parameters back
-    into DTensors laid out like their parameters."""
+    """Inverse of ``local_optimizer_state``: load (a ``TrainState`` loads its modules' local shards
+    into their sharded parameters), then wrap the optimizer state of sharded parameters back into
+    DTensors laid out like their parameters."""
     from torch.distributed.tensor import DTensor
 
     optimizer.load_state_dict(sd)
-    for p, st in optimizer.state.items():
+    inner = getattr(optimizer, "optimizer", optimizer)  # a TrainState holds the torch optimizer
+    for p, st in inner.state.items():
         if not is_dtensor(p):
             continue
         for k, v in list(st.items()):
             if isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.to_local().shape and v.dim():
                 st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                            stride=p.stride())
+
+
+@torch.no_grad()
+def copy_into(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.copy_(value)``, where for a sharded ``p`` a plain ``value`` is this rank's local shard
+    (as ``local_state`` saved it)."""
+    if is_dtensor(p) and not is_dtensor(value):
+        local = p.to_local()
+        if local.shape != value.shape:
+            raise RuntimeError(f"a saved shard of shape {tuple(value.shape)} does not fit this rank's shard "
+                               f"{tuple(local.shape)} (resumed with another number of processes?)")
+        local.copy_(value)
+    else:
+        p.copy_(value)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from posttrain import distributed
 from posttrain.generation import Rollouts
 from posttrain.grouped import rollout_hidden
 from posttrain.logprobs import split_model
@@ -170,7 +171,7 @@ class ParamSet:
         if set(state) != {n for n, _ in self.named}:
             raise RuntimeError("saved parameters do not match the model's (different adapter or config?)")
         for n, p in self.named:
-            p.copy_(state[n])
+            distributed.copy_into(p, state[n])  # FSDP: a sharded p takes its saved local shard
 
 
 def adapter_params(model, adapter: str) -> ParamSet:
@@ -193,10 +194,14 @@ class ValueModel:
     def __init__(self, model, head: ValueHead, adapter: str | None = None):
         self.model, self.head, self.adapter = model, head, adapter
         self.trunk = trunk_of(model)
-        if adapter is not None:
-            self.weights = adapter_params(model, adapter)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look up the model's trained tensors (again after FSDP sharding, which replaces them)."""
+        if self.adapter is not None:
+            self.weights = adapter_params(self.model, self.adapter)
         else:
-            self.weights = ParamSet([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+            self.weights = ParamSet([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
 
     def parameters(self) -> list[torch.Tensor]:
         return self.weights.parameters() + list(self.head.parameters())
@@ -223,15 +228,19 @@ class ValueModel:
         if self.adapter is None:
             self.model.train(mode)
 
-    def save(self, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+    def save(self, out_dir: str | Path, tokenizer=None, meta: dict | None = None,
+             state_dict: dict | None = None) -> Path:
         """A value model directory: the trunk in HF format (LoRA adapter or full model) plus the
-        head; ``load_head`` + ``models.load_model`` read it back (as a reward model's)."""
+        head; ``load_head`` + ``models.load_model`` read it back (as a reward model's).
+        ``state_dict``: the model's weights to write instead of its own (an FSDP-sharded model's
+        gathered ``distributed.full_state_dict``)."""
         out_dir = Path(out_dir)
+        kw = {"state_dict": state_dict} if state_dict is not None else {}
         if self.adapter is None:
-            self.model.save_pretrained(out_dir, safe_serialization=True)
+            self.model.save_pretrained(out_dir, safe_serialization=True, **kw)
         else:  # peft writes a non-default adapter to <dir>/<name>/: save beside, then move up
             tmp = out_dir.parent / f".{out_dir.name}.tmp"
-            self.model.save_pretrained(tmp, selected_adapters=[self.adapter], safe_serialization=True)
+            self.model.save_pretrained(tmp, selected_adapters=[self.adapter], safe_serialization=True, **kw)
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in (tmp / self.adapter).iterdir():
                 f.replace(out_dir / f.name)
@@ -263,10 +272,13 @@ class TrainState:
 
 
 def clip_and_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
-    """Clip ``params``' gradients to ``max_norm`` (0 = no clipping); returns their norm before."""
+    """Clip ``params``' gradients to ``max_norm`` (0 = no clipping); returns their norm before.
+    FSDP-sharded gradients among them: the global norm (``distributed.clip_grad_norm``)."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
+    if any(distributed.is_dtensor(p) for p in params):
+        return float(distributed.clip_grad_norm(params, max_norm))
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.norm(torch.stack([p.grad.detach().norm() for p in params])))

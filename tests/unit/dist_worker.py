@@ -3,18 +3,28 @@
 usage: torchrun --nproc_per_node N dist_worker.py SPEC.json
        accelerate launch --multi_gpu --num_processes N dist_worker.py SPEC.json
 
-SPEC: {"method": "grpo" | "dpo" | ..., "config": {field: value}, "kill_after_checkpoint": step or null}
+SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_after_checkpoint": step or null,
+       "resume_copy": step or null}
 
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
 test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
-their sizes in shards-rank<R>.json). With ``kill_after_checkpoint`` every rank
+their sizes in shards-rank<R>.json; info-rank<R>.json names the modules with activation
+checkpointing on, and whether DDP reduced the model's gradients). The reward-model and PPO trainers keep more trained tensors
+beside the model (a head, a value adapter or model) in the ``TrainState`` they checkpoint: those
+are saved too, as ``<part>.<name>`` (``head.linear.weight``, ``value.weights.<param>``, ...).
+
+With ``resume_copy`` the finished run's directory is copied to ``<name>-resumed`` without what
+came after that step's checkpoint, and the same processes resume it to the end (a resume test
+without paying for a second launch; a resume in new processes is the SIGKILL test's). With ``kill_after_checkpoint`` every rank
 SIGKILLs itself right after that step's checkpoint is complete: a crash, not a clean stop.
 """
 
 import json
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,9 +38,11 @@ def main(spec_path: str) -> None:
     cls, train = resolve(spec["method"])
     kill_at = spec.get("kill_after_checkpoint")
     checkpoint, finish = common.Run.checkpoint, common.Run.finish
+    parts = {}  # the TrainState's extra modules (every trainer checkpoints at its last step)
 
-    def checkpoint_then_maybe_die(self, step, *args, **kw):
-        path = checkpoint(self, step, *args, **kw)
+    def checkpoint_then_maybe_die(self, step, model, optimizer, *args, **kw):
+        parts.update(getattr(optimizer, "parts", {}))
+        path = checkpoint(self, step, model, optimizer, *args, **kw)
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
@@ -44,13 +56,36 @@ def main(spec_path: str) -> None:
                 shards[n] = [p.to_local().numel(), p.numel()]
             if p.requires_grad:
                 weights[n] = (p.to_local() if distributed.is_dtensor(p) else p).detach().clone()
+        for k, part in parts.items():
+            weights.update(flat(distributed.local_state(part.state_dict()), k))
         torch.save(weights, self.run_dir / f"weights-rank{distributed.rank()}.pt")
+        checkpointed = [type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        ddp = any(getattr(p, distributed.DDP_MARK, False) for p in model.parameters())
+        (self.run_dir / f"info-rank{distributed.rank()}.json").write_text(json.dumps({
+            "activation_checkpointing": checkpointed, "ddp": ddp}))
         if shards:
             (self.run_dir / f"shards-rank{distributed.rank()}.json").write_text(json.dumps(shards))
         return finish(self, model, tokenizer, metrics)
 
     common.Run.checkpoint, common.Run.finish = checkpoint_then_maybe_die, finish_and_dump
-    train(cls(**spec["config"]))
+    config = spec["config"]
+    train(cls(**config))
+    if spec.get("resume_copy"):
+        run_dir = Path(config["output_dir"]) / config["name"]
+        copy = run_dir.with_name(run_dir.name + "-resumed")
+        if distributed.is_main():
+            later = {f"step-{s}" for s in range(spec["resume_copy"] + 1, config["max_steps"] + 1)}
+            shutil.copytree(run_dir, copy, ignore=lambda d, names: [
+                n for n in names if n in later or n == "final" or n.startswith(("weights-", "shards-"))])
+        distributed.barrier()
+        parts.clear()
+        train(cls(**{**config, "name": copy.name, "resume": str(copy)}))
+
+
+def flat(state, prefix: str) -> dict:
+    if isinstance(state, dict):
+        return {n: t for k, v in state.items() for n, t in flat(v, f"{prefix}.{k}").items()}
+    return {prefix: state}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO and
-DPO end with bit-identical weights on both ranks, and with the weights and losses of a single
-process trained on the same global batch with the same seed; a two-process GRPO run killed with
-SIGKILL after a checkpoint and resumed under two processes logs what the uninterrupted run did.
-The same under FSDP (decoder layers sharded over the two processes): GRPO with LoRA and with full
-fine-tuning, DPO through accelerate's FSDP switch; layers really are sharded, results match one
-process, and an FSDP checkpoint resumes."""
+"""Two processes on CPU (gloo), launched for real with torchrun and with accelerate launch: GRPO,
+DPO, the reward model and PPO end with bit-identical weights on both ranks, and with the weights
+and losses of a single process trained on the same global batch with the same seed; a two-process
+GRPO run killed with SIGKILL after a checkpoint and resumed under two processes logs what the
+uninterrupted run did. The same under FSDP (decoder layers sharded over the two processes): GRPO
+with LoRA and with full fine-tuning, DPO with activation checkpointing through accelerate's FSDP
+switch, the reward model, PPO with its critic on a second LoRA adapter; layers really are sharded,
+results match one process, and FSDP checkpoints resume (GRPO, reward model, PPO)."""
 
 import json
 import os
@@ -70,6 +71,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_ranks_identical(run_dir: Path) -> None:
+    """Both ranks hold the same trained tensors, whose gradients DDP reduced."""
+    assert json.loads((run_dir / "info-rank0.json").read_text())["ddp"]
     r0 = torch.load(run_dir / "weights-rank0.pt")
     r1 = torch.load(run_dir / "weights-rank1.pt")
     assert r0.keys() == r1.keys() and r0
@@ -186,10 +189,12 @@ def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
 # ------------------------------------------------------------------------------------------- FSDP
 
 
-def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor]) -> int:
+def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor], rename=None) -> int:
     """Each rank holds about half of every decoder-layer parameter, and the two ranks' shards of
-    the trainable ones, put together, are the gathered weights saved in final/. Returns how many
-    parameters were checked."""
+    the trainable ones, put together, are the gathered weights saved in final/ (``rename``: a
+    parameter's name -> its key in ``final``). Returns how many parameters were checked."""
+    rename = rename or (lambda n: n.replace(".default.", "."))
+    assert not json.loads((run_dir / "info-rank0.json").read_text())["ddp"]  # FSDP reduces, not DDP
     s0 = json.loads((run_dir / "shards-rank0.json").read_text())
     s1 = json.loads((run_dir / "shards-rank1.json").read_text())
     assert s0.keys() == s1.keys() and s0
@@ -200,12 +205,13 @@ def assert_layers_sharded(run_dir: Path, final: dict[str, torch.Tensor]) -> int:
     w0, w1 = torch.load(run_dir / "weights-rank0.pt"), torch.load(run_dir / "weights-rank1.pt")
     checked = 0
     for n in w0:
-        saved = n.replace("base_model.model.", "base_model.model.", 1).replace(".default.", ".")
         if n in s0:
-            assert saved in final, saved
-            assert torch.equal(torch.cat([w0[n], w1[n]]), final[saved]), n
+            assert rename(n) in final, rename(n)
+            assert torch.equal(torch.cat([w0[n], w1[n]]), final[rename(n)]), n
             checked += 1
-        else:  # replicated (embeddings, final norm): identical on both ranks
+        elif n.split(".weights.", 1)[-1] in s0:  # a TrainState's copy of a sharded one (PPO's critic)
+            assert torch.equal(w0[n], w0[n.split(".weights.", 1)[1]]) and torch.equal(w1[n], w1[n.split(".weights.", 1)[1]]), n
+        else:  # replicated (embeddings, final norm, a value head): identical on both ranks
             assert torch.equal(w0[n], w1[n]), n
     assert checked
     return checked
@@ -259,13 +265,18 @@ def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
 
 
 def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
-    # accelerate launch with ACCELERATE_USE_FSDP=true (what an FSDP accelerate config sets)
+    # accelerate launch with ACCELERATE_USE_FSDP=true (what an FSDP accelerate config sets), and
+    # activation checkpointing of every layer (recomputed in backward inside FSDP's hooks); the
+    # single process runs without it: recomputing changes no number
     fields = dict(model=tiny_dir, data=pairs, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=3,
                   eval_fraction=0.25, eval_at_start=True, checkpoint_every=0, log_every=100, device="cpu",
                   output_dir=str(tmp_path))
-    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two"}}, tmp_path,
-           env={"ACCELERATE_USE_FSDP": "true"})
+    launch("accelerate", {"method": "dpo", "config": {**fields, "name": "two", "activation_checkpointing": 1}},
+           tmp_path, env={"ACCELERATE_USE_FSDP": "true"})
     two = tmp_path / "two"
+    info = json.loads((two / "info-rank0.json").read_text())
+    layers = [n for n in info["activation_checkpointing"] if "DecoderLayer" in n]
+    assert layers == ["FSDPLlamaDecoderLayer"] * 2, info  # both decoder layers: sharded and checkpointed
     final = final_weights(two)
     assert assert_layers_sharded(two, final) == 28
     one = run_single({"method": "dpo", "config": {**fields, "name": "one"}}, tmp_path)
@@ -275,19 +286,184 @@ def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
     assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
 
 
-def test_fsdp_is_refused_by_trainers_that_do_not_shard(monkeypatch):
-    from posttrain import distributed
-    from posttrain.algorithms import common
+# ------------------------------------------------------------------------------------------- reward model
 
+
+def rm_fields(model: str, data: str, out: Path) -> dict:
+    # 5 training pairs, 4 per step (2 per process); 3 held out, scored one per batch, so rank 0
+    # runs two evaluation forwards and rank 1 one (under FSDP: inside `gathered`)
+    return dict(model=model, data=data, lora=True, lr=3e-3, batch_size=4, max_steps=3, eval_fraction=0.375,
+                eval_batch_size=1, checkpoint_every=2, keep_last=5, log_every=100, device="cpu", output_dir=str(out))
+
+
+def rm_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {**final_weights(run_dir), **{f"head.{k}": v for k, v in
+                                         load_file(run_dir / "final" / "value_head.safetensors").items()}}
+
+
+def evals_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+
+
+def assert_same_evals(a: list[dict], b: list[dict], keys: tuple[str, ...]) -> None:
+    assert [e["step"] for e in a] == [e["step"] for e in b] and a
+    for x, y in zip(a, b):
+        for k in keys:
+            assert abs(x[k] - y[k]) < 1e-5, (x["step"], k, x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def rm_one(tiny_dir, pairs, tmp_path_factory) -> Path:
+    """The reward model trained by one process (in this one, one thread)."""
+    from posttrain.algorithms.reward_model import RewardModelConfig, train_reward_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fields = rm_fields(tiny_dir, pairs, tmp_path_factory.mktemp("rm-one"))
+        return train_reward_model(RewardModelConfig(**fields, name="one")).run_dir
+    finally:
+        torch.set_num_threads(n)
+
+
+RM_LOSSES = ("loss", "bt_loss", "rewards/margin", "rewards/accuracy", "rewards/chosen", "grad_norm")
+RM_EVALS = ("accuracy", "margin", "loss", "score/mean", "score/std")
+
+
+def test_reward_model_two_processes_match_one(rm_one, tiny_dir, pairs, tmp_path):
+    launch("torchrun", {"method": "rm", "config": {**rm_fields(tiny_dir, pairs, tmp_path), "name": "two"}}, tmp_path)
+    two = tmp_path / "two"
+    assert_ranks_identical(two)  # the adapter and the head
+    assert "head.linear.weight" in torch.load(two / "weights-rank0.pt")
+    assert_same_weights(rm_weights(rm_one), rm_weights(two))
+    assert_same_losses(history(rm_one), history(two), RM_LOSSES)
+    assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
+    assert [e["n"] for e in evals_of(two)] == [3, 3]
+
+
+def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_path):
+    # accelerate's FSDP switch; then resumed from a copy of its step-2 checkpoint (dist_worker)
+    fields = rm_fields(tiny_dir, pairs, tmp_path)
+    launch("accelerate", {"method": "rm", "config": {**fields, "name": "two"}, "resume_copy": 2}, tmp_path,
+           env={"ACCELERATE_USE_FSDP": "true"})
+    two = tmp_path / "two"
+    final = rm_weights(two)
+    assert assert_layers_sharded(two, final_weights(two)) == 28  # the head is not sharded: equal on both ranks
+    assert_same_weights(rm_weights(rm_one), final)
+    assert_same_losses(history(rm_one), history(two), RM_LOSSES)
+    assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
+    ckpt = two / "checkpoints" / "step-2"
+    assert sorted(p.name for p in ckpt.glob("optimizer*")) == ["optimizer-rank0.pt", "optimizer-rank1.pt"]
+    # resumed from the step-2 checkpoint: step 3 again, exactly
+    again = tmp_path / "two-resumed"
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert history(again) == history(two)
+    assert_same_weights(final, rm_weights(again), atol=0)
+
+
+# ------------------------------------------------------------------------------------------- PPO
+
+
+def ppo_fields(model: str, data: str, out: Path, name: str) -> dict:
+    # 4 prompts x 2 completions per step (2 prompts per process), LoRA policy with the critic on a
+    # second adapter of the same sharded layers, the reference = adapters disabled (kl_coef > 0);
+    # one minibatch (the union of the processes' is then one process's), 2 epochs; a held-out
+    # quarter evaluated at the end (gathered); checkpoints at steps 1 and 2. Seed 1 as for GRPO.
+    # lr 1e-3: Adam's first steps move a weight by ~lr whatever its gradient's size, so a float
+    # rounding of a tiny gradient (a 2-prompt batch against a 4-prompt one) shows as ~lr/300 in
+    # the weights (measured: 3e-5 at 1e-2, 3e-6 at 1e-3, data-parallel and FSDP alike).
+    return dict(model=model, data=data, reward="format(pattern=[a-m].*)", max_steps=2, group_size=2,
+                prompts_per_step=4, max_new_tokens=3, lr=1e-3, value_lr=1e-3, lora=True, value_model="adapter",
+                kl_coef=0.1, ppo_epochs=2, minibatches=1, eval_fraction=0.25, eval_at_start=False,
+                checkpoint_every=1, keep_last=5, log_every=100, device="cpu", output_dir=str(out), name=name, seed=1)
+
+
+def ppo_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's adapter, the critic's adapter and its head, from final/."""
+    from safetensors.torch import load_file
+
+    value = run_dir / "final" / "value"
+    return {**final_weights(run_dir), **{f"value.{k}": v for k, v in load_file(value / "adapter_model.safetensors").items()},
+            **{f"head.{k}": v for k, v in load_file(value / "value_head.safetensors").items()}}
+
+
+PPO_LOSSES = ("loss", "pg_loss", "value_loss", "kl", "entropy", "reward/mean", "value/mean", "returns/mean",
+              "grad_norm", "value_grad_norm")
+
+
+def train_ppo_here(fields: dict) -> Path:
+    """PPO in this process, with one thread as the launched processes."""
+    from posttrain.algorithms.ppo import PPOConfig, train_ppo
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_ppo(PPOConfig(**fields)).run_dir
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_ppo_two_processes_full_finetuning_separate_critic_matches_one(peaked_dir, prompts, tmp_path):
+    # accelerate launch, data-parallel; full fine-tuning: a separate critic model and a frozen
+    # reference copy, every weight trained (lr 1e-4: see ppo_fields)
+    fields = {**ppo_fields(peaked_dir, prompts, tmp_path, "two"), "lora": False, "value_model": "separate",
+              "lr": 1e-4, "value_lr": 1e-4, "eval_fraction": 0.0, "checkpoint_every": 0}
+    launch("accelerate", {"method": "ppo", "config": fields}, tmp_path)
+    two = tmp_path / "two"
+    one = train_ppo_here({**fields, "name": "one"})
+    assert_ranks_identical(two)  # the policy and, as value.weights.* / value.head.*, the critic
+    assert any(k.startswith("value.weights.") for k in torch.load(two / "weights-rank0.pt"))
+    files = ("model.safetensors", "value/model.safetensors", "value/value_head.safetensors")
+    from safetensors.torch import load_file
+
+    for f in files:
+        assert_same_weights(load_file(one / "final" / f), load_file(two / "final" / f))
+    h2 = history(two)
+    assert_same_losses(history(one), h2, PPO_LOSSES)
+    assert h2[-1]["kl"] > 0 and h2[-1]["value_grad_norm"] > 0
+
+
+def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
+    # then resumed from a copy of its step-1 checkpoint, by the same processes (dist_worker)
+    fields = {**ppo_fields(peaked_dir, prompts, tmp_path, "fsdp"), "fsdp": True}
+    launch("torchrun", {"method": "ppo", "config": fields, "resume_copy": 1}, tmp_path)
+    two = tmp_path / "fsdp"
+    final = ppo_weights(two)
+    # both adapters' LoRA weights are sharded: 2 layers x 7 projections x (lora_A, lora_B) x 2 adapters
+    critic = lambda n: "value." + n.replace(".value.", ".") if ".value." in n else n.replace(".default.", ".")
+    assert assert_layers_sharded(two, final, critic) == 56
+    one = train_ppo_here({**fields, "name": "one", "fsdp": False})
+    assert_same_weights(ppo_weights(one), final)
+    h1, h2 = history(one), history(two)
+    assert len(h2) == 2
+    assert_same_losses(h1, h2, PPO_LOSSES)
+    assert h2[-1]["kl"] > 0 and h2[-1]["value_grad_norm"] > 0
+    assert_same_evals(evals_of(one), evals_of(two), ("accuracy", "n"))
+    # the critic's adapter tensors are in each rank's optimizer file as that rank's shards
+    ckpt = two / "checkpoints" / "step-1"
+    states = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    w0, w1 = (s["value"]["weights"] for s in states)
+    name = next(n for n in w0 if "lora_A" in n)
+    assert w0[name].shape[0] + w1[name].shape[0] == final[f"value.{name}".replace(".value.", ".")].shape[0]
+    # resumed from the step-1 checkpoint: step 2 again, exactly
+    again = tmp_path / "fsdp-resumed"
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert history(again) == h2
+    assert_same_weights(final, ppo_weights(again), atol=0)
+
+
+def test_fsdp_is_asked_for_by_the_flag_or_accelerate_and_needs_several_processes(monkeypatch):
+    from posttrain import distributed
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setattr(distributed, "active", lambda: True)
-    with pytest.raises(NotImplementedError, match="PPO"):
-        common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
+    assert distributed.use_fsdp(True) and not distributed.use_fsdp(False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(NotImplementedError, match="reward-model"):
-        common.refuse_fsdp(common.TrainConfig(), "reward-model")
+    assert distributed.use_fsdp(False)
     monkeypatch.setattr(distributed, "active", lambda: False)  # one process: nothing to shard
-    common.refuse_fsdp(common.TrainConfig(fsdp=True), "PPO")
-    assert not distributed.use_fsdp(True)
+    assert distributed.fsdp_requested(False) and not distributed.use_fsdp(True)
 
 
 # ------------------------------------------------------------------------------------------- parts

@@ -6,7 +6,8 @@ copy-paste between algorithm loops).
 
 Under several processes (``posttrain.distributed``) the run directory, metrics, samples, evals,
 reports and ``final/`` are written by rank 0 only; every rank loads the same checkpoint and its
-own RNG state; ``grad_step`` sums the ranks' gradients before clipping, and evaluation is split
+own RNG state; the trainers run their losses through DDP (``distributed.DataParallel``), or under
+FSDP ``grad_step`` sums the replicated tensors' gradients before clipping; evaluation is split
 across the ranks and gathered.
 """
 
@@ -112,8 +113,8 @@ class TrainConfig:
     """Run directory to continue from its newest checkpoint (set by --resume)."""
     fsdp: bool = False
     """Under several processes, shard the decoder layers over them with torch's FSDP2 (also turned
-    on by an FSDP accelerate config, ACCELERATE_USE_FSDP). GRPO-family and DPO only; ignored by a
-    single process (see README: Scaling out)."""
+    on by an FSDP accelerate config, ACCELERATE_USE_FSDP). Every trainer; ignored by a single
+    process (see README: Scaling out)."""
 
     @property
     def method(self) -> str:
@@ -153,23 +154,16 @@ def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
 
 
 def shard(config: TrainConfig, *models) -> bool:
-    """Shard the decoder layers of ``models`` (the trainable policy, a frozen full-fine-tuning
-    reference) with FSDP when the run asks for it under several processes; returns whether it did.
-    Call it before building the optimizer (sharding replaces the parameters)."""
+    """Shard the decoder layers of ``models`` (the trainable policy or reward model, a frozen
+    full-fine-tuning reference, PPO's separate critic) with FSDP when the run asks for it under
+    several processes; returns whether it did. Call it before building the optimizer (sharding
+    replaces the parameters: look up any list of them again)."""
     if not distributed.use_fsdp(config.fsdp):
         return False
     for m in models:
         if m is not None:
             distributed.shard_layers(m)
     return True
-
-
-def refuse_fsdp(config: TrainConfig, method: str) -> None:
-    """Raise when FSDP is asked for under several processes by a trainer that does not shard."""
-    if distributed.use_fsdp(config.fsdp):
-        raise NotImplementedError(
-            f"FSDP sharding is not supported by the {method} trainer yet (GRPO-family and DPO are): run it "
-            "data-parallel without --fsdp / an FSDP accelerate config (README: Scaling out)")
 
 
 def frozen_copy(model):
@@ -186,11 +180,14 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     on CPU it steps the 135M-parameter model in 0.05 s against 0.4 s (foreach) and seconds
     (the per-tensor loop torch uses on CPU by default)."""
     params = [dict(g, params=list(g["params"])) for g in params] if isinstance(params[0], dict) else list(params)
-    if not isinstance(params[0], dict) and len({distributed.is_dtensor(p) for p in params}) > 1:
-        # FSDP with replicated weights next to sharded ones (full fine-tuning: embeddings, norm):
-        # one group each, as torch's fused/foreach kernels take no mix of DTensors and tensors
-        params = [{"params": [p for p in params if not distributed.is_dtensor(p)]},
-                  {"params": [p for p in params if distributed.is_dtensor(p)]}]
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    if any(len({distributed.is_dtensor(p) for p in g["params"]}) > 1 for g in groups):
+        # FSDP with replicated weights next to sharded ones (full fine-tuning: embeddings, norm; a
+        # value head beside LoRA weights): each group split in two, as torch's fused/foreach
+        # kernels take no mix of DTensors and tensors
+        params = [dict(g, params=part) for g in groups
+                  for part in ([p for p in g["params"] if not distributed.is_dtensor(p)],
+                               [p for p in g["params"] if distributed.is_dtensor(p)]) if part]
     tensors = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
     fused = all(p.is_floating_point() for p in tensors) and {p.device.type for p in tensors} <= {"cpu", "cuda"}
     kwargs = {"fused": True} if fused else {"foreach": True}
@@ -497,7 +494,8 @@ class Phase:
 def grad_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
     """Clip, check and take the optimizer step. A non-finite gradient skips the step (gradients
     dropped, nothing trained on it) and returns (norm, False). Under several processes the
-    gradients are first summed over them (each rank's loss was scaled by its share of the batch)."""
+    gradients not reduced in backward (by DDP or FSDP: the replicated ones under FSDP) are first
+    summed over them (each rank's loss was scaled by its share of the batch)."""
     distributed.sum_gradients(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if any(distributed.is_dtensor(p) for p in params):  # FSDP: sharded and replicated gradients

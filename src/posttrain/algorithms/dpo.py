@@ -32,7 +32,9 @@ Choices and departures from the paper and from TRL:
   gradients equal one process's.
 - FSDP (``--fsdp`` or an FSDP accelerate config, several processes): the decoder layers are
   sharded (``distributed.shard_layers``); the reference log-probs and the held-out evaluation run
-  with the weights gathered (each rank scores its own share of the pairs).
+  with the weights gathered (each rank scores its own share of the pairs). Activation
+  checkpointing composes with it: it is switched on before sharding, so a layer's recomputation
+  in backward runs inside FSDP's hooks, with the weights the backward gathers.
 """
 
 from __future__ import annotations
@@ -201,11 +203,11 @@ def _micro(batch: list, size: int) -> list[list]:
 
 
 def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
-               total: int | None = None) -> tuple[dict, int, bool]:
+               total: int | None = None, dp: distributed.DataParallel | None = None) -> tuple[dict, int, bool]:
     """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
     ``total`` pairs of the step (default: this batch; under several processes, the global batch),
     so the gradient (summed over processes) equals one batch's. Returns (metrics weighted the same
-    way, tokens fed, all losses finite)."""
+    way, tokens fed, all losses finite). ``dp``: the policy under DDP (data-parallel runs)."""
     policy.train()
     sums: dict[str, float] = {}
     tokens = 0
@@ -214,13 +216,14 @@ def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, sh
     micro = _micro(batch, config.micro_batch_size)
     for k, mb in enumerate(micro):
         w = len(mb) / (total or len(batch))
-        loss, metrics, n = batch_loss(policy, mb, ref, config, pad_id, share)
+        last = k == len(micro) - 1
+        loss, metrics, n = distributed.run(dp, batch_loss, policy, mb, ref, config, pad_id, share, sync=last)
         tokens += n
         if not torch.isfinite(loss):
-            if not sharded:
+            if not sharded and dp is None:
                 return sums, tokens, False
-            finite = False  # FSDP: every rank runs every forward and backward (they communicate)
-        distributed.grad_sync(policy, k == len(micro) - 1)  # FSDP: reduce once, in the last backward
+            finite = False  # FSDP, DDP: every rank runs every forward and backward (they communicate)
+        distributed.grad_sync(policy, last)  # FSDP: reduce once, in the last backward (DDP: sync=last)
         (loss * w).backward()
         if finite:
             for key, v in {"loss": float(loss.detach()), **metrics}.items():
@@ -316,9 +319,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
     policy, tok = common.load_policy(config)
-    if config.activation_checkpointing > 0:
-        if distributed.use_fsdp(config.fsdp):
-            raise NotImplementedError("activation_checkpointing together with FSDP is not supported yet: drop one")
+    if config.activation_checkpointing > 0:  # before sharding: FSDP's hooks then run inside the recomputation
         enable_activation_checkpointing(policy, config.activation_checkpointing)
     common.shard(config, policy)  # FSDP: decoder layers sharded (the reference is computed before step 1)
     from rich.console import Console
@@ -337,6 +338,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     scheduler = common.build_scheduler(optimizer, config)
     stream = common.PromptStream(train, config.seed)
     start, _ = run.restore(policy, optimizer, scheduler, stream)
+    dp = distributed.data_parallel(policy)  # data-parallel runs: DDP reduces the gradients
     pad = tok.pad_token_id
 
     def evaluate(step: int):
@@ -359,7 +361,8 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
         with common.Phase(timer, "update"):
             with run.stop_safely(step, policy, optimizer, scheduler, stream):  # Ctrl-C: checkpoint, re-raise
                 batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
-                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size)
+                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size,
+                                                  dp=dp)
             smetrics = step_optimizer(policy, optimizer, scheduler, config, distributed.all_true(finite))
         metrics = {**distributed.reduce_metrics({**sums, "tokens": tokens}, sum_keys=[*sums, "tokens"]), **smetrics,
                    "epoch": stream.epoch + stream.pos / len(train), **timer.metrics()}

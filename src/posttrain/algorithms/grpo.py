@@ -153,9 +153,10 @@ class _Reference:
             return rollout_logprobs(self.policy, batch.rollouts, temperature, with_entropy=True, rows=rows)[0]
 
 
-def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch, reference: _Reference) -> dict:
+def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch, reference: _Reference,
+           dp: distributed.DataParallel | None = None) -> dict:
     """One generated batch -> num_iterations optimizer steps. Returns the step's metrics (over
-    every process's part of the batch)."""
+    every process's part of the batch). ``dp``: the policy under DDP (data-parallel runs)."""
     r = batch.rollouts
     mask_BC = r.completion_mask_BC * batch.valid_B[:, None].to(r.completion_mask_BC.dtype)
     whole = distributed.all_sum(losses.reduction_counts(mask_BC))  # the global batch's normalisers
@@ -182,33 +183,41 @@ def update(policy, optimizer, scheduler, config: GRPOConfig, batch: ScoredBatch,
     grad_norms, nonfinite = [], 0
     policy.train()
     sharded = distributed.is_sharded(policy)
+
+    def micro_loss(mb: torch.Tensor, b: torch.Tensor):
+        """(loss, stats) of one micro-batch (run through DDP's forward in data-parallel runs)."""
+        logp, ent = rollout_logprobs(policy, r, T, with_entropy=True, rows=mb)
+        m = mask_BC[b]
+        old = logp.detach() if old_BC is None else old_BC[b]
+        a = adv[b]
+        loss, pm = losses.policy_loss(logp, old, a, m, config.clip_low, config.clip_high, config.reduce,
+                                      max_len=config.max_new_tokens)
+        stats = {"pg_loss": float(loss.detach()), "clip_frac": float(pm["clip_frac"]), "entropy": float(losses.masked_mean(ent.detach(), m))}
+        if reference.enabled:
+            kl_BC = losses.kl_estimate(logp, ref_BC[b], "k3")
+            kl = losses.reduce(kl_BC, m, config.reduce, config.max_new_tokens)
+            stats["kl"] = float(losses.masked_mean(kl_BC.detach(), m))
+            if kl_in_loss:
+                loss = loss + config.beta * kl
+        if config.entropy_coef:
+            loss = loss - config.entropy_coef * losses.reduce(ent, m, config.reduce, config.max_new_tokens)
+        stats["loss"] = float(loss.detach())
+        return loss, stats
+
     for it in range(config.num_iterations):
         step_ok = True
         for j, (mb, b) in enumerate(zip(mbs, rows_of)):
-            logp, ent = rollout_logprobs(policy, r, T, with_entropy=True, rows=mb)
+            last_mb = j == len(mbs) - 1
+            loss, stats = distributed.run(dp, micro_loss, mb, b, sync=last_mb)
             m = mask_BC[b]
-            old = logp.detach() if old_BC is None else old_BC[b]
-            a = adv[b]
-            loss, pm = losses.policy_loss(logp, old, a, m, config.clip_low, config.clip_high, config.reduce,
-                                          max_len=config.max_new_tokens)
             w = losses.reduction_share(config.reduce, m, whole)
-            stats = {"pg_loss": float(loss.detach()), "clip_frac": float(pm["clip_frac"]), "entropy": float(losses.masked_mean(ent.detach(), m))}
-            if reference.enabled:
-                kl_BC = losses.kl_estimate(logp, ref_BC[b], "k3")
-                kl = losses.reduce(kl_BC, m, config.reduce, config.max_new_tokens)
-                stats["kl"] = float(losses.masked_mean(kl_BC.detach(), m))
-                if kl_in_loss:
-                    loss = loss + config.beta * kl
-            if config.entropy_coef:
-                loss = loss - config.entropy_coef * losses.reduce(ent, m, config.reduce, config.max_new_tokens)
-            stats["loss"] = float(loss.detach())
             if not torch.isfinite(loss):
                 step_ok = False
-                if not sharded:
+                if not sharded and dp is None:
                     continue
-            # FSDP: every rank runs every backward (they communicate); a non-finite one is dropped
-            # with the step below. Gradients are reduced once, in the last micro-batch's backward.
-            distributed.grad_sync(policy, j == len(mbs) - 1)
+            # FSDP and DDP: every rank runs every backward (they communicate); a non-finite one is
+            # dropped with the step below. Gradients are reduced once, in the last micro-batch's backward.
+            distributed.grad_sync(policy, last_mb)
             (loss * w).backward()
             if not step_ok:
                 continue
@@ -267,6 +276,7 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
     sampler_gen = torch.Generator().manual_seed(config.seed)
     run.generators["sampling"] = sampler_gen
     start, _ = run.restore(policy, optimizer, scheduler, stream)
+    dp = distributed.data_parallel(policy)  # data-parallel runs: DDP reduces the gradients
     rollout = rollout_model(policy, config.rollout_dtype)
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens, config.min_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
@@ -290,7 +300,7 @@ def train_grpo(config: GRPOConfig) -> common.RunResult:
         for k in ("time/gen", "time/score"):
             timer.add(k[5:], cmetrics.pop(k))
         with common.Phase(timer, "update"):
-            umetrics = update(policy, optimizer, scheduler, config, batch, reference)
+            umetrics = update(policy, optimizer, scheduler, config, batch, reference, dp)
         metrics = {**step_metrics(batch, reward_fn, cmetrics), **umetrics, **timer.metrics()}
         metrics["tokens_per_s"] = tokens_of(batch) / max(1e-9, metrics["time/step"])
         run.log(step, metrics, _samples(batch, config.samples_per_step))

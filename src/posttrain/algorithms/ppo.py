@@ -39,6 +39,18 @@ Choices and departures:
   whitening and the adaptive KL's sequence KL are taken over every process's completions. The
   critic (its adapter and head, or the separate model) is trained and kept in step like the
   policy; the reference (adapters disabled, or a frozen copy) is never trained nor synchronised.
+- FSDP (``--fsdp`` or an FSDP accelerate config, several processes; ``distributed.shard_layers``):
+  the policy's decoder layers are sharded, with both LoRA adapters inside them (the policy's and
+  the critic's ``value_model=adapter``); a separate critic's layers are sharded the same way; the
+  reference is the sharded policy with its adapters disabled (LoRA) or a frozen copy sharded like
+  it (full fine-tuning). Embeddings, final norms and the value head stay replicated, their
+  gradients summed. Every rank runs the same passes (one per minibatch of its prompts, the same
+  number everywhere); sampling and evaluation gather the weights. A checkpoint holds the policy's
+  full weights (rank 0) and, per rank, the optimizer state and the critic's weights as local
+  shards (``TrainState``); ``final/value`` holds the critic's full weights. A reward model used as
+  the reward (``reward_model(...)``) is frozen and replicated, not sharded: each rank scores its
+  own completions in batches of its own number, and a frozen model has no gradients or optimizer
+  state, FSDP's main saving; sharding it would gather its full weights for every scoring anyway.
 """
 
 from __future__ import annotations
@@ -183,9 +195,10 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
 
 
 def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, batch: ScoredBatch, ro: dict,
-           generator: torch.Generator, param_sets) -> dict:
+           generator: torch.Generator, param_sets, dp: distributed.DataParallel | None = None) -> dict:
     """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
-    one optimizer step each. Returns the update's metrics (means over all minibatch steps)."""
+    one optimizer step each. Returns the update's metrics (means over all minibatch steps).
+    ``dp``: policy and critic under DDP (data-parallel runs)."""
     r = batch.rollouts
     P, G = r.num_prompts, r.group_size
     size = -(-P // config.minibatches)
@@ -194,27 +207,33 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
     n_steps, nonfinite = 0, 0
     policy.train()
     critic.train()
+
+    def minibatch_loss(mb: torch.Tensor, b: torch.Tensor):
+        """The minibatch's weighted loss and its parts (through DDP's forward in data-parallel runs)."""
+        m = mask_BC[b]
+        logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
+        pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
+                                    config.reduce, max_len=config.max_new_tokens)
+        ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
+        v = critic.values(r, rows=mb)
+        vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
+        whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
+        w_pg = losses.reduction_share(config.reduce, m, whole)
+        w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
+        return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
+
     for _ in range(config.ppo_epochs):
         order = torch.randperm(P, generator=generator)
         for i in range(0, P, size):
             mb = order[i:i + size]
-            b = _index(mb, G)
-            m = mask_BC[b]
-            logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
-            pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
-                                        config.reduce, max_len=config.max_new_tokens)
-            ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
-            v = critic.values(r, rows=mb)
-            vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
-            whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
-            w_pg = losses.reduction_share(config.reduce, m, whole)
-            w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
-            loss = w_pg * (pg + ent_loss) + w_v * config.value_coef * vl
-            if not distributed.all_true(bool(torch.isfinite(loss))):
+            loss, pg, vl, pm, em, vm = distributed.run(dp, minibatch_loss, mb, _index(mb, G))
+            finite = distributed.all_true(bool(torch.isfinite(loss)))
+            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
+                loss.backward()
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 continue
-            loss.backward()
             norm_p, norm_v, ok = grad_step(*param_sets, optimizer, config.max_grad_norm)
             nonfinite += 0 if ok else 1
             stats = {"loss": loss.detach(), "pg_loss": pg.detach(), "value_loss": vl.detach(),
@@ -239,7 +258,6 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     if config.ppo_epochs < 1 or config.minibatches < 1:
         raise ValueError("ppo_epochs and minibatches must be >= 1")
     common.start(config)
-    common.refuse_fsdp(config, "PPO")
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
     per_process = config.prompts_per_step // distributed.world_size()
     if config.minibatches > per_process:
@@ -256,8 +274,13 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     use_ref = config.kl_coef > 0 or config.kl_target is not None
     reference = Reference(policy, config) if use_ref else None
     critic = make_value_model(config, policy, config.seed)
-    rollout = rollout_model(policy, config.rollout_dtype)
     distributed.sync_params(critic.parameters())  # the critic starts identical on every process too
+    # FSDP: the policy's layers (with the value adapter's LoRA weights), a separate critic's and a
+    # frozen reference copy's; before the optimizer (sharding replaces the parameters)
+    if common.shard(config, policy, reference.copy if reference else None,
+                    critic.model if critic.adapter is None else None):
+        critic.refresh()
+    rollout = rollout_model(policy, config.rollout_dtype)
     lr = common.resolve_lr(config, FULL_FT_LR)
     param_sets = (policy_params(policy), critic.parameters())
     optimizer = build_optimizer(*param_sets, config, lr, config.value_lr or lr * VALUE_LR_MULTIPLIER)
@@ -268,6 +291,8 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     run.generators["minibatch"] = mb_gen = torch.Generator().manual_seed(config.seed + 1)
     kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
     start, extra = run.restore(policy, state, scheduler, stream)
+    dp = distributed.data_parallel(policy, critic.head, critic.model if critic.adapter is None else None,
+                                   read=[policy, critic.head, critic.trunk])  # data-parallel runs: DDP
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
     sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens)
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
@@ -291,7 +316,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
             timer.add(k[5:], cmetrics.pop(k))
         with common.Phase(timer, "update"):
             ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
-            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets)
+            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets, dp)
         if "kl/seq" in ro["stats"]:
             kl_ctl.update(ro["stats"]["kl/seq"], int(distributed.all_sum(batch.valid_B.sum())))
         metrics = {**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics, **timer.metrics()}
@@ -302,6 +327,7 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
         if step == last:
             break
     run.final_eval(last, evaluate)
+    full = distributed.full_state_dict(critic.model) if distributed.is_sharded(critic.model) else None  # every rank
     if distributed.is_main():
-        critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"})
+        critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"}, state_dict=full)
     return run.finish(policy, tok, metrics)

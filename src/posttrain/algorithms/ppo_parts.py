@@ -127,7 +127,8 @@ def grad_step(policy_ps, value_ps, optimizer, max_grad_norm: float) -> tuple[flo
     loss's gradient is often much larger early on and would shrink the policy's update under one
     global clip), then step. A non-finite norm drops the gradients and skips the step. The
     learning-rate schedule is advanced by the caller, once per PPO step. Under several processes
-    both sets' gradients are first summed over them."""
+    both sets' gradients are summed over them (by DDP in backward, or here: the replicated ones
+    under FSDP)."""
     distributed.sum_gradients([*policy_ps, *value_ps])
     norm_p = clip_and_norm(policy_ps, max_grad_norm)
     norm_v = clip_and_norm(value_ps, max_grad_norm)

@@ -24,6 +24,12 @@ Choices and departures:
 - Under several processes each scores 1/N of a step's pairs with its loss weighted by that share
   (the summed gradients equal one process's); evaluation pairs are split and the scores gathered.
   The head starts identical everywhere (seeded) and is trained like the adapter.
+- FSDP (``--fsdp`` or an FSDP accelerate config, several processes): the trunk's decoder layers
+  (with their LoRA weights) are sharded (``common.shard``), the head, embeddings and final norm
+  stay replicated, their gradients summed over the processes. Every rank runs one forward and
+  backward per step; evaluation (uneven parts) runs with the layers gathered. A checkpoint holds
+  the full trunk weights (rank 0) and each rank's optimizer state (``optimizer-rank<R>.pt``, with
+  the head); ``final/`` holds the full weights and the head.
 
 Output: ``final/`` holds the trunk in HF format (a PEFT adapter, or the full model), the tokenizer,
 ``value_head.safetensors`` and ``value_head.json``. ``load_reward_model(path).score(prompts,
@@ -120,9 +126,10 @@ def evaluate_pairs(trunk, head: ValueHead, examples: Sequence, rows: Sequence[di
     head.eval()
     rc, rr = [torch.zeros(0)], [torch.zeros(0)]
     mine = examples[distributed.shard(len(examples))]  # each process scores a part
-    for i in range(0, len(mine), config.eval_batch_size):
-        c, r = pair_scores(trunk, head, mine[i:i + config.eval_batch_size], pad_id)
-        rc.append(c.float().cpu()), rr.append(r.float().cpu())
+    with distributed.gathered(trunk):  # FSDP: the parts may need different numbers of batches
+        for i in range(0, len(mine), config.eval_batch_size):
+            c, r = pair_scores(trunk, head, mine[i:i + config.eval_batch_size], pad_id)
+            rc.append(c.float().cpu()), rr.append(r.float().cpu())
     rc_B, rr_B = distributed.gather_cat(torch.cat(rc)), distributed.gather_cat(torch.cat(rr))
     loss, m = bradley_terry_loss(rc_B, rr_B, _margins(rows, examples, config.margin_column), config.center_coef)
     both = torch.cat([rc_B, rr_B])
@@ -150,7 +157,6 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     from posttrain.algorithms.dpo_data import encode_pairs
 
     common.start(config)
-    common.refuse_fsdp(config, "reward-model")
     distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
     run = common.Run(config, "rm", total_steps=config.max_steps)
@@ -162,12 +168,14 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     run.tracker.console.print(f"pairs: {stats.summary()}; held out: {len(eval_examples)}", highlight=False)
     head = ValueHead(hidden_size(model), seed=config.seed).to(next(model.parameters()).device)
     trunk = trunk_of(model)
+    common.shard(config, model)  # FSDP: the trunk's decoder layers; the head stays replicated
     both = nn.ModuleList([model, head])  # one optimizer, one gradient clip over adapter + head
     optimizer = common.build_optimizer(both, config, common.resolve_lr(config, FULL_FT_LR))
     scheduler = common.build_scheduler(optimizer, config)
     state = TrainState(optimizer, head=head)
     stream = common.PromptStream(examples, config.seed)
     start, _ = run.restore(model, state, scheduler, stream)
+    dp = distributed.data_parallel(model, head, read=[trunk, head])  # data-parallel runs: DDP reduces the gradients
     pad_id = tok.pad_token_id
 
     def evaluate(step: int):
@@ -184,10 +192,15 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
         share = len(batch) / config.batch_size  # of the global batch: the processes' gradients add up to its
         model.train(), head.train()
         with common.Phase(timer, "update"):
-            rc, rr = pair_scores(trunk, head, batch, pad_id)
-            loss, m = bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
-            if distributed.all_true(bool(torch.isfinite(loss))):
+            def batch_loss():
+                rc, rr = pair_scores(trunk, head, batch, pad_id)
+                return bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
+
+            loss, m = distributed.run(dp, batch_loss)
+            finite = distributed.all_true(bool(torch.isfinite(loss)))
+            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
                 (loss * share).backward()
+            if finite:
                 norm, ok = common.grad_step(both, optimizer, scheduler, config.max_grad_norm)
             else:
                 optimizer.zero_grad(set_to_none=True)
