@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -39,13 +38,23 @@ def test_cached_copy_is_float32_safetensors_without_quantization(embedded):
     assert not list(cache.parent.glob(".*tmp*")), "a temporary conversion dir was left behind"
 
 
-def test_second_load_from_cache_is_fast(embedded):
-    # timed from after `import torch` (2 s of interpreter start-up on this machine, not model loading)
-    code = "from posttrain.models import load_model; import time; t=time.time(); load_model(); print(time.time()-t)"
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    load_seconds = float(out.stdout.strip().splitlines()[-1])
-    assert load_seconds < 5.0, f"load took {load_seconds:.1f}s (process {time.time() - t0:.1f}s)"
+def test_second_load_reads_the_cache_without_converting(embedded):
+    """A later process loads the cached safetensors copy: the GGUF conversion is never run again and
+    the cached files are not rewritten. (Load speed is a benchmark matter, not a timed test.)"""
+    cache = models.embedded_cache_dir()
+    stamp = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    code = (
+        "import posttrain.models as m\n"
+        "def refuse(*a, **k): raise SystemExit('GGUF conversion ran on a cached model')\n"
+        "m._load_gguf = refuse\n"
+        "model, tok = m.load_model()\n"
+        "print(type(model).__name__, sum(p.numel() for p in model.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, n = out.stdout.split()[-2:]
+    assert name == "LlamaForCausalLM" and abs(int(n) - 134.5e6) < 0.1e6, out.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamp
 
 
 def test_embedded_model_is_trainable(embedded):
