@@ -1,12 +1,18 @@
 """Our GRPO step vs TRL's GRPOTrainer step: same model, prompts, group size, completion length
 (forced equal with min_new_tokens = max_new_tokens), beta, and LoRA/full setting.
 
-Time: both run in this one process, alternating step by step (a TRL step, then one of ours, via a
-TRL callback), so machine noise hits both alike; the median over the measured steps after warm-up
-is reported, with per-phase times. Peak memory: each framework runs warm-up + 3 steps in its own
-child process, which reports its peak RSS growth over the RSS once the trainer is built (the peak
-counter VmHWM reset there; glibc told to return freed blocks at once, so RSS follows live memory),
-or the CUDA peak (GPU). TRL is a benchmark-only dependency (`pip install -e .[bench]`).
+Time: each framework runs in its own worker process, as its users run it (ours sets up the process
+as `train_grpo` does, `common.start`: on CPU that keeps freed memory for reuse, see
+`posttrain.cpu_allocator`; TRL's keeps glibc's defaults), and the two alternate step by step (a
+TRL step, then one of ours, the other process waiting), so machine noise hits both alike. The
+median over the measured steps after warm-up is reported, with per-phase times.
+
+Peak memory: each framework runs warm-up + 3 steps in its own child process, which reports its
+peak RSS growth over the RSS once the trainer is built (the peak counter VmHWM reset there), or
+the CUDA peak (GPU). Two readings on CPU: "live", with glibc told to return freed blocks at once so
+RSS follows live memory (what a GPU's max_memory_allocated reports), and "as run", each process
+with the allocator settings its framework runs with (ours then keeps its peak resident).
+TRL is a benchmark-only dependency (`pip install -e .[bench]`).
 
 usage: python bench/grpo_vs_trl.py [--modes lora,full] [--steps 5] [--warmup 1] [--prompts 2]
                                    [--group-size 8] [--new-tokens 64] [--beta 0.04]
@@ -59,7 +65,7 @@ class Ours:
         self.cfg = grpo.GRPOConfig(
             data="unused", group_size=args.group_size, prompts_per_step=args.prompts, max_new_tokens=args.new_tokens,
             min_new_tokens=args.new_tokens, beta=args.beta, lora=lora, lora_rank=16, lr=1e-5, temperature=1.0)
-        common.seed_everything(0)
+        common.start(self.cfg)  # as train_grpo: seeds, and on CPU keeps freed memory for reuse
         self.policy, self.tok = common.load_policy(self.cfg)
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
@@ -125,27 +131,77 @@ def build_trl(args, lora: bool, max_steps: int, callbacks=()):
     return trainer, phases
 
 
-def interleaved(args, lora: bool) -> dict:
+MARK = "@@bench "  # prefix of the workers' protocol lines (TRL prints its logs to stdout too)
+
+
+def _send(obj) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def worker(framework: str, lora: bool, args) -> None:
+    """One framework in its own process: 'ready', then a step per line read from stdin."""
+    total = args.warmup + args.steps
+    if framework == "ours":
+        ours = Ours(args, lora)
+        _send("ready")
+        for _ in range(total):
+            sys.stdin.readline()
+            _send(ours.step())
+        return
     from transformers import TrainerCallback
 
-    ours = Ours(args, lora)
-    total = args.warmup + args.steps
-    trl_times, our_times = [], []
-
-    class Alternate(TrainerCallback):
+    class Gate(TrainerCallback):  # each TRL step waits for the parent's go
         def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-            self.p0 = dict(phases)
+            sys.stdin.readline()
+            self.t0, self.p0 = time.perf_counter(), dict(phases)
 
         def on_step_end(self, a, state, control, **kw):
             dt = time.perf_counter() - self.t0
             gen = phases["gen"] - self.p0["gen"]
             gs = phases["gen_and_score"] - self.p0["gen_and_score"]
-            trl_times.append({"step": dt, "gen": gen, "logprob_passes": gs - gen, "update": dt - gs})
-            our_times.append(ours.step())
+            _send({"step": dt, "gen": gen, "logprob_passes": gs - gen, "update": dt - gs})
 
-    trainer, phases = build_trl(args, lora, total, callbacks=[Alternate()])
+    trainer, phases = build_trl(args, lora, total, callbacks=[Gate()])
+    _send("ready")
     trainer.train()
+
+
+class Worker:
+    def __init__(self, framework: str, mode: str, args):
+        cmd = [sys.executable, __file__, "--worker", framework, *_shape_args(mode, args)]
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        self.name = framework
+        self.read()  # "ready"
+
+    def read(self):
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.log.seek(0)
+        raise RuntimeError(f"{self.name} worker ended early:\n{self.log.read()[-3000:]}")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=600)
+
+
+def interleaved(args, lora: bool) -> dict:
+    mode = "lora" if lora else "full"
+    trl = Worker("trl", mode, args)
+    ours = Worker("ours", mode, args)
+    trl_times, our_times = [], []
+    for _ in range(args.warmup + args.steps):
+        trl_times.append(trl.step())
+        our_times.append(ours.step())
+    trl.close()
+    ours.close()
     trl_m, our_m = trl_times[args.warmup:], our_times[args.warmup:]
     med = lambda rows, k: statistics.median(r[k] for r in rows)
     return {
@@ -156,11 +212,17 @@ def interleaved(args, lora: bool) -> dict:
     }
 
 
-def child_memory(framework: str, mode: str, args) -> float:
-    cmd = [sys.executable, __file__, "--child", framework, "--modes", mode, "--prompts", str(args.prompts),
-           "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--beta", str(args.beta)]
-    # glibc returns freed blocks >= 128 KiB at once, so RSS follows live memory (as in bench/dpo_vs_trl.py)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
+def _shape_args(mode: str, args) -> list[str]:
+    return ["--modes", mode, "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+            "--new-tokens", str(args.new_tokens), "--beta", str(args.beta), "--steps", str(args.steps),
+            "--warmup", str(args.warmup)]
+
+
+def child_memory(framework: str, mode: str, args, live: bool) -> float:
+    cmd = [sys.executable, __file__, "--child", framework, *_shape_args(mode, args)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if live:  # glibc returns freed blocks >= 128 KiB at once, so RSS follows live memory (as in bench/dpo_vs_trl.py)
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -194,11 +256,15 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--child", choices=["ours", "trl"])
+    p.add_argument("--worker", choices=["ours", "trl"])
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.child:
         run_child(args.child, args.modes == "lora", args)
+        return
+    if args.worker:
+        worker(args.worker, args.modes == "lora", args)
         return
     print(f"GRPO step, {args.prompts} prompts x {args.group_size} completions x {args.new_tokens} tokens (forced), "
           f"beta {args.beta}, torch threads {torch.get_num_threads()}")
@@ -209,9 +275,12 @@ def main() -> None:
         print(f"  TRL : step {t['step']:.2f}s  gen {t['gen']:.2f}s  logprob passes {t['logprob_passes']:.2f}s  update {t['update']:.2f}s")
         print(f"  ours: step {o['step']:.2f}s  gen {o['gen']:.2f}s  update (ref pass + fwd/bwd) {o['update']:.2f}s")
         print(f"  step time ratio ours/TRL: {res['ratio']:.2f}  (target <= 0.5)")
-        if not args.no_memory:
-            mo, mt = child_memory("ours", mode, args), child_memory("trl", mode, args)
-            print(f"  peak memory growth: ours {mo:.0f} MB, TRL {mt:.0f} MB, ratio {mo / mt:.2f}  (target <= 0.8)")
+        if args.no_memory:
+            continue
+        readings = ["live", "as run"] if not torch.cuda.is_available() else ["live"]
+        for reading in readings:
+            mo, mt = (child_memory(f, mode, args, reading == "live") for f in ("ours", "trl"))
+            print(f"  peak memory growth ({reading}): ours {mo:.0f} MB, TRL {mt:.0f} MB, ratio {mo / mt:.2f}  (target <= 0.8)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from typing import Sequence
 
 import torch
 
+from posttrain.kv_cache import decode_cache, set_reserve
+from posttrain.skinny_linear import skinny_linears
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -156,9 +159,13 @@ def sample_groups(
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (token id lists), sharing prompt caches.
     Draws come from ``generator`` (one stream for the batch), or from ``prompt_generators[p]`` for
-    prompt p's group (the module docstring)."""
-    from transformers import DynamicCache
+    prompt p's group (the module docstring). The model's linear layers take their few-row form
+    meanwhile (`skinny_linear`)."""
+    with skinny_linears(model):
+        return _sample_groups(model, tokenizer, prompt_ids, group_size, cfg, generator, prompt_generators)
 
+
+def _sample_groups(model, tokenizer, prompt_ids, group_size, cfg, generator, prompt_generators) -> Rollouts:
     t0 = time.time()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -168,7 +175,7 @@ def sample_groups(
     P, G = prompt_PL.shape[0], group_size
     B, C = P * G, cfg.max_new_tokens
 
-    cache = DynamicCache(config=getattr(model, "config", None))
+    cache = decode_cache(getattr(model, "config", None), reserve=C)
     out = model(input_ids=prompt_PL, attention_mask=pmask_PL, position_ids=positions(pmask_PL),
                 cache=cache, use_cache=True, logits_to_keep=1)
     logits_BV = out.logits[:, -1].repeat_interleave(G, dim=0)
@@ -195,6 +202,7 @@ def sample_groups(
         if bool(finished_A.any()):
             keep = (~finished_A).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
+            set_reserve(cache, C - t)
             active, token_A, attn_BL, next_pos_B = active[keep], token_A[keep], attn_BL[keep], next_pos_B[keep]
         attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=-1)
         out = model(input_ids=token_A[:, None], attention_mask=attn_BL, position_ids=next_pos_B[:, None],

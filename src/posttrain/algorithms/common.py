@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from posttrain import checkpoint as ckpt
+from posttrain import cpu_allocator
 from posttrain import config as cfgmod
 from posttrain import distributed
 from posttrain.models import EMBEDDED, add_lora, count_parameters, load_model, resolve_device, rl_lora_rank
@@ -111,6 +112,12 @@ class TrainConfig:
     with AVX512-BF16/AMX), else float32 (no copy). Training and the loss's log-probs stay float32."""
     resume: Optional[str] = None
     """Run directory to continue from its newest checkpoint (set by --resume)."""
+    cpu_memory: Literal["retain", "release"] = "retain"
+    """On CPU (Linux, glibc): 'retain' keeps freed memory in the process for the next step's
+    tensors instead of returning it to the OS and page-faulting it back in (``cpu_allocator``: a
+    full fine-tuning GRPO update of the embedded model took 10-13 s with the defaults, 9.5 s so);
+    resident memory then stays at its peak. 'release' keeps glibc's defaults. Ignored when a
+    MALLOC_* variable or a preloaded allocator (jemalloc, tcmalloc) is set."""
     fsdp: bool = False
     """Under several processes, shard the decoder layers over them with torch's FSDP2 (also turned
     on by an FSDP accelerate config, ACCELERATE_USE_FSDP). Every trainer; ignored by a single
@@ -129,9 +136,12 @@ def resolve_lr(config: TrainConfig, full_ft_lr: float) -> float:
 
 def start(config: TrainConfig) -> None:
     """Join the other processes when launched with several (no-op otherwise), then seed every RNG
-    with ``config.seed``: the same on every rank, so models and adapters start identical."""
+    with ``config.seed``: the same on every rank, so models and adapters start identical. On CPU,
+    freed memory is kept for reuse (``config.cpu_memory``)."""
     distributed.setup(config.device)
     seed_everything(config.seed)
+    if config.cpu_memory == "retain" and resolve_device(config.device).type == "cpu":
+        cpu_allocator.retain_freed_memory()
 
 
 def seed_everything(seed: int) -> None:
