@@ -16,6 +16,8 @@ gradient) in backward: for B=8, T=512, V=49,152 that is 0.8 GB each, more than t
    [chunk_size, V] buffers exist at any time, forward or backward. When the head's weight is frozen
    (LoRA elsewhere, the usual RL setup) the gradient with respect to h is computed in forward
    instead, ``(onehot(y) - softmax(z)) @ W`` per row, so backward does not recompute anything.
+   A trainable head with few scored tokens (all chunks' probabilities within
+   `KEEP_PROBS_MAX_BYTES`, 256 MB) keeps them from forward instead of recomputing its logits.
 
 A head that is not a plain ``nn.Linear`` (a PEFT LoRA layer on ``lm_head``, a ``modules_to_save``
 wrapper, a sharded/ZeRO-3 weight) is called as a module per chunk under activation checkpointing:
@@ -38,6 +40,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 512
+KEEP_PROBS_MAX_BYTES = 256 * 2**20
+"""A trainable plain head keeps its softmax chunks from forward for backward (instead of
+recomputing the logits there, a third of the head's backward work) when they take at most this
+much memory in all: a few hundred scored tokens at a 50k vocabulary. Larger batches recompute."""
 
 # Config fields that put something between head(hidden) and the logits a model returns
 # (checked on the text config; a value equal to the neutral element is fine).
@@ -123,14 +129,16 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute):
-    """Chunked forward: returns logp_N, entropy_N, lse_N, m_N, ezs_N, dh_NH (None when not computed).
+def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False):
+    """Chunked forward: returns logp_N, entropy_N, lse_N, m_N, ezs_N, dh_NH, probs (None when not
+    computed).
 
     With `with_entropy` the logits z are shifted by their row max m first (m_N), and then
     ``lse = logsumexp(z - m)`` (>= 0), ``ezs = sum softmax(z) * (z - m)`` (<= 0) and
     ``entropy = lse - ezs``: two non-negative terms, accurate in float32. Without it, lse is
     ``logsumexp(z)`` and m_N is None.
-    ``dh_NH`` = d logp / d h = (onehot(y) - softmax(z)) @ W, only when `precompute` (frozen head)."""
+    ``dh_NH`` = d logp / d h = (onehot(y) - softmax(z)) @ W, only when `precompute` (frozen head).
+    ``probs``: the list of softmax(z) chunks, only when `keep_probs`."""
     N = h_NH.shape[0]
     dt = _out_dtype(h_NH.dtype)
     logp_N = torch.empty(N, dtype=dt, device=h_NH.device)
@@ -139,6 +147,7 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
     ezs_N = torch.empty_like(logp_N) if with_entropy else None
     m_N = torch.empty_like(logp_N) if with_entropy else None
     dh_NH = torch.empty_like(h_NH) if precompute else None
+    probs = [] if keep_probs else None
     for s, e in _chunks(N, chunk_size):
         z_CV = nn.functional.linear(h_NH[s:e], W_VH, b_V).to(dt)
         if with_entropy:
@@ -148,17 +157,19 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
         lse_C = torch.logsumexp(z_CV, dim=-1)
         logp_N[s:e] = z_CV.gather(1, tok_N[s:e, None]).squeeze(1) - lse_C
         lse_N[s:e] = lse_C
-        if with_entropy or precompute:
+        if with_entropy or precompute or keep_probs:
             p_CV = torch.sub(z_CV, lse_C[:, None]).exp_()
             if with_entropy:  # torch's sum (not a BLAS dot): its cascade summation keeps float32 exact enough
                 ezs_C = z_CV.mul_(p_CV).sum(-1)
                 ezs_N[s:e] = ezs_C
                 ent_N[s:e] = lse_C - ezs_C
             del z_CV
+            if keep_probs:
+                probs.append(p_CV)
             if precompute:  # (onehot - p) @ W, not W[y] - p @ W: that cancels when p_y is near 1
                 d_CV = p_CV.neg_().scatter_add_(1, tok_N[s:e, None], torch.ones_like(p_CV[:, :1]))
                 dh_NH[s:e] = d_CV.to(W_VH.dtype) @ W_VH
-    return logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH
+    return logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH, probs
 
 
 class _ChunkedLinearLogprob(torch.autograd.Function):
@@ -169,14 +180,17 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
       d entropy / dz = -p * (z - Ez) = -p * ((z - m) - ezs)
     Backward recomputes z chunk by chunk, forms dz in place, and accumulates dh = dz @ W,
     dW += dz.T @ h, db += sum dz. With `precompute` (W and b frozen) forward already stored
-    d logp / dh, and backward only recomputes chunks if the entropy's gradient is needed.
+    d logp / dh, and backward only recomputes chunks if the entropy's gradient is needed. With
+    `keep_probs` forward kept p chunk by chunk, and backward forms dz from it for logp's gradient
+    (the entropy's still recomputes; the kept chunks are consumed, a second backward recomputes).
     """
 
     @staticmethod
-    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute):
-        logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH = _linear_forward(
-            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
+    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False):
+        logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH, probs = _linear_forward(
+            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs
         )
+        ctx.probs = probs
         if ent_N is None:
             ent_N = logp_N.new_zeros(0)
             ctx.mark_non_differentiable(ent_N)
@@ -197,7 +211,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             grad_h = g_logp_N[:, None].to(dh_NH.dtype) * dh_NH
             g_logp_N = None  # its part of the gradient is done
         if g_logp_N is None and g_ent_N is None:
-            return grad_h, None, None, None, None, None, None
+            return grad_h, None, None, None, None, None, None, None
         if need_h and grad_h is None:
             grad_h = torch.zeros_like(h_NH)
         if need_W:
@@ -205,8 +219,17 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         if need_b and b_V is not None:
             grad_b = torch.zeros_like(b_V)
         dt = lse_N.dtype
-        for s, e in _chunks(h_NH.shape[0], ctx.chunk_size):
+        probs, ctx.probs = ctx.probs, None
+        if probs is not None and g_ent_N is not None:
+            probs = None  # the entropy's gradient needs z: recompute
+        for i, (s, e) in enumerate(_chunks(h_NH.shape[0], ctx.chunk_size)):
             h_CH = h_NH[s:e]
+            if probs is not None:  # -g_logp * p + g_logp * onehot(y), from the kept p
+                dz_CV = probs[i].mul_(-g_logp_N[s:e, None].to(dt))
+                probs[i] = None
+                dz_CV.scatter_add_(1, tok_N[s:e, None], g_logp_N[s:e, None].to(dt))
+                _accumulate(dz_CV.to(W_VH.dtype), h_CH, W_VH, grad_h, grad_W, grad_b, s, e)
+                continue
             z_CV = nn.functional.linear(h_CH, W_VH, b_V).to(dt)
             if m_N is not None:
                 z_CV.sub_(m_N[s:e, None])  # the same shifted logits as in forward
@@ -223,14 +246,18 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 dz_CV = z_CV.sub_(lse_C1).exp_().mul_(-g_logp_N[s:e, None].to(dt))  # -g_logp * p
             if g_logp_N is not None:  # + g_logp * onehot(y)
                 dz_CV.scatter_add_(1, tok_N[s:e, None], g_logp_N[s:e, None].to(dt))
-            dz_CV = dz_CV.to(W_VH.dtype)
-            if grad_h is not None:
-                grad_h[s:e] += dz_CV @ W_VH
-            if grad_W is not None:
-                grad_W.addmm_(dz_CV.t(), h_CH)
-            if grad_b is not None:
-                grad_b += dz_CV.sum(0)
-        return grad_h, grad_W, grad_b, None, None, None, None
+            _accumulate(dz_CV.to(W_VH.dtype), h_CH, W_VH, grad_h, grad_W, grad_b, s, e)
+        return grad_h, grad_W, grad_b, None, None, None, None, None
+
+
+def _accumulate(dz_CV, h_CH, W_VH, grad_h, grad_W, grad_b, s, e) -> None:
+    """Add one chunk's dz = dL/dz to the gradients of h (rows s:e), W and b."""
+    if grad_h is not None:
+        grad_h[s:e] += dz_CV @ W_VH
+    if grad_W is not None:
+        grad_W.addmm_(dz_CV.t(), h_CH)
+    if grad_b is not None:
+        grad_b += dz_CV.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +326,8 @@ def head_logprobs(
                 logp, ent = _linear_forward(h_NH, W, b, tok_N, chunk_size, with_entropy, False)[:2]
             return logp, ent
         precompute = h_NH.requires_grad and not W.requires_grad and (b is None or not b.requires_grad)
-        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute)
+        keep = not precompute and h_NH.shape[0] * W.shape[0] * _out_dtype(h_NH.dtype).itemsize <= KEEP_PROBS_MAX_BYTES
+        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute, keep)
         return logp, (ent if with_entropy else None)
     # a module may use tensors that are not its parameters: checkpoint whenever grad mode is on
     return _module_head(head, h_NH, tok_N, chunk_size, with_entropy, torch.is_grad_enabled())

@@ -191,6 +191,71 @@ def test_chunked_linear_gradcheck_trainable_head(with_entropy, chunk):
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_linear_gradcheck_trainable_head_kept_probs(with_entropy, chunk):
+    """Forward keeps softmax(z) for backward: logp's gradient from it; with the entropy's gradient
+    too, backward recomputes (both must be right)."""
+    h, W, b, tok = _linear_case(seed=3)
+
+    def f(h, W, b):
+        logp, ent = _ChunkedLinearLogprob.apply(h, W, b, tok, chunk, with_entropy, False, True)
+        return (logp, ent) if with_entropy else logp
+
+    args = (h.requires_grad_(), W.requires_grad_(), b.requires_grad_())
+    assert torch.autograd.gradcheck(f, args)
+    if with_entropy:
+        assert torch.autograd.gradcheck(lambda *a: f(*a)[0], args)
+
+
+def test_kept_probs_used_once_then_recomputed():
+    """A second backward through the same graph (retain_graph) must not reuse the consumed chunks."""
+    h, W, b, tok = _linear_case(seed=4)
+    h, W, b = h.requires_grad_(), W.requires_grad_(), b.requires_grad_()
+    logp, _ = _ChunkedLinearLogprob.apply(h, W, b, tok, 3, False, False, True)
+    g = torch.linspace(-1, 2, logp.shape[0], dtype=logp.dtype)
+    first = torch.autograd.grad(logp, (h, W, b), g, retain_graph=True)
+    second = torch.autograd.grad(logp, (h, W, b), g)
+    ref_lp, _ = _ChunkedLinearLogprob.apply(h, W, b, tok, 3, False, False, False)
+    ref = torch.autograd.grad(ref_lp, (h, W, b), g)
+    for a, c, r in zip(first, second, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, r, rtol=1e-12, atol=1e-12)
+
+
+def test_head_keeps_probs_only_for_a_trainable_head_within_budget(monkeypatch):
+    """head_logprobs keeps the chunks when they fit KEEP_PROBS_MAX_BYTES, else recomputes: same
+    gradients either way."""
+    h, W, b, tok = _linear_case(seed=5, N=12, V=17)
+    head = nn.Linear(5, 17, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(W)
+        head.bias.copy_(b)
+    kept = []
+    real = _ChunkedLinearLogprob.forward
+
+    def spy(ctx, *args):
+        out = real(ctx, *args)
+        kept.append(ctx.probs is not None)
+        return out
+
+    monkeypatch.setattr(_ChunkedLinearLogprob, "forward", staticmethod(spy))
+    grads = []
+    for budget in (12 * 17 * 8, 12 * 17 * 8 - 1):
+        monkeypatch.setattr(lp_mod, "KEEP_PROBS_MAX_BYTES", budget)
+        x = h.clone().requires_grad_()
+        head.zero_grad()
+        logp, _ = head_logprobs(head, x, tok, chunk_size=5)
+        (logp * torch.arange(12.0, dtype=logp.dtype)).sum().backward()
+        grads.append((x.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+    assert kept == [True, False]
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    head.requires_grad_(False)  # frozen head: d logp/dh precomputed instead, nothing kept
+    head_logprobs(head, h.clone().requires_grad_(), tok, chunk_size=5)[0].sum().backward()
+    assert kept[-1] is False
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
 def test_chunked_linear_gradcheck_frozen_head_precomputed(with_entropy):
     """Frozen head: d logp/dh is formed in forward; the entropy's gradient by recomputation."""
     h, W, b, tok = _linear_case(seed=1)
@@ -279,7 +344,10 @@ def test_gradcheck_small_vocab_head_weight_float64():
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
-def test_full_finetune_matches_naive_float32(tiny, with_entropy, chunk):
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_full_finetune_matches_naive_float32(tiny, with_entropy, chunk, keep_probs, monkeypatch):
+    if not keep_probs:  # the head's backward recomputes its logits
+        monkeypatch.setattr(lp_mod, "KEEP_PROBS_MAX_BYTES", 0)
     ids, am, cm = make_batch(tiny.config.vocab_size)
     assert_same(tiny, ids, am, cm, with_entropy, chunk_size=chunk)
 
