@@ -66,6 +66,7 @@ def decode_cache(config, reserve: int):
 def set_reserve(cache, reserve: int) -> None:
     """Room the reserving layers of `cache` leave for tokens still to come, when they next
     need a new buffer (after a batch select, say)."""
+    cls = _reserving_layer_class()
     for layer in getattr(cache, "layers", None) or []:
-        if isinstance(layer, _reserving_layer_class()):
+        if isinstance(layer, cls):
             layer.reserve = reserve

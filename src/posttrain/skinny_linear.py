@@ -30,18 +30,28 @@ MAX_ROWS = 128
 """Inputs with more rows than this use the plain ``F.linear``: at 256 rows the two are even."""
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = _rows(x)
-    if rows > MAX_ROWS or rows == 0 or x.dtype != torch.float32 or torch.is_grad_enabled():
-        return nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if self.bias is not None:
-        y += self.bias
+def _few_rows(x: torch.Tensor) -> int:
+    """The number of rows of `x` when the few-row form applies to it (float32, no grad, 1 to
+    MAX_ROWS rows), else 0."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > MAX_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return 0
+    return rows
+
+
+def _as_rows(y_OR: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W @ x.T`` ([out, rows]) back to the layout of ``linear(x)``, plus the bias."""
+    y = y_OR.t().contiguous()
+    if bias is not None:
+        y += bias
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // max(x.shape[-1], 1)
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = _few_rows(x)
+    if not rows:
+        return nn.functional.linear(x, self.weight, self.bias)
+    return _as_rows(torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()), x, self.bias)
 
 
 def _is_lora_linear(m: nn.Module) -> bool:
@@ -69,10 +79,8 @@ def _plain_lora(self) -> list | None:
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    rows = _rows(x)
-    adapters = None
-    if not (args or kwargs or rows > MAX_ROWS or rows == 0 or x.dtype != torch.float32 or torch.is_grad_enabled()):
-        adapters = _plain_lora(self)
+    rows = 0 if args or kwargs else _few_rows(x)
+    adapters = _plain_lora(self) if rows else None
     if adapters is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
@@ -80,10 +88,7 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     y = torch.mm(base.weight, xt)
     for A, B, scale in adapters:
         y.addmm_(B, torch.mm(A, xt), alpha=scale)
-    y = y.t().contiguous()
-    if base.bias is not None:
-        y += base.bias
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _as_rows(y, x, base.bias)
 
 
 def _eligible(model: nn.Module) -> bool:
