@@ -19,6 +19,9 @@ import torch
 
 from posttrain.algorithms.dpo import DPOConfig, train_dpo
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import golden  # noqa: E402
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 BIN = Path(sys.executable).parent
 TIMING = ("time/", "tokens_per_s")
@@ -138,6 +141,8 @@ def test_grpo_two_processes_match_one(grpo_two, peaked_dir, prompts, tmp_path):
     assert len((grpo_two / "metrics.jsonl").read_text().splitlines()) == 4
     assert sorted(p.name for p in (grpo_two / "checkpoints" / "step-4").glob("rng*")) == [
         "rng-rank0.pt", "rng-rank1.pt"]
+    golden.check("ddp-grpo-lora", grpo_two)
+    golden.check("ddp-grpo-lora-single", one)
 
 
 def test_grpo_sigkill_then_resume_on_two_processes(grpo_two, peaked_dir, prompts, tmp_path):
@@ -184,6 +189,7 @@ def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
     ref_two = torch.load(two / "reference_logps.pt")
     assert torch.equal(ref_one["index"], ref_two["index"])
     assert torch.allclose(ref_one["logps"], ref_two["logps"], atol=1e-5)
+    golden.check("ddp-dpo-lora", two)
 
 
 # ------------------------------------------------------------------------------------------- FSDP
@@ -246,6 +252,7 @@ def test_grpo_fsdp_lora_shards_matches_one_and_resumes(peaked_dir, prompts, tmp_
     launch("torchrun", {"method": "grpo", "config": {**spec["config"], "resume": str(run_dir)}}, tmp_path)
     assert history(run_dir) == h2
     assert_same_weights(final, final_weights(run_dir), atol=0)
+    golden.check("fsdp-grpo-lora", two)
 
 
 def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
@@ -262,6 +269,7 @@ def test_grpo_fsdp_full_finetuning_matches_one(peaked_dir, prompts, tmp_path):
     h1, h2 = history(one), history(two)
     assert_same_losses(h1, h2, ("loss", "kl", "reward/mean", "grad_norm"))
     assert h2[-1]["kl"] > 0
+    golden.check("fsdp-grpo-full", two)
 
 
 def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
@@ -284,6 +292,7 @@ def test_dpo_fsdp_via_accelerate_matches_one(tiny_dir, pairs, tmp_path):
     assert_same_losses(history(one), history(two), ("loss", "rewards/margin", "rewards/accuracy", "grad_norm"))
     evals = [json.loads(x) for x in (two / "evals.jsonl").read_text().splitlines()]
     assert [e["pairs"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
+    golden.check("fsdp-dpo-lora", two)
 
 
 # ------------------------------------------------------------------------------------------- reward model
@@ -341,6 +350,7 @@ def test_reward_model_two_processes_match_one(rm_one, tiny_dir, pairs, tmp_path)
     assert_same_losses(history(rm_one), history(two), RM_LOSSES)
     assert_same_evals(evals_of(rm_one), evals_of(two), RM_EVALS)
     assert [e["n"] for e in evals_of(two)] == [3, 3]
+    golden.check("ddp-rm-lora", two)
 
 
 def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_path):
@@ -361,6 +371,7 @@ def test_reward_model_fsdp_matches_one_and_resumes(rm_one, tiny_dir, pairs, tmp_
     assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-2", "step-3"]
     assert history(again) == history(two)
     assert_same_weights(final, rm_weights(again), atol=0)
+    golden.check("fsdp-rm-lora", two)
 
 
 # ------------------------------------------------------------------------------------------- PPO
@@ -423,6 +434,7 @@ def test_ppo_two_processes_full_finetuning_separate_critic_matches_one(peaked_di
     h2 = history(two)
     assert_same_losses(history(one), h2, PPO_LOSSES)
     assert h2[-1]["kl"] > 0 and h2[-1]["value_grad_norm"] > 0
+    golden.check("ddp-ppo-full", two)
 
 
 def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, prompts, tmp_path):
@@ -452,6 +464,7 @@ def test_ppo_fsdp_lora_with_adapter_critic_matches_one_and_resumes(peaked_dir, p
     assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert history(again) == h2
     assert_same_weights(final, ppo_weights(again), atol=0)
+    golden.check("fsdp-ppo-lora", two)
 
 
 def test_fsdp_is_asked_for_by_the_flag_or_accelerate_and_needs_several_processes(monkeypatch):
