@@ -53,7 +53,7 @@ def _touch(model) -> None:
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     """Conversational pairs on two-digit addition: a short right answer vs a wrong one of varied length."""
-    from posttrain.tasks import get_task
+    from posttrain.data.tasks import get_task
 
     rng = random.Random(seed)
     filler = ("so we add the tens and then the ones and carry when needed which gives us a total that we "

@@ -3,7 +3,7 @@
 
 Time: each framework runs in its own worker process, as its users run it (ours sets up the process
 as `train_grpo` does, `common.start`: on CPU that keeps freed memory for reuse, see
-`posttrain.cpu_allocator`; TRL's keeps glibc's defaults), and the two alternate step by step (a
+`posttrain.runtime.cpu_allocator`; TRL's keeps glibc's defaults), and the two alternate step by step (a
 TRL step, then one of ours, the other process waiting), so machine noise hits both alike. The
 median over the measured steps after warm-up is reported, with per-phase times.
 
@@ -58,8 +58,8 @@ class Ours:
     def __init__(self, args, lora: bool):
         from posttrain import rewards as rw
         from posttrain.algorithms import common, grpo
-        from posttrain.generation import SamplingConfig
-        from posttrain.rollout_model import rollout_model
+        from posttrain.sampling.generation import SamplingConfig
+        from posttrain.sampling.rollout_model import rollout_model
 
         self.grpo, self.common = grpo, common
         self.cfg = grpo.GRPOConfig(
@@ -69,7 +69,11 @@ class Ours:
         self.policy, self.tok = common.load_policy(self.cfg)
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
-        self.ref = grpo._Reference(self.policy, self.cfg)
+        from posttrain.algorithms.optim import OptimizerStep, trainable_params
+        from posttrain.algorithms.reference import Reference
+
+        self.ref = Reference(self.policy, self.cfg.lora) if self.cfg.beta > 0 else None  # as train_grpo
+        self.rule = OptimizerStep(self.opt, [trainable_params(self.policy)], self.cfg.max_grad_norm, [self.policy])
         self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as train_grpo samples
         self.stream = common.PromptStream([{"prompt": p} for p in prompts(64)], 0)
         self.sampling = SamplingConfig(1.0, 1.0, 0, args.new_tokens, args.new_tokens)
@@ -77,14 +81,15 @@ class Ours:
         self.gen = torch.Generator().manual_seed(0)
 
     def step(self) -> dict[str, float]:
-        from posttrain.algorithms.rollout import collect
+        from posttrain.algorithms.collect import collect
 
         t0 = time.perf_counter()
         self.policy.eval()
         batch, m = collect(self.policy, self.tok, self.stream, self.cfg.prompts_per_step, self.cfg.group_size,
                            self.sampling, self.reward, self.gen, rollout=self.rollout)
         t1 = time.perf_counter()
-        self.grpo.update(self.policy, self.opt, self.sched, self.cfg, batch, self.ref)
+        self.grpo.update(self.policy, self.rule, self.cfg, batch, self.ref)
+        self.sched.step()  # as the loop does once per step
         t2 = time.perf_counter()
         assert int(batch.rollouts.completion_mask_BC.sum()) == self.cfg.prompts_per_step * self.cfg.group_size * self.cfg.max_new_tokens
         return {"step": t2 - t0, "gen": m["time/gen"], "update": t2 - t1}

@@ -16,7 +16,7 @@ import time
 
 from posttrain.rewards import sandbox
 from posttrain.rewards.code import code_rewards
-from posttrain.tasks.humaneval import humaneval
+from posttrain.data.tasks.humaneval import humaneval
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ Two sections, each variant in a fresh subprocess:
 head  The part the technique changes: hidden states [B, T, 576] (from the embedded model's trunk)
       -> log-probs of the completion tokens -> a weighted sum -> backward. "naive" is
       ``lm_head(h)`` over all B*T positions + ``selective_log_softmax`` (what ``model(...).logits``
-      then log_softmax + gather does); "chunked" is ``posttrain.logprobs.head_logprobs`` on the
+      then log_softmax + gather does); "chunked" is ``posttrain.objectives.logprobs.head_logprobs`` on the
       scored positions only. Run with the head trainable (full fine-tune: dW is needed, backward
       recomputes each chunk) and frozen (LoRA elsewhere: d/dh is formed in forward), and with half
       / all of the positions scored (prompts are about half the tokens in RL).
@@ -87,7 +87,7 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from posttrain.logprobs import (completion_logprobs, head_logprobs, naive_completion_logprobs,
+    from posttrain.objectives.logprobs import (completion_logprobs, head_logprobs, naive_completion_logprobs,
                                     selective_log_softmax)
 
     model, model_desc = _model()
@@ -193,7 +193,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
-    from posttrain.logprobs import DEFAULT_CHUNK_SIZE
+    from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE
 
     chunk = args.chunk or DEFAULT_CHUNK_SIZE
     import tempfile

@@ -39,14 +39,17 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _weights(final: Path) -> dict[str, list[float]]:
-    import torch
-    from safetensors.torch import load_file
+    """Per tensor: the exact (``math.fsum``, correctly rounded) sum and sum of absolute values. A
+    plain float64 sum is not reproducible to the last bit: torch's multi-threaded sum varies from call
+    to call, numpy's pairwise sum with the array's memory alignment."""
+    import numpy as np
+    from safetensors.numpy import load_file
 
     out = {}
     for f in sorted(final.rglob("*.safetensors")):
         for name, t in sorted(load_file(f).items()):
-            t = t.double()
-            out[f"{f.relative_to(final)}:{name}"] = [float(t.sum()), float(t.abs().sum())]
+            values = t.astype(np.float64).reshape(-1).tolist()
+            out[f"{f.relative_to(final)}:{name}"] = [math.fsum(values), math.fsum(map(abs, values))]
     return out
 
 

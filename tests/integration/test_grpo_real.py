@@ -34,8 +34,8 @@ def test_three_steps_on_arithmetic(tmp_path):
 
 
 def test_reference_with_adapter_disabled_is_the_base_model(embedded):
-    from posttrain.generation import SamplingConfig, sample_groups
-    from posttrain.grouped import rollout_logprobs
+    from posttrain.sampling.generation import SamplingConfig, sample_groups
+    from posttrain.objectives.grouped import rollout_logprobs
     from posttrain.models import add_lora
 
     base, tok = embedded
@@ -57,7 +57,7 @@ def test_reference_with_adapter_disabled_is_the_base_model(embedded):
 
 def test_greedy_sampling_matches_hf_generate_on_real_model(embedded):
     from posttrain.data import encode_prompt
-    from posttrain.generation import SamplingConfig, left_pad, sample_groups
+    from posttrain.sampling.generation import SamplingConfig, left_pad, sample_groups
 
     model, tok = embedded
     prompts = [encode_prompt(tok, f"What is {a} + {b}? Put the final answer after 'Answer:'.") for a, b in [(12, 30), (7, 85)]]

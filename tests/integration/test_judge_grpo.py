@@ -104,9 +104,9 @@ def test_a_failing_judge_stops_the_run_with_a_clear_message(tmp_path, tiny_dir, 
     assert "429" in str(err.value) and "max_failure_rate" in str(err.value) and err.value.rate > 0.5
     assert not (tmp_path / "stopped" / "final").exists()  # stopped, not finished
     # ...but nothing done is lost: the last completed step is checkpointed, ready for --resume
-    from posttrain.checkpoint import latest_checkpoint
+    from posttrain.runtime.checkpoint import latest_checkpoint
 
-    from posttrain.tracking import read_jsonl
+    from posttrain.runtime.tracking import read_jsonl
 
     done = len(read_jsonl(tmp_path / "stopped" / "metrics.jsonl"))
     assert latest_checkpoint(tmp_path / "stopped").name == f"step-{done}"

@@ -4,7 +4,7 @@ value and gradient (float32), and a float64 finite-difference check of the chunk
 import pytest
 import torch
 
-from posttrain.logprobs import completion_logprobs, naive_completion_logprobs, split_model
+from posttrain.objectives.logprobs import completion_logprobs, naive_completion_logprobs, split_model
 from posttrain.models import ModelError, add_lora, load_model
 
 pytestmark = pytest.mark.integration

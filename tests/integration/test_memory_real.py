@@ -1,6 +1,6 @@
 """The memory estimate against the measured peak of real training steps on the embedded model.
 
-Each configuration runs in a fresh process (posttrain.memory.measure): load SmolLM2-135M, then two
+Each configuration runs in a fresh process (posttrain.doctrine.memory.measure): load SmolLM2-135M, then two
 GRPO-style updates (chunked log-probs, policy-gradient loss, backward, torch AdamW) on a fixed batch.
 Measured: the peak RSS growth over the RSS after loading (the kernel's peak mark reset after the
 load), with glibc returning freed tensors to the OS at once, so the number is peak allocated memory
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from posttrain import memory
+from posttrain.doctrine import memory
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 
 from posttrain.algorithms.ppo import PPOConfig, train_ppo
 from posttrain.algorithms.reward_model import RewardModelConfig, load_reward_model, train_reward_model
-from posttrain.tasks.arithmetic_prefs import arithmetic_preferences
+from posttrain.data.tasks.arithmetic_prefs import arithmetic_preferences
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from posttrain.adversarial import probe_rows, run_sycophancy, verdict
-from posttrain.adversarial.sycophancy import mentions
+from posttrain.doctrine.adversarial import probe_rows, run_sycophancy, verdict
+from posttrain.doctrine.adversarial.sycophancy import mentions
 
 
 def test_probes_are_deterministic_and_well_formed():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.models import add_lora, tiny_model
 
 

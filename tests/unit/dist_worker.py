@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain import distributed
-from posttrain.algorithms import common
+from posttrain.runtime import distributed
+from posttrain.algorithms import run as runmod
 from posttrain.commands.train import resolve
 
 
@@ -37,7 +37,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     cls, train = resolve(spec["method"])
     kill_at = spec.get("kill_after_checkpoint")
-    checkpoint, finish = common.Run.checkpoint, common.Run.finish
+    checkpoint, finish = runmod.Run.checkpoint, runmod.Run.finish
     parts = {}  # the TrainState's extra modules (every trainer checkpoints at its last step)
 
     def checkpoint_then_maybe_die(self, step, model, optimizer, *args, **kw):
@@ -67,7 +67,7 @@ def main(spec_path: str) -> None:
             (self.run_dir / f"shards-rank{distributed.rank()}.json").write_text(json.dumps(shards))
         return finish(self, model, tokenizer, metrics)
 
-    common.Run.checkpoint, common.Run.finish = checkpoint_then_maybe_die, finish_and_dump
+    runmod.Run.checkpoint, runmod.Run.finish = checkpoint_then_maybe_die, finish_and_dump
     config = spec["config"]
     train(cls(**config))
     if spec.get("resume_copy"):

@@ -1,9 +1,9 @@
-"""posttrain.advantages against values worked out by hand (in the comments)."""
+"""posttrain.objectives.advantages against values worked out by hand (in the comments)."""
 
 import pytest
 import torch
 
-from posttrain.advantages import dr_grpo, gae, grpo, reinforce_pp, rloo, whiten
+from posttrain.objectives.advantages import dr_grpo, gae, grpo, reinforce_pp, rloo, whiten
 
 D = torch.float64
 

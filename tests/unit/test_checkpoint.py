@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.runtime.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 

@@ -50,7 +50,9 @@ def fake_method(tmp_path, monkeypatch):
                 json.dump(dataclasses.asdict(config), f)
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(train.METHODS, "fake", ("fake_trainer", "FakeConfig", "train_fake"))
+    import fake_trainer
+
+    monkeypatch.setitem(train.METHODS, "fake", (fake_trainer.FakeConfig, fake_trainer.train_fake))
     return tmp_path
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from posttrain import cli
-from posttrain.adversarial import probe_rows, sycophancy
+from posttrain.doctrine.adversarial import probe_rows, sycophancy
 
 
 def test_sycophancy_suite_side_by_side_on_real_models(tiny_dir, peaked_dir, capsys):

@@ -77,7 +77,7 @@ def test_tasks_list_show_export(tmp_path, capsys):
     out = tmp_path / "test.jsonl"
     assert main(["tasks", "export", "arithmetic", "--split", "test", "--n", "20", "--out", str(out), "--opt", "digits=3"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    from posttrain.tasks import get_task
+    from posttrain.data.tasks import get_task
 
     assert rows == get_task("arithmetic", "test", n=20, seed=0, digits=3)  # same rows as the library
     assert main(["tasks", "show", "nope"]) == 2

@@ -12,7 +12,7 @@ import pytest
 
 from posttrain.rewards import sandbox
 from posttrain.rewards.code import build_program, code_reward, code_rewards, extract_code, prompt_code, run_tests
-from posttrain.tasks.humaneval import data_path, humaneval
+from posttrain.data.tasks.humaneval import data_path, humaneval
 
 ADD_PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 ADD_TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"

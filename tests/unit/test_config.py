@@ -1,4 +1,4 @@
-"""posttrain.config: defaults < YAML < flags; docstrings become help; errors name file, line, field."""
+"""posttrain.runtime.config: defaults < YAML < flags; docstrings become help; errors name file, line, field."""
 
 import argparse
 import dataclasses
@@ -6,8 +6,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from posttrain import config
-from posttrain.config import ConfigError
+from posttrain.runtime import config
+from posttrain.runtime.config import ConfigError
 
 
 @dataclasses.dataclass

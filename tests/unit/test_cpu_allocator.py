@@ -9,7 +9,7 @@ import sys
 
 CHURN = """
 import json, resource, sys, torch
-from posttrain import cpu_allocator
+from posttrain.runtime import cpu_allocator
 from posttrain.algorithms import common
 from posttrain.algorithms.grpo import GRPOConfig
 

@@ -5,10 +5,10 @@ float rounding, keep their buffers across steps, and leave the model as it was."
 import torch
 import torch.nn as nn
 
-from posttrain import skinny_linear
-from posttrain.generation import SamplingConfig, positions, sample_groups
-from posttrain.kv_cache import decode_cache
-from posttrain.skinny_linear import skinny_linears
+from posttrain.sampling import skinny_linear
+from posttrain.sampling.generation import SamplingConfig, positions, sample_groups
+from posttrain.sampling.kv_cache import decode_cache
+from posttrain.sampling.skinny_linear import skinny_linears
 
 
 def test_skinny_linear_matches_linear_and_is_undone():
@@ -99,7 +99,7 @@ def test_sampling_with_the_speedups_draws_what_the_plain_path_draws(tiny, monkey
     """Same seed, same tokens and sample log-probs with and without both speed-ups."""
     from transformers import DynamicCache
 
-    import posttrain.generation as generation
+    import posttrain.sampling.generation as generation
 
     model, tok = tiny
     model.eval()

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from posttrain import doctor
-from posttrain.doctor import Doctor, Thresholds, diagnose
+from posttrain.doctrine import doctor
+from posttrain.doctrine.doctor import Doctor, Thresholds, diagnose
 
 N = 80
 

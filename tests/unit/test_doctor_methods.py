@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from posttrain.doctor import RULES, Context, Thresholds, diagnose
+from posttrain.doctrine.doctor import RULES, Context, Thresholds, diagnose
 
 N = 150
 

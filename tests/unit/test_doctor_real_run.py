@@ -6,8 +6,8 @@ the one rule that fires is entropy collapse, which is what happened (0.69 -> 0.0
 
 from pathlib import Path
 
-from posttrain.doctor import diagnose
-from posttrain.tracking import read_jsonl
+from posttrain.doctrine.doctor import diagnose
+from posttrain.runtime.tracking import read_jsonl
 
 RUN = Path(__file__).parent.parent / "data" / "demo_run"
 

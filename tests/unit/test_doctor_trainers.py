@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from posttrain.doctor import Doctor, diagnose
-from posttrain.tracking import read_jsonl
+from posttrain.doctrine.doctor import Doctor, diagnose
+from posttrain.runtime.tracking import read_jsonl
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "music", "light", "paper", "horse", "bread", "chair"]
 STEPS = 12

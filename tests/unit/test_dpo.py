@@ -9,7 +9,7 @@ import torch
 from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms.dpo import DPOConfig, train_dpo
 from posttrain.data import DataError, validate_row
-from posttrain.logprobs import naive_completion_logprobs
+from posttrain.objectives.logprobs import naive_completion_logprobs
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "music", "light", "paper", "horse", "bread", "chair"]
 

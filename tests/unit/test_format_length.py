@@ -120,8 +120,8 @@ def test_training_rollouts_count_length_in_tokens(tiny):
     import torch
 
     from posttrain import rewards as rw
-    from posttrain.algorithms.rollout import generate_and_score
-    from posttrain.generation import SamplingConfig
+    from posttrain.algorithms.collect import generate_and_score
+    from posttrain.sampling.generation import SamplingConfig
 
     model, tok = tiny
     fn = rw.from_spec("length(max_len=12,buffer=8)")

@@ -33,13 +33,13 @@ def specs(peaked: str, tiny: str, prompts: str, pairs: str, out: Path) -> dict[s
                max_new_tokens=3, lr=1e-3, value_lr=1e-3, lora=True, kl_coef=0.1, ppo_epochs=2, minibatches=2,
                eval_fraction=0.25, checkpoint_every=0)
     runs = {
-        "grpo-lora": ("grpo", grpo),
+        "grpo-lora": ("grpo", dict(grpo, warmup_steps=1, schedule="cosine")),
         "grpo-full": ("grpo", dict(grpo, lora=False, lr=1e-4, micro_batch_prompts=0)),
         "dr_grpo-lora": ("grpo", dict(grpo, advantage="dr_grpo", reduce="seq-mean-token-sum-norm")),
         "rloo-lora": ("grpo", dict(grpo, advantage="rloo", beta=0.0, reduce="seq-mean-token-mean")),
         "reinforce_pp-lora": ("grpo", dict(grpo, advantage="reinforce_pp", beta=0.01)),
         "grpo-iterations": ("grpo", dict(grpo, num_iterations=2, scale_rewards="batch", entropy_coef=0.01,
-                                         clip_high=0.28, warmup_steps=1, schedule="cosine")),
+                                         clip_high=0.28)),
         "dpo-lora": ("dpo", dpo),
         "dpo-full-ipo": ("dpo", dict(dpo, lora=False, lr=1e-4, loss_type="ipo", micro_batch_size=0)),
         "rm-lora": ("rm", rm),

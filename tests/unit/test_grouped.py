@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from posttrain.generation import SamplingConfig, left_pad, positions, sample_groups
-from posttrain.grouped import rollout_logprobs
+from posttrain.sampling.generation import SamplingConfig, left_pad, positions, sample_groups
+from posttrain.objectives.grouped import rollout_logprobs
 from posttrain.models import add_lora
 
 

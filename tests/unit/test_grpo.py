@@ -59,8 +59,8 @@ def test_metrics_and_samples_written(tmp_path, peaked_dir, toy_prompts):
 
 def _one_update(peaked_dir, toy_prompts, tmp_path, micro):
     from posttrain.algorithms import common
-    from posttrain.algorithms.rollout import collect
-    from posttrain.generation import SamplingConfig
+    from posttrain.algorithms.collect import collect
+    from posttrain.sampling.generation import SamplingConfig
 
     cfg = toy_config(tmp_path, peaked_dir, toy_prompts, micro_batch_prompts=micro, beta=0.04, lora=True, lr=1e-2,
                      reduce="seq-mean-token-mean")
@@ -69,13 +69,16 @@ def _one_update(peaked_dir, toy_prompts, tmp_path, micro):
     # plain SGD: the weights move by lr * gradient, so they compare the accumulated gradients (Adam's
     # first step is lr * sign(g), which flips on float noise where a gradient is ~0)
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
-    sched = common.build_scheduler(opt, cfg)
     stream = common.PromptStream(common.load_rows_for(cfg, "prompt")[0], 0)
     from posttrain import rewards as rw
 
     batch, _ = collect(policy, tok, stream, 4, 8, SamplingConfig(max_new_tokens=3), rw.from_spec(TOY_REWARD),
                        torch.Generator().manual_seed(0))
-    metrics = grpo.update(policy, opt, sched, cfg, batch, grpo._Reference(policy, cfg))
+    from posttrain.algorithms.optim import OptimizerStep, trainable_params
+    from posttrain.algorithms.reference import Reference
+
+    rule = OptimizerStep(opt, [trainable_params(policy)], cfg.max_grad_norm, [policy])
+    metrics = grpo.update(policy, rule, cfg, batch, Reference(policy, cfg.lora))
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, metrics
 
 
@@ -91,8 +94,8 @@ def test_gradient_accumulation_equals_one_batch(tmp_path, peaked_dir, toy_prompt
 def test_dynamic_sampling_fills_batch_with_informative_groups(tmp_path, peaked_dir, toy_prompts):
     from posttrain import rewards as rw
     from posttrain.algorithms import common
-    from posttrain.algorithms.rollout import collect
-    from posttrain.generation import SamplingConfig
+    from posttrain.algorithms.collect import collect
+    from posttrain.sampling.generation import SamplingConfig
     from posttrain.models import load_model
 
     model, tok = load_model(peaked_dir)
@@ -110,8 +113,8 @@ def test_dynamic_sampling_fills_batch_with_informative_groups(tmp_path, peaked_d
 
 
 def test_unjudged_completions_are_masked_out():
-    from posttrain.algorithms.rollout import ScoredBatch
-    from posttrain.generation import Rollouts
+    from posttrain.algorithms.collect import ScoredBatch
+    from posttrain.sampling.generation import Rollouts
 
     r = Rollouts(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
                  torch.ones(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long), torch.zeros(4, 2),

@@ -1,4 +1,4 @@
-"""posttrain.logprobs: chunked log-probs equal the naive path (value and gradient), on tiny models."""
+"""posttrain.objectives.logprobs: chunked log-probs equal the naive path (value and gradient), on tiny models."""
 
 import math
 import warnings
@@ -9,8 +9,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import posttrain.logprobs as lp_mod
-from posttrain.logprobs import (
+import posttrain.objectives.logprobs as lp_mod
+from posttrain.objectives.logprobs import (
     _ChunkedLinearLogprob,
     completion_logprobs,
     entropy_from_logits,

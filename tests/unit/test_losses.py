@@ -1,4 +1,4 @@
-"""posttrain.losses: every function and mode against values worked out by hand (in the comments)."""
+"""posttrain.objectives.losses: every function and mode against values worked out by hand (in the comments)."""
 
 import math
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from posttrain.losses import (
+from posttrain.objectives.losses import (
     dpo_loss,
     entropy_bonus,
     kl_estimate,
@@ -361,7 +361,7 @@ def test_dpo_errors():
 
 
 def test_losses_and_advantages_import_with_torch_alone():
-    """posttrain.losses and posttrain.advantages must import with transformers/peft/accelerate absent."""
+    """posttrain.objectives.losses and posttrain.objectives.advantages must import with transformers/peft/accelerate absent."""
     code = textwrap.dedent(
         """
         import sys
@@ -371,9 +371,9 @@ def test_losses_and_advantages_import_with_torch_alone():
                     raise ImportError("blocked: " + name)
                 return None
         sys.meta_path.insert(0, Block())
-        import posttrain.losses, posttrain.advantages
-        from posttrain.losses import dpo_loss, policy_loss, value_loss, kl_estimate, reduce
-        from posttrain.advantages import grpo, rloo, reinforce_pp, gae, whiten, dr_grpo
+        import posttrain.objectives.losses, posttrain.objectives.advantages
+        from posttrain.objectives.losses import dpo_loss, policy_loss, value_loss, kl_estimate, reduce
+        from posttrain.objectives.advantages import grpo, rloo, reinforce_pp, gae, whiten, dr_grpo
         heavy = [m for m in sys.modules if m.split(".")[0] in ("transformers", "peft", "accelerate")]
         assert not heavy, heavy
         print("ok")

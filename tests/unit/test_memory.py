@@ -1,4 +1,4 @@
-"""The memory formula (posttrain.memory): the doctrine's 8B table, the parts, and the activation
+"""The memory formula (posttrain.doctrine.memory): the doctrine's 8B table, the parts, and the activation
 count checked against the tensors autograd really saves."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from posttrain import memory
-from posttrain.memory import DOCTRINE_TABLE_8B, GB, doctrine_table, estimate
+from posttrain.doctrine import memory
+from posttrain.doctrine.memory import DOCTRINE_TABLE_8B, GB, doctrine_table, estimate
 
 
 def test_doctrine_8b_table_within_20_percent():

@@ -6,8 +6,8 @@ import pytest
 
 from posttrain import rewards as rw
 from posttrain.data import load_rows
-from posttrain.generation import SamplingConfig
-from posttrain.pairs import choose_pair, make_pair_row, make_pairs
+from posttrain.sampling.generation import SamplingConfig
+from posttrain.algorithms.pairs import choose_pair, make_pair_row, make_pairs
 
 # reward 1 when the completion starts with a letter a-m, else 0 (about 40% at the start)
 TOY_REWARD = "format(pattern=[a-m].*)"

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from posttrain.algorithms.ppo import PPOConfig, train_ppo
-from posttrain.algorithms.ppo_parts import KLController, Reference, explained_variance, make_value_model, token_rewards
-from posttrain.generation import SamplingConfig, positions, sample_groups
-from posttrain.value_head import ValueHead, ValueModel, adapter_params, sequence_scores, trunk_of, use_adapter
+from posttrain.algorithms.ppo_parts import KLController, explained_variance, make_value_model, token_rewards
+from posttrain.algorithms.reference import Reference
+from posttrain.objectives.grouped import rollout_logprobs
+from posttrain.sampling.generation import SamplingConfig, positions, sample_groups
+from posttrain.objectives.value_head import ValueHead, ValueModel, adapter_params, sequence_scores, trunk_of, use_adapter
 
 TOY_REWARD = "format(pattern=[a-m].*)"  # 1 when the completion starts with a letter a-m: ~40% at the start
 
@@ -96,7 +98,8 @@ def test_value_adapter_is_separate_from_the_policy(tiny):
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     r = sample_groups(policy, tok, prompts_of(tok), 2, SamplingConfig(max_new_tokens=4),
                       generator=torch.Generator().manual_seed(0))
-    Reference(policy, _cfg()).logprobs(r, 1.0, torch.arange(2))  # peft's disable_adapter() re-enables "default" only
+    with Reference(policy, lora=True).model() as ref:  # peft's disable_adapter() re-enables "default" only
+        rollout_logprobs(ref, r, 1.0, rows=torch.arange(2))
     critic.values(r).sum().backward()
     assert policy.active_adapter == "default"
     assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags  # peft's flips are undone

@@ -1,5 +1,6 @@
 """Run reports: PNGs with real content, HTML that references them and escapes samples, and a
-headless-browser render (when chromium is installed)."""
+headless-browser render (when chromium is installed). Reports are written as `posttrain report`
+writes them: with the doctor's events (doctor.jsonl, else a fresh diagnosis: `run_events`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from posttrain.report import write_report
+from posttrain.doctrine.doctor import run_events
+from posttrain.doctrine.report import write_report
 
 BLUE, RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)
 
@@ -64,7 +66,7 @@ def _count(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 30) -> int:
 
 def test_grpo_report_pngs_have_content_and_html_links_them(tmp_path):
     run = grpo_run(tmp_path)
-    html_path = write_report(run)
+    html_path = write_report(run, events=run_events(run))
     assert html_path == run / "report.html"
     html = html_path.read_text()
     names = {"reward_kl.png", "length.png", "entropy.png", "clip_frac.png", "reward_parts.png", "loss.png",
@@ -80,12 +82,12 @@ def test_grpo_report_pngs_have_content_and_html_links_them(tmp_path):
 
 def test_doctor_events_are_on_the_timeline_and_in_the_table(tmp_path):
     run = grpo_run(tmp_path)
-    html = write_report(run).read_text()  # no doctor.jsonl: a fresh diagnosis
+    html = write_report(run, events=run_events(run)).read_text()  # no doctor.jsonl: a fresh diagnosis
     assert "length_hacking" in html and "length penalty" in html
     # with doctor.jsonl present, its events are used as logged
     (run / "doctor.jsonl").write_text(json.dumps({"step": 12, "rule": "kl_exploding", "severity": "error",
                                                   "symptom": "KL grew", "cause": "weak KL", "fix": "raise beta"}) + "\n")
-    html = write_report(run).read_text()
+    html = write_report(run, events=run_events(run)).read_text()
     assert "kl_exploding" in html and "length_hacking" not in html
     timeline = _pixels(run / "doctor_timeline.png")
     assert _count(timeline, RED, tol=20) > 50  # the error-level event's marker
@@ -93,7 +95,7 @@ def test_doctor_events_are_on_the_timeline_and_in_the_table(tmp_path):
 
 def test_samples_are_escaped_and_from_early_and_late(tmp_path):
     run = grpo_run(tmp_path)
-    html = write_report(run).read_text()
+    html = write_report(run, events=run_events(run)).read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;i&gt;done&lt;/i&gt;" in html and "&amp;" in html
     shown = [int(m) for m in re.findall(r"<h3>step (\d+)</h3>", html)]
@@ -107,7 +109,7 @@ def test_dpo_run_and_missing_metrics(tmp_path):
                                    "rewards/rejected": -0.01 * s, "rewards/margin": 0.02 * s,
                                    "rewards/accuracy": min(1.0, 0.5 + 0.01 * s), "grad_norm": "nan" if s == 5 else 1.0}
                                   for s in range(1, 41)])
-    html = write_report(run).read_text()
+    html = write_report(run, events=run_events(run)).read_text()
     assert (run / "dpo_rewards.png").exists() and (run / "loss.png").exists()
     for absent in ("reward_kl.png", "length.png", "entropy.png", "clip_frac.png", "evals.png"):
         assert not (run / absent).exists() and absent not in html
@@ -120,11 +122,11 @@ def test_empty_and_tiny_runs_still_get_a_report(tmp_path):
     run = tmp_path / "short"
     run.mkdir()
     _write(run, "metrics.jsonl", [{"step": 1, "loss": 1.0}])
-    html = write_report(run).read_text()
+    html = write_report(run, events=run_events(run)).read_text()
     assert "loss.png" in html and "No problems found" in html
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "No metrics logged" in write_report(empty).read_text()
+    assert "No metrics logged" in write_report(empty, events=run_events(empty)).read_text()
 
 
 def test_cli_report(tmp_path, capsys):
@@ -142,7 +144,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     run = grpo_run(tmp_path)
-    html = write_report(run)
+    html = write_report(run, events=run_events(run))
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600",

@@ -166,7 +166,7 @@ def test_checkpoint_holds_the_head_and_resume_continues(tmp_path, tiny_dir, toy_
 
 
 def test_arithmetic_preferences_are_deterministic_and_disjoint():
-    from posttrain.tasks.arithmetic_prefs import arithmetic_preferences
+    from posttrain.data.tasks.arithmetic_prefs import arithmetic_preferences
 
     a, b = arithmetic_preferences(50, seed=1), arithmetic_preferences(50, seed=1)
     assert a == b and a != arithmetic_preferences(50, seed=2)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.config import ConfigError
+from posttrain.runtime.config import ConfigError
 from posttrain.rlaif import Judge, JudgeConfig, load_judge_config, load_principles
 from posttrain.rlaif.constitution import DEFAULT_PRINCIPLES
 

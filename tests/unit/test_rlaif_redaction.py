@@ -7,7 +7,7 @@ import logging
 import pytest
 import yaml
 
-from posttrain import config as cfgmod
+from posttrain.runtime import config as cfgmod
 from posttrain.rlaif import FunctionBackend, Judge, JudgeFailureRate, load_judge_config, redact
 from posttrain.rlaif.backends import OpenAIBackend, remember_secret
 

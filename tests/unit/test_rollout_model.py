@@ -4,7 +4,7 @@ fine-tuning and LoRA), stays put until synced, and float32 means no copy at all.
 import torch
 
 from posttrain.models import add_lora, tiny_model
-from posttrain.rollout_model import RolloutModel, cpu_has_fast_bf16, resolve_dtype, rollout_model
+from posttrain.sampling.rollout_model import RolloutModel, cpu_has_fast_bf16, resolve_dtype, rollout_model
 
 
 def _train(model, steps=3):

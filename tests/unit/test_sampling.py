@@ -3,7 +3,7 @@ drawn, per-group generators make a group's draws independent of the rest of the 
 
 import torch
 
-from posttrain.generation import SamplingConfig, sample_next
+from posttrain.sampling.generation import SamplingConfig, sample_next
 
 
 def test_frequencies_match_the_softmax():

@@ -1,4 +1,4 @@
-"""The doctrine's decision tree (posttrain.select): each branch, its reasons, defaults and command."""
+"""The doctrine's decision tree (posttrain.doctrine.select): each branch, its reasons, defaults and command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from posttrain.data import DataError
-from posttrain.select import choose_method, inspect_data, recommend
+from posttrain.doctrine.select import choose_method, inspect_data, recommend
 
 
 def _jsonl(path, rows):

@@ -8,10 +8,10 @@ import pytest
 
 from posttrain.rewards import get
 from posttrain.rewards.countdown import check_expression, countdown_reward, extract_expression
-from posttrain.tasks import get_task, is_test_key, list_tasks, task_info
-from posttrain.tasks.arithmetic import arithmetic, problem_key
-from posttrain.tasks.countdown import countdown
-from posttrain.tasks.countdown import problem_key as countdown_key
+from posttrain.data.tasks import get_task, is_test_key, list_tasks, task_info
+from posttrain.data.tasks.arithmetic import arithmetic, problem_key
+from posttrain.data.tasks.countdown import countdown
+from posttrain.data.tasks.countdown import problem_key as countdown_key
 
 _ARITH = re.compile(r"What is (\d+) ([-+*]) (\d+)\? Put the final answer after 'Answer:'\.")
 
@@ -159,7 +159,7 @@ def test_countdown_reward_exact_fractions_and_missing_columns():
 def test_humaneval_is_lazy_and_test_only():
     with pytest.raises(ValueError, match="no 'train' split"):
         get_task("humaneval", "train")
-    he = pytest.importorskip("posttrain.tasks.humaneval")  # written by the sandbox issue's engineer
+    he = pytest.importorskip("posttrain.data.tasks.humaneval")  # written by the sandbox issue's engineer
     rows = get_task("humaneval", "test")
     assert len(rows) == 164 and rows == he.humaneval()
     assert {"prompt", "tests", "entry_point", "canonical_solution"} <= set(rows[0])

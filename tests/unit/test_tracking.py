@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from posttrain.tracking import RunDirError, Tracker, make_run_dir, read_jsonl
+from posttrain.runtime.tracking import RunDirError, Tracker, make_run_dir, read_jsonl
 
 
 def test_make_run_dir_refuses_to_overwrite(tmp_path):

@@ -1,10 +1,11 @@
-"""What every trainer shares: the base config, model/optimizer/schedule set-up, the prompt stream,
-the run (directory, tracker, checkpoints, exact resume, final model), and greedy evaluation.
+"""What every trainer sets up the same way: the base config (``TrainConfig``) and the sampling
+trainers' (``RolloutConfig``), seeding and process start, the model with its LoRA adapter, FSDP
+sharding, AdamW and the learning-rate schedule, the prompt stream and the dataset rows.
 
-Each algorithm file keeps only its own loop; everything here is written once (DESIGN.md: no
-copy-paste between algorithm loops).
+The run directory and its checkpoints are ``run.py``; the training loop is ``loop.py``; the
+optimizer-step rule is ``optim.py``: each written once (DESIGN.md: no copy-paste between trainers).
 
-Under several processes (``posttrain.distributed``) the run directory, metrics, samples, evals,
+Under several processes (``posttrain.runtime.distributed``) the run directory, metrics, samples, evals,
 reports and ``final/`` are written by rank 0 only; every rank loads the same checkpoint and its
 own RNG state; the trainers run their losses through DDP (``distributed.DataParallel``), or under
 FSDP ``grad_step`` sums the replicated tensors' gradients before clipping; evaluation is split
@@ -13,29 +14,18 @@ across the ranks and gathered.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import math
 import random
-import time
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 
-from posttrain import checkpoint as ckpt
-from posttrain import cpu_allocator
-from posttrain import config as cfgmod
-from posttrain import distributed
-from posttrain.models import EMBEDDED, add_lora, count_parameters, load_model, resolve_device, rl_lora_rank
-from posttrain.tracking import Tracker, make_run_dir, read_jsonl
-
-LORA_LR_MULTIPLIER = 10.0
-"""LoRA's best learning rate is about 10x full fine-tuning's (Thinking Machines, "LoRA Without
-Regret", 2025, with alpha=32 and 1/r scaling; the same 10x as the doctrine's 1e-6 full-FT RL rate)."""
-
+from posttrain.runtime import cpu_allocator
+from posttrain.runtime import distributed
+from posttrain.sampling.generation import SamplingConfig
+from posttrain.models import EMBEDDED, LORA_LR_MULTIPLIER, add_lora, count_parameters, load_model, resolve_device, rl_lora_rank
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -128,6 +118,11 @@ class TrainConfig:
         return "run"
 
 
+RL_FULL_FT_LR = 1e-6
+"""The doctrine's RL learning rate for full fine-tuning ("Use lower LR for RL - 1e-6 instead of
+1e-5"; times ``LORA_LR_MULTIPLIER`` with LoRA): GRPO and its estimators, and PPO."""
+
+
 def resolve_lr(config: TrainConfig, full_ft_lr: float) -> float:
     if config.lr is not None:
         return config.lr
@@ -174,15 +169,6 @@ def shard(config: TrainConfig, *models) -> bool:
         if m is not None:
             distributed.shard_layers(m)
     return True
-
-
-def frozen_copy(model):
-    """A frozen reference for full fine-tuning (with LoRA, disabling the adapter is the reference)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -267,7 +253,7 @@ def load_rows_for(config: TrainConfig, kind: str) -> tuple[list[dict], list[dict
     if (config.data is None) == (config.task is None):
         raise ValueError("give exactly one of --data FILE or --task NAME")
     if config.task is not None:
-        from posttrain.tasks import get_task, task_info
+        from posttrain.data.tasks import get_task, task_info
 
         info = task_info(config.task)
         train = get_task(config.task, "train", n=config.task_size, seed=config.seed) if "train" in info.splits else []
@@ -287,236 +273,38 @@ def load_rows_for(config: TrainConfig, kind: str) -> tuple[list[dict], list[dict
 
 
 @dataclasses.dataclass
-class RunResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    """The last step's metrics."""
-    evals: list[dict[str, Any]]
-    """Every evaluation: {"step", "accuracy"/"reward", ...}."""
+class RolloutConfig(TrainConfig):
+    """Fields of the trainers that sample from the policy and score with a reward (GRPO and its
+    estimators, PPO): what they sample, how, and what they keep for review."""
 
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.run_dir / "metrics.jsonl")
+    reward: Optional[str] = None
+    """Reward spec, e.g. 'math', 'math,format:0.2', 'code', 'reward_model(runs/rm/final)' (default: the task's reward)."""
+    eval_reward: Optional[str] = None
+    """Reward used for held-out evaluation (default: the task's reward, else --reward)."""
+    prompts_per_step: int = 8
+    """Prompts per step, over all processes (a multiple of their number; each samples and trains on
+    prompts_per_step / N of them, whole groups); a step trains on prompts_per_step x group_size completions."""
+    group_size: int = 8
+    """Completions sampled per prompt (the doctrine's K)."""
+    max_new_tokens: int = 256
+    """Completion length limit."""
+    min_new_tokens: int = 0
+    """Forbid EOS before this many tokens (for benchmarks that force equal lengths)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    chat_template: bool = True
+    """Wrap plain-string prompts in the tokenizer's chat template."""
+    samples_per_step: int = 2
+    """Groups per step written to samples.jsonl for human review."""
+    eval_max_new_tokens: int = 0
+    """Completion limit during evaluation (0 = max_new_tokens)."""
+    policy_loss: Literal["ppo_clip"] = "ppo_clip"
+    """Policy loss, an entry of ``losses.POLICY_LOSSES``: ppo_clip = PPO's clipped surrogate (GRPO
+    and PPO papers; DAPO's clip-higher through clip_high)."""
 
-
-class Run:
-    """A run directory with its tracker, checkpoints and resume logic."""
-
-    def __init__(self, config: TrainConfig, method: str, total_steps: int):
-        self.config, self.method = config, method
-        self.main = distributed.is_main()
-        if config.resume:
-            run_dir = Path(config.resume)
-            self.run_dir = make_run_dir(run_dir.parent, run_dir.name, resume=True)
-        else:  # rank 0 names and creates it (the default name has the time in it)
-            self.run_dir = distributed.broadcast(
-                make_run_dir(config.output_dir, config.name, method=method) if self.main else None)
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
-        if config.resume and self.resume_from is None:
-            raise ckpt_error(self.run_dir)
-        resume_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else None
-        self.tracker = Tracker(self.run_dir, cfgmod.to_dict(config), header=f"posttrain train {method}",
-                               resume_step=resume_step, enabled=self.main,
-                               tensorboard=config.tensorboard, total_steps=total_steps, print_every=config.log_every)
-        self.evals: list[dict[str, Any]] = read_jsonl(self.run_dir / "evals.jsonl") if resume_step else []
-        if resume_step is not None:
-            self.evals = [e for e in self.evals if e["step"] <= resume_step]
-        self.generators: dict[str, torch.Generator] = {}
-        self.started = time.time()
-        from posttrain.doctor import Doctor
-
-        self.doctor = Doctor()
-
-    def log(self, step: int, metrics: dict[str, Any], samples: list[dict] | None = None) -> None:
-        """Log a step's metrics (and samples for review), then let the doctor read them."""
-        self.tracker.log(step, metrics)
-        if samples:
-            self.tracker.log_samples(step, samples)
-        if self.main:
-            self.doctor.watch(self.run_dir, self.tracker.history)
-
-    def out_of_time(self) -> bool:
-        """True once the run has used its max_minutes budget (never when it is 0); rank 0's clock
-        decides for every rank."""
-        if self.config.max_minutes <= 0:
-            return False
-        return bool(distributed.broadcast(time.time() - self.started > 60 * self.config.max_minutes))
-
-    def restore(self, model, optimizer, scheduler, stream: PromptStream | None) -> tuple[int, dict]:
-        """Load the newest checkpoint when resuming; returns (step done, saved extra state)."""
-        if self.resume_from is None:
-            return 0, {}
-        state = ckpt.load_checkpoint(self.resume_from, model, optimizer, scheduler, generators=self.generators,
-                                     rank=distributed.rank(), world_size=distributed.world_size())
-        if stream is not None and "stream" in state:
-            stream.restore(state["stream"])
-        self.tracker.console.print(f"resumed {self.run_dir} at step {state['step']}")
-        return int(state["step"]), state.get("extra", {})
-
-    def checkpoint(self, step: int, model, optimizer, scheduler, stream: PromptStream | None, extra: dict | None = None):
-        """Save ``checkpoints/step-<step>/`` (every rank calls it: each adds its RNG state)."""
-        distributed.check_in_sync(trainable(model, optimizer))
-        state = {"stream": stream.state() if stream else None, "extra": extra or {}}
-        path = ckpt.save_checkpoint(self.run_dir, step, model, optimizer, scheduler, state=state,
-                                    generators=self.generators, keep_last=self.config.keep_last,
-                                    rank=distributed.rank(), world_size=distributed.world_size())
-        distributed.barrier()
-        return path
-
-    @contextlib.contextmanager
-    def stop_safely(self, step: int, model, optimizer, scheduler, stream: PromptStream | None,
-                    extra: dict[str, Any] | None = None):
-        """Wrap one step: if it is interrupted (Ctrl-C) or a judge keeps failing
-        (``JudgeFailureRate``), put the data position and generators back to where the step
-        began, checkpoint the last completed step, and re-raise: nothing done is lost, and
-        ``--resume`` redoes this step exactly. Under several processes the others may be inside a
-        collective, so nothing is saved: ``--resume`` continues from the last periodic checkpoint."""
-        from posttrain.rlaif import JudgeFailureRate
-
-        saved = (stream.state() if stream else None, {k: g.get_state() for k, g in self.generators.items()})
-        try:
-            yield
-        except (JudgeFailureRate, KeyboardInterrupt) as e:
-            if distributed.world_size() > 1:
-                self.tracker.console.print(f"stopped at step {step} ({type(e).__name__}); resume from the last "
-                                           f"checkpoint with --resume {self.run_dir}")
-                self.tracker.close()
-                raise
-            if stream is not None:
-                stream.restore(saved[0])
-            for k, g in self.generators.items():
-                g.set_state(saved[1][k])
-            path = self.checkpoint(step - 1, model, optimizer, scheduler, stream, extra=extra)
-            self.tracker.console.print(f"stopped at step {step} ({type(e).__name__}); saved {path}: "
-                                       f"resume with --resume {self.run_dir}")
-            self.tracker.close()
-            raise
-
-    def due(self, step: int, every: int, last: int) -> bool:
-        return step == last or (every > 0 and step % every == 0)
-
-    def end_step(self, step: int, last: int, evaluate, checkpoint) -> int:
-        """The end of a training step, the same in every trainer: the step becomes the last one
-        when the time budget is spent; ``evaluate(step)`` every ``eval_every`` steps (the last
-        step's evaluation is ``final_eval``'s); ``checkpoint(step)`` when due. Returns the last step."""
-        if self.out_of_time():
-            last = step
-        if self.config.eval_every and step % self.config.eval_every == 0 and step != last:
-            evaluate(step)
-        if self.due(step, self.config.checkpoint_every, last):
-            checkpoint(step)
-        return last
-
-    def final_eval(self, last: int, evaluate) -> None:
-        """Evaluate after the last step unless that step was evaluated already."""
-        if not self.evals or self.evals[-1]["step"] != last:
-            evaluate(last)
-
-    def log_eval(self, step: int, result: dict[str, Any]) -> dict[str, Any]:
-        record = {"step": step, **result}
-        self.evals.append(record)
-        if self.main:
-            with open(self.run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
-                import json
-
-                f.write(json.dumps(record) + "\n")
-        summary = "  ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
-        self.tracker.console.print(f"eval @ step {step}: {summary}", highlight=False)
-        return record
-
-    def finish(self, model, tokenizer, metrics: dict[str, Any]) -> RunResult:
-        """Save final/ (HF format), run the doctor's last check and write report.html (rank 0)."""
-        distributed.check_in_sync(trainable(model))
-        full = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # every rank
-        if self.main:
-            ckpt.save_model(model, self.run_dir / "final", tokenizer, state_dict=full)
-        self.tracker.close()
-        if self.main:
-            self.doctor.finish(self.run_dir, self.tracker.history)
-        distributed.barrier()
-        return RunResult(self.run_dir, metrics, self.evals)
-
-
-def trainable(*holders) -> list[torch.Tensor]:
-    """The trainable tensors of models and of ``TrainState``-like holders (their ``parts``), in a
-    fixed order: what must stay identical on every rank."""
-    out: list[torch.Tensor] = []
-    for h in holders:
-        if isinstance(h, torch.nn.Module):
-            out += [p for p in h.parameters() if p.requires_grad]
-        for part in getattr(h, "parts", {}).values():
-            params = part.parameters()
-            out += [p for p in params if p.requires_grad]
-    return out
-
-
-def greedy_eval_sharded(policy, tok, rows: list[dict], reward, max_new_tokens: int, chat_template: bool = True) -> dict:
-    """``evaluate.greedy_eval`` with the rows split across the processes and the results combined
-    (accuracy over every judged row; rank 0's examples)."""
-    from posttrain.evaluate import greedy_eval
-
-    with distributed.gathered(policy):  # FSDP: the ranks generate different numbers of tokens
-        part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
-                           chat_template=chat_template)
-    every = distributed.gather(part)
-    if len(every) == 1:
-        return part
-    judged = [r["n"] - r["none"] for r in every]
-    total = sum(j * r["accuracy"] for j, r in zip(judged, every) if j)
-    return {"accuracy": total / sum(judged) if sum(judged) else float("nan"), "n": sum(r["n"] for r in every),
-            "none": sum(r["none"] for r in every), "examples": every[0]["examples"]}
-
-
-def ckpt_error(run_dir: Path) -> FileNotFoundError:
-    return FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/step-N/state.json)")
-
-
-class StepTimer:
-    """Wall-clock phases of one step, reported as time/<phase>."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.phases: dict[str, float] = {}
-
-    def add(self, name: str, seconds: float) -> None:
-        self.phases[name] = self.phases.get(name, 0.0) + seconds
-
-    def metrics(self) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.phases.items()}
-        out["time/step"] = time.perf_counter() - self.t0
-        return out
-
-
-class Phase:
-    """``with Phase(timer, "update"):`` adds the block's wall-clock time to ``time/update``."""
-
-    def __init__(self, timer: StepTimer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> "Phase":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timer.add(self.name, time.perf_counter() - self.t0)
-
-
-def grad_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
-    """Clip, check and take the optimizer step. A non-finite gradient skips the step (gradients
-    dropped, nothing trained on it) and returns (norm, False). Under several processes the
-    gradients not reduced in backward (by DDP or FSDP: the replicated ones under FSDP) are first
-    summed over them (each rank's loss was scaled by its share of the batch)."""
-    distributed.sum_gradients(model.parameters())
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if any(distributed.is_dtensor(p) for p in params):  # FSDP: sharded and replicated gradients
-        norm = distributed.clip_grad_norm(params, max_grad_norm)
-    elif max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.tensor(0.0)
-    ok = bool(torch.isfinite(norm))
-    if ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return float(norm), ok
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.min_new_tokens)

@@ -2,12 +2,12 @@
 
 The doctrine's first recommendation: no reward model and no sampling during training; the policy
 is pushed to raise the log-ratio to a frozen reference of the chosen completion over the
-rejected one (``losses.dpo_loss``). Each step:
+rejected one (``losses.dpo_loss``). Each step (the loop, checkpoints and evaluations are ``loop.py``'s, the same for every trainer):
 
     batch   = stream.take(batch_size)                          # tokenized pairs, seeded order
     logps   = pair_logprobs(policy, pack(batch))               # chosen + rejected, one forward
-    loss    = dpo_loss(logps, reference[batch], beta, ...)     # pure tensors
-    metrics = grad_step(...)                                   # clip, check, AdamW
+    loss    = dpo_loss(logps, reference[batch], beta, ...)     # pure tensors; backward per micro-batch
+    metrics = rule.step()                                      # reduce, clip, check, AdamW (optim.py)
 
 Choices and departures from the paper and from TRL:
 - The reference is frozen, so its log-probs are computed once, for every pair (train and held
@@ -46,9 +46,13 @@ from typing import Literal, Optional
 
 import torch
 
-from posttrain import distributed, losses
-from posttrain.algorithms import common
+from posttrain.algorithms import common, loop
 from posttrain.algorithms import dpo_data as dd
+from posttrain.algorithms.optim import OptimizerStep, trainable_params
+from posttrain.algorithms.reference import Reference as FrozenReference
+from posttrain.algorithms.run import Phase, Run, RunResult, greedy_eval_sharded
+from posttrain.objectives import losses
+from posttrain.runtime import distributed
 
 FULL_FT_LR = 1e-6
 """The doctrine's DPO learning range is 1e-5 to 1e-6; 1e-6 for full fine-tuning, 1e-5 with LoRA."""
@@ -162,12 +166,11 @@ class Reference:
             table = dd.sequence_logps(ref, examples, pad, share and dd.supports_shared_prompt(ref),
                                       config.ref_batch_tokens, config.row_tokens)
             del ref
-        elif config.lora:  # FSDP: gathered, as the ranks run different numbers of batches
-            with policy.disable_adapter(), distributed.gathered(policy):
-                table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
-        else:  # full fine-tuning: the policy before its first step is the reference
-            with distributed.gathered(policy):
-                table = dd.sequence_logps(policy, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
+        else:  # LoRA: the adapter disabled; full fine-tuning: the policy before its first step (no copy)
+            frozen = FrozenReference(policy, config.lora, copy=False)
+            # FSDP: gathered, as the ranks run different numbers of batches
+            with frozen.model() as ref, distributed.gathered(policy):
+                table = dd.sequence_logps(ref, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
         table = {k: v for part in distributed.gather(table) for k, v in part.items()}
         if len(table) != len({e.index for e in everything}):
             raise RuntimeError("reference log-probs: pairs missing after gathering the processes' parts")
@@ -202,43 +205,34 @@ def _micro(batch: list, size: int) -> list[list]:
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
-def accumulate(policy, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
-               total: int | None = None, dp: distributed.DataParallel | None = None) -> tuple[dict, int, bool]:
+def accumulate(policy, rule: OptimizerStep, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
+               total: int | None = None) -> tuple[dict, int]:
     """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
     ``total`` pairs of the step (default: this batch; under several processes, the global batch),
     so the gradient (summed over processes) equals one batch's. Returns (metrics weighted the same
-    way, tokens fed, all losses finite). ``dp``: the policy under DDP (data-parallel runs)."""
+    way, tokens fed); a non-finite loss stops it on a single process (``optim.py``'s rule)."""
     policy.train()
     sums: dict[str, float] = {}
     tokens = 0
-    sharded = distributed.is_sharded(policy)
-    finite = True
     micro = _micro(batch, config.micro_batch_size)
     for k, mb in enumerate(micro):
         w = len(mb) / (total or len(batch))
         last = k == len(micro) - 1
-        loss, metrics, n = distributed.run(dp, batch_loss, policy, mb, ref, config, pad_id, share, sync=last)
+        out = rule.forward(batch_loss, policy, mb, ref, config, pad_id, share, last=last)
+        if out is None:
+            break
+        loss, metrics, n = out
         tokens += n
-        if not torch.isfinite(loss):
-            if not sharded and dp is None:
-                return sums, tokens, False
-            finite = False  # FSDP, DDP: every rank runs every forward and backward (they communicate)
-        distributed.grad_sync(policy, last)  # FSDP: reduce once, in the last backward (DDP: sync=last)
-        (loss * w).backward()
-        if finite:
+        if rule.backward(loss, w, last):
             for key, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + w * v
-    return sums, tokens, finite
+    return sums, tokens
 
 
-def step_optimizer(policy, optimizer, scheduler, config: DPOConfig, finite: bool) -> dict:
-    """The optimizer step (skipped, gradients dropped, when a loss or the gradient is not finite)."""
-    if not finite:
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return {"nonfinite_steps": 1, "lr": scheduler.get_last_lr()[0]}
-    norm, ok = common.grad_step(policy, optimizer, scheduler, config.max_grad_norm)
-    return {"grad_norm": norm, "nonfinite_steps": 0 if ok else 1, "lr": scheduler.get_last_lr()[0]}
+def step_optimizer(rule: OptimizerStep) -> dict:
+    """The optimizer update (skipped, gradients dropped, when a loss or the gradient is not finite)."""
+    (norm,), ok = rule.step()
+    return {"grad_norm": norm, "nonfinite_steps": 0 if ok else 1}
 
 
 @torch.no_grad()
@@ -289,7 +283,7 @@ def _load_data(config: DPOConfig, tok, console):
         raise ValueError(f"{config.data}: no training pairs left ({stats.summary()})")
     greedy_rows, eval_spec = [], None
     if config.task:
-        from posttrain.tasks import get_task, task_info
+        from posttrain.data.tasks import get_task, task_info
 
         greedy_rows = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
         eval_spec = config.eval_reward or task_info(config.task).reward
@@ -313,7 +307,7 @@ def total_steps(config: DPOConfig, n_train: int) -> int:
     return config.max_steps
 
 
-def train_dpo(config: DPOConfig) -> common.RunResult:
+def train_dpo(config: DPOConfig) -> RunResult:
     """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
     validate(config)
     common.start(config)
@@ -327,7 +321,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     console = Console(stderr=True, quiet=not distributed.is_main())
     train, evals, stats, greedy_rows, eval_spec = _load_data(config, tok, console)
     config = dataclasses.replace(config, max_steps=total_steps(config, len(train)))
-    run = common.Run(config, "dpo", total_steps=config.max_steps)
+    run = Run(config, "dpo", total_steps=config.max_steps)
     console = run.tracker.console
     share = config.share_prompt and dd.supports_shared_prompt(policy)
     ref, ref_seconds = Reference.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
@@ -339,6 +333,7 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
     stream = common.PromptStream(train, config.seed)
     start, _ = run.restore(policy, optimizer, scheduler, stream)
     dp = distributed.data_parallel(policy)  # data-parallel runs: DDP reduces the gradients
+    rule = OptimizerStep(optimizer, [trainable_params(policy)], config.max_grad_norm, [policy], dp)
     pad = tok.pad_token_id
 
     def evaluate(step: int):
@@ -347,29 +342,24 @@ def train_dpo(config: DPOConfig) -> common.RunResult:
         if evals:
             record.update(preference_eval(policy, evals, ref, config, pad, share))
         if greedy_rows:
-            record.update(common.greedy_eval_sharded(policy, tok, greedy_rows, eval_spec, config.eval_max_new_tokens,
+            record.update(greedy_eval_sharded(policy, tok, greedy_rows, eval_spec, config.eval_max_new_tokens,
                                                      config.chat_template))
         if record:
             run.log_eval(step, {**record, "seconds": time.perf_counter() - t0})
 
-    if start == 0 and config.eval_at_start:
-        evaluate(0)
-    metrics: dict = {}
-    last = config.max_steps
-    for step in range(start + 1, config.max_steps + 1):
-        timer = common.StepTimer()
-        with common.Phase(timer, "update"):
-            with run.stop_safely(step, policy, optimizer, scheduler, stream):  # Ctrl-C: checkpoint, re-raise
-                batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
-                sums, tokens, finite = accumulate(policy, batch, ref, config, pad, share, total=config.batch_size,
-                                                  dp=dp)
-            smetrics = step_optimizer(policy, optimizer, scheduler, config, distributed.all_true(finite))
+    def collect_step(step: int, timer) -> tuple[dict, int]:
+        """The step's pairs and their backward passes (no weight changes: a Ctrl-C here checkpoints)."""
+        with Phase(timer, "update"):
+            batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
+            return accumulate(policy, rule, batch, ref, config, pad, share, total=config.batch_size)
+
+    def update_step(collected) -> loop.StepResult:
+        sums, tokens = collected
+        smetrics = step_optimizer(rule)
         metrics = {**distributed.reduce_metrics({**sums, "tokens": tokens}, sum_keys=[*sums, "tokens"]), **smetrics,
-                   "epoch": stream.epoch + stream.pos / len(train), **timer.metrics()}
-        metrics["tokens_per_s"] = tokens / max(1e-9, metrics["time/step"])
-        run.log(step, metrics)
-        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, policy, optimizer, scheduler, stream))
-        if step == last:
-            break
-    run.final_eval(last, evaluate)
+                   "epoch": stream.epoch + stream.pos / len(train)}
+        return loop.StepResult(metrics, tokens)
+
+    metrics = loop.train(loop.Trainer(run, policy, optimizer, scheduler, stream, collect_step, update_step, evaluate),
+                         start)
     return run.finish(policy, tok, metrics)

@@ -37,8 +37,9 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from posttrain.data import DataError, encode_prompt, is_conversational, prompt_text
-from posttrain.logprobs import DEFAULT_CHUNK_SIZE, head_logprobs, selective_log_softmax, split_model
+from posttrain.data import DataError, encode_prompt
+from posttrain.data.chat import completion_text
+from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, head_logprobs, selective_log_softmax, split_model
 
 CHOSEN, REJECTED = 0, 1
 
@@ -86,32 +87,6 @@ class TruncationStats:
 
 
 # ----------------------------------------------------------------------------------------- tokenize
-
-
-def _templated(tokenizer, prompt: Any, chat_template: bool) -> bool:
-    return is_conversational(prompt) or (chat_template and bool(getattr(tokenizer, "chat_template", None)))
-
-
-def completion_text(tokenizer, prompt: Any, completion: Any, chat_template: bool = True) -> str:
-    """The text a completion adds after ``prompt_text(prompt)`` (see the module docstring)."""
-    if not _templated(tokenizer, prompt, chat_template):
-        if is_conversational(completion):
-            raise ValueError("a conversational completion needs a chat template (or a conversational prompt)")
-        return completion + (tokenizer.eos_token or "")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("conversational data, but the tokenizer has no chat template")
-    p_msgs = prompt if is_conversational(prompt) else [{"role": "user", "content": prompt}]
-    c_msgs = completion if is_conversational(completion) else [{"role": "assistant", "content": completion}]
-    p_text = prompt_text(tokenizer, prompt, chat_template)
-    full = tokenizer.apply_chat_template(list(p_msgs) + list(c_msgs), tokenize=False)
-    if not full.startswith(p_text):
-        raise ValueError("the chat template renders the prompt differently once a completion follows it, "
-                         "so the completion cannot be cut off at the prompt's end")
-    text = full[len(p_text):]
-    eos = tokenizer.eos_token
-    if eos and (k := text.rfind(eos)) >= 0 and not text[k + len(eos):].strip():
-        text = text[:k + len(eos)]
-    return text
 
 
 def encode_pair(tokenizer, row: dict, chat_template: bool = True) -> tuple[list[int], list[int], list[int]]:

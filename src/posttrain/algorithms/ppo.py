@@ -2,7 +2,8 @@
 Stiennon et al. 2020 and Ouyang et al. 2022): a policy, a value model, a frozen reference and a
 reward (typically a trained reward model, ``reward_model(runs/<rm>/final)``).
 
-Each step reads as the GRPO trainer's stages, with the critic in the middle:
+Each step reads as the GRPO trainer's stages, with the critic in the middle (the loop, checkpoints
+and evaluations are ``loop.py``'s, the same for every trainer):
 
     batch   = collect(policy, prompts, group_size)                      # generate (no grad) + score
     r_t     = -kl_coef * (logp_old - logp_ref)_t  (+ R at the last token) # per-token reward (k1)
@@ -24,12 +25,14 @@ Choices and departures:
   last valid token's successor is terminal (no bootstrap), ``gamma=1`` by default.
 - Policy and critic get separate learning rates (``value_lr``, default 10x the policy's) and
   separate gradient clipping, in one optimizer with two parameter groups. The learning-rate
-  schedule advances once per PPO step, whatever ``ppo_epochs`` x ``minibatches`` is.
+  schedule advances once per PPO step, whatever ``ppo_epochs`` x ``minibatches`` is (as in every
+  trainer: ``loop.py``).
 - The KL coefficient is fixed (doctrine 0.1) unless ``kl_target`` is set: then Ziegler et al.'s
   adaptive controller (``ppo_parts.KLController``) moves it after every batch.
 - Old log-probs, values and reference log-probs are computed in no-grad passes before the update;
   log-probs use the sampling temperature. A completion no reward could judge (None) is masked out
-  of both losses; a non-finite loss or gradient skips the step (``nonfinite_steps``).
+  of both losses; a non-finite loss or gradient skips that minibatch's update (``nonfinite_steps``;
+  the rule of ``optim.py``, the same in every trainer).
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
 - Under several processes each takes 1/N of the prompts; every process splits its part into
@@ -60,27 +63,29 @@ from typing import Literal, Optional
 
 import torch
 
-from posttrain import advantages as advmod
-from posttrain import distributed, losses
+from posttrain.objectives import advantages as advmod
 from posttrain import rewards as rw
-from posttrain.algorithms import common
-from posttrain.algorithms.grpo import _samples, micro_batches
-from posttrain.algorithms.ppo_parts import (KLController, Reference, build_optimizer, explained_variance, grad_step,
-                                            make_value_model, policy_params, token_rewards)
-from posttrain.algorithms.rollout import ScoredBatch, collect, step_metrics, tokens_of
-from posttrain.generation import SamplingConfig
-from posttrain.grouped import rollout_logprobs
-from posttrain.rollout_model import rollout_model
-from posttrain.value_head import TrainState, ValueModel
+from posttrain.algorithms import common, loop
+from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
+                                          tokens_of)
+from posttrain.algorithms.optim import OptimizerStep
+from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, explained_variance, make_value_model,
+                                            policy_params, token_rewards)
+from posttrain.algorithms.reference import Reference
+from posttrain.algorithms.run import Run, RunResult, greedy_eval_sharded
+from posttrain.objectives import losses
+from posttrain.objectives.grouped import rollout_logprobs
+from posttrain.objectives.value_head import TrainState, ValueModel
+from posttrain.runtime import distributed
+from posttrain.sampling.rollout_model import rollout_model
 
-FULL_FT_LR = 1e-6
-"""The doctrine's RL learning rate (times 10 with LoRA)."""
+FULL_FT_LR = common.RL_FULL_FT_LR
 VALUE_LR_MULTIPLIER = 10.0
 """Critic learning rate / policy learning rate by default (OpenRLHF's defaults: 9e-6 vs 5e-7)."""
 
 
 @dataclasses.dataclass
-class PPOConfig(common.TrainConfig):
+class PPOConfig(common.RolloutConfig):
     """PPO with a value model and a KL penalty to the reference (reward model or any reward).
 
     Memory: PPO trains a second network, the critic. With ``value_model=adapter`` (the default
@@ -92,23 +97,8 @@ class PPOConfig(common.TrainConfig):
     A reward model used as the reward is one more frozen model in memory.
     """
 
-    reward: Optional[str] = None
-    """Reward spec: 'reward_model(runs/rm/final)', any registered reward, or a weighted combination (default: the task's)."""
-    eval_reward: Optional[str] = None
-    """Reward used for held-out evaluation (default: the task's reward, else --reward)."""
-    prompts_per_step: int = 8
-    """Prompts per step, over all processes (a multiple of their number, each samples prompts_per_step / N);
-    a rollout batch holds prompts_per_step x group_size completions."""
     group_size: int = 1
     """Completions sampled per prompt (1 = classic PPO; the critic is the baseline either way)."""
-    max_new_tokens: int = 256
-    """Completion length limit."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1 = off)."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
     clip_ratio: float = 0.2
     """PPO clip: the probability ratio is kept within [1 - clip_ratio, 1 + clip_ratio] (doctrine 0.2)."""
     kl_coef: float = 0.1
@@ -141,20 +131,10 @@ class PPOConfig(common.TrainConfig):
     """Critic learning rate (default: 10x the policy's: a fresh head must fit the returns quickly)."""
     reduce: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How the per-token policy loss is reduced."""
-    chat_template: bool = True
-    """Wrap plain-string prompts in the tokenizer's chat template."""
-    samples_per_step: int = 2
-    """Groups per step written to samples.jsonl for human review."""
-    eval_max_new_tokens: int = 0
-    """Completion limit during evaluation (0 = max_new_tokens)."""
 
     @property
     def method(self) -> str:
         return "ppo"
-
-
-def _index(mb: torch.Tensor, G: int) -> torch.Tensor:
-    return (mb[:, None] * G + torch.arange(G)[None, :]).reshape(-1)
 
 
 @torch.no_grad()
@@ -169,10 +149,11 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     ref_BC = torch.zeros(mask_BC.shape)
     v_BC = torch.zeros(mask_BC.shape)
     for mb in micro_batches(r.num_prompts, -(-r.num_prompts // config.minibatches)):
-        b = _index(mb, G)
+        b = group_rows(mb, G)
         old_BC[b] = rollout_logprobs(policy, r, T, rows=mb)
         if reference is not None:
-            ref_BC[b] = reference.logprobs(r, T, mb)
+            with reference.model() as ref_model:
+                ref_BC[b] = rollout_logprobs(ref_model, r, T, rows=mb)
         v_BC[b] = critic.values(r, rows=mb).float()
     kl_BC = (old_BC - ref_BC) * mask_BC if reference is not None else torch.zeros_like(old_BC)  # k1
     rewards_BC = token_rewards(batch.rewards_B, kl_BC, mask_BC, kl_coef)
@@ -194,11 +175,11 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     return {"mask": mask_BC, "old": old_BC, "values": v_BC, "adv": adv_BC, "returns": returns_BC, "stats": stats}
 
 
-def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, batch: ScoredBatch, ro: dict,
-           generator: torch.Generator, param_sets, dp: distributed.DataParallel | None = None) -> dict:
+def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, batch: ScoredBatch, ro: dict,
+           generator: torch.Generator) -> dict:
     """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
-    one optimizer step each. Returns the update's metrics (means over all minibatch steps).
-    ``dp``: policy and critic under DDP (data-parallel runs)."""
+    one optimizer update each (``rule``: the policy and the critic clipped separately). Returns the
+    update's metrics (means over the updates taken)."""
     r = batch.rollouts
     P, G = r.num_prompts, r.group_size
     size = -(-P // config.minibatches)
@@ -212,8 +193,9 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
         """The minibatch's weighted loss and its parts (through DDP's forward in data-parallel runs)."""
         m = mask_BC[b]
         logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
-        pg, pm = losses.policy_loss(logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio,
-                                    config.reduce, max_len=config.max_new_tokens)
+        pg, pm = losses.POLICY_LOSSES[config.policy_loss].compute(
+            logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio, config.reduce,
+            max_len=config.max_new_tokens)
         ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
         v = critic.values(r, rows=mb)
         vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
@@ -226,16 +208,12 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
         order = torch.randperm(P, generator=generator)
         for i in range(0, P, size):
             mb = order[i:i + size]
-            loss, pg, vl, pm, em, vm = distributed.run(dp, minibatch_loss, mb, _index(mb, G))
-            finite = distributed.all_true(bool(torch.isfinite(loss)))
-            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
-                loss.backward()
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
+            loss, pg, vl, pm, em, vm = rule.forward(minibatch_loss, mb, group_rows(mb, G))
+            rule.backward(loss)
+            (norm_p, norm_v), ok = rule.step()
+            if not ok:
                 nonfinite += 1
                 continue
-            norm_p, norm_v, ok = grad_step(*param_sets, optimizer, config.max_grad_norm)
-            nonfinite += 0 if ok else 1
             stats = {"loss": loss.detach(), "pg_loss": pg.detach(), "value_loss": vl.detach(),
                      "clip_frac": pm["clip_frac"], "approx_kl": pm["approx_kl"], "ratio/mean": pm["ratio/mean"],
                      "entropy": em["entropy"], "value_clip_frac": vm["value_clip_frac"], "grad_norm": norm_p,
@@ -243,16 +221,15 @@ def update(policy, critic: ValueModel, optimizer, scheduler, config: PPOConfig, 
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_steps += 1
-    scheduler.step()  # the schedule counts PPO steps (warmup_steps, max_steps), not minibatch updates
     metrics = distributed.reduce_metrics({k: v / max(1, n_steps) for k, v in sums.items()}, sum_keys=["loss"])
     lengths = r.completion_mask_BC.sum(1).float()
-    metrics.update({"nonfinite_steps": nonfinite, "lr": scheduler.get_last_lr()[0], "len/mean": float(lengths.mean()),
+    metrics.update({"nonfinite_steps": nonfinite, "len/mean": float(lengths.mean()),
                     "len/clipped_frac": float(r.clipped_B.float().mean()),
                     "adv/abs_mean": float(losses.masked_mean(adv_BC.abs(), mask_BC))})
     return distributed.reduce_metrics(metrics)
 
 
-def train_ppo(config: PPOConfig) -> common.RunResult:
+def train_ppo(config: PPOConfig) -> RunResult:
     """Train with PPO; returns the run directory and metrics. ``final/`` holds the policy and
     ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
     if config.ppo_epochs < 1 or config.minibatches < 1:
@@ -269,16 +246,16 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     reward_fn = rw.from_spec(reward_spec)
     eval_spec = config.eval_reward or task_reward or reward_spec
     eval_fn = reward_fn if eval_spec == reward_spec else rw.from_spec(eval_spec)
-    run = common.Run(config, "ppo", total_steps=config.max_steps)
+    run = Run(config, "ppo", total_steps=config.max_steps)
     policy, tok = common.load_policy(config)
     use_ref = config.kl_coef > 0 or config.kl_target is not None
-    reference = Reference(policy, config) if use_ref else None
+    reference = Reference(policy, config.lora) if use_ref else None
     critic = make_value_model(config, policy, config.seed)
     distributed.sync_params(critic.parameters())  # the critic starts identical on every process too
+    separate = critic.model if critic.adapter is None else None
     # FSDP: the policy's layers (with the value adapter's LoRA weights), a separate critic's and a
     # frozen reference copy's; before the optimizer (sharding replaces the parameters)
-    if common.shard(config, policy, reference.copy if reference else None,
-                    critic.model if critic.adapter is None else None):
+    if common.shard(config, policy, reference.copy if reference else None, separate):
         critic.refresh()
     rollout = rollout_model(policy, config.rollout_dtype)
     lr = common.resolve_lr(config, FULL_FT_LR)
@@ -291,42 +268,39 @@ def train_ppo(config: PPOConfig) -> common.RunResult:
     run.generators["minibatch"] = mb_gen = torch.Generator().manual_seed(config.seed + 1)
     kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
     start, extra = run.restore(policy, state, scheduler, stream)
-    dp = distributed.data_parallel(policy, critic.head, critic.model if critic.adapter is None else None,
+    dp = distributed.data_parallel(policy, critic.head, separate,
                                    read=[policy, critic.head, critic.trunk])  # data-parallel runs: DDP
+    # the policy's and the critic's gradients are clipped separately (``ppo_parts.build_optimizer``)
+    rule = OptimizerStep(optimizer, param_sets, config.max_grad_norm, [policy, separate], dp)
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
-    sampling = SamplingConfig(config.temperature, config.top_p, config.top_k, config.max_new_tokens)
+    sampling = config.sampling()
     eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
 
     def evaluate(step: int):
         if eval_rows:
-            run.log_eval(step, common.greedy_eval_sharded(policy, tok, eval_rows, eval_fn, eval_tokens,
+            run.log_eval(step, greedy_eval_sharded(policy, tok, eval_rows, eval_fn, eval_tokens,
                                                           config.chat_template))
 
-    if start == 0 and config.eval_at_start:
-        evaluate(0)
-    metrics: dict = {}
-    last = config.max_steps
-    for step in range(start + 1, config.max_steps + 1):
-        timer = common.StepTimer()
+    def collect_step(step: int, timer) -> tuple[ScoredBatch, dict]:
         policy.eval()
-        with run.stop_safely(step, policy, state, scheduler, stream, extra={"kl_coef": kl_ctl.value}):
-            batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
-                                      reward_fn, sampler_gen, config.chat_template, rollout=rollout)
+        batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
+                                  reward_fn, sampler_gen, config.chat_template, rollout=rollout)
         for k in ("time/gen", "time/score"):
             timer.add(k[5:], cmetrics.pop(k))
-        with common.Phase(timer, "update"):
-            ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
-            umetrics = update(policy, critic, optimizer, scheduler, config, batch, ro, mb_gen, param_sets, dp)
+        return batch, cmetrics
+
+    def update_step(collected) -> loop.StepResult:
+        batch, cmetrics = collected
+        ro = rollout_stats(policy, critic, reference, config, batch, kl_ctl.value)
+        umetrics = update(policy, critic, rule, config, batch, ro, mb_gen)
         if "kl/seq" in ro["stats"]:
             kl_ctl.update(ro["stats"]["kl/seq"], int(distributed.all_sum(batch.valid_B.sum())))
-        metrics = {**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics, **timer.metrics()}
-        metrics["tokens_per_s"] = tokens_of(batch) / max(1e-9, metrics["time/step"])
-        run.log(step, metrics, _samples(batch, config.samples_per_step))
-        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, policy, state, scheduler, stream,
-                                                                          extra={"kl_coef": kl_ctl.value}))
-        if step == last:
-            break
-    run.final_eval(last, evaluate)
+        return loop.StepResult({**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics},
+                               tokens_of(batch), review_samples(batch, config.samples_per_step))
+
+    trainer = loop.Trainer(run, policy, state, scheduler, stream, collect_step, update_step, evaluate,
+                           extra=lambda: {"kl_coef": kl_ctl.value})
+    metrics = loop.train(trainer, start)
     full = distributed.full_state_dict(critic.model) if distributed.is_sharded(critic.model) else None  # every rank
     if distributed.is_main():
         critic.save(run.run_dir / "final" / "value", tok, {"format": "posttrain-value-model"}, state_dict=full)

@@ -1,18 +1,17 @@
-"""PPO's parts that are not the loop: the KL controllers, per-token rewards, explained variance,
-the value model's construction, the reference, and the optimizer step over policy + value."""
+"""PPO's parts that are not the loop: the KL controller, per-token rewards, explained variance,
+the value model's construction, and the optimizer over policy + value (two parameter groups,
+clipped separately by ``optim.OptimizerStep``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
 
-from posttrain import distributed
 from posttrain.algorithms import common
-from posttrain.grouped import rollout_logprobs
-from posttrain.value_head import ValueHead, ValueModel, adapter_params, clip_and_norm, hidden_size, keep_requires_grad
+from posttrain.objectives import advantages as advmod
+from posttrain.objectives.value_head import ValueHead, ValueModel, adapter_params, hidden_size
 
 VALUE_ADAPTER = "value"
 
@@ -52,17 +51,9 @@ class KLController:
 
 
 def token_rewards(rewards_B: torch.Tensor, kl_BC: torch.Tensor, mask_BC: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """``r_BC``: ``-kl_coef * kl`` on every valid token, plus the sequence reward on the last valid
-    token (Ziegler et al. 2019; Ouyang et al. 2022). 0 on masked tokens and on sequences without
-    a valid token."""
-    valid_BC = mask_BC != 0
-    r_BC = torch.where(valid_BC, -kl_coef * kl_BC.float(), torch.zeros((), dtype=torch.float32))
-    B, C = mask_BC.shape
-    has_B = valid_BC.any(-1)
-    last_B = torch.where(valid_BC, torch.arange(C).expand(B, C), -1).max(-1).values.clamp(min=0)
-    r_BC = r_BC.clone()
-    r_BC[has_B, last_B[has_B]] += torch.nan_to_num(rewards_B.float())[has_B]
-    return r_BC
+    """``advantages.token_rewards`` with an unjudged (NaN) sequence reward counted as 0: ``-kl_coef *
+    kl`` on every valid token plus the sequence reward on the last one."""
+    return advmod.token_rewards(torch.nan_to_num(rewards_B.float()), kl_BC.float(), mask_BC, kl_coef)
 
 
 def explained_variance(values_BC: torch.Tensor, returns_BC: torch.Tensor, mask_BC: torch.Tensor) -> float:
@@ -120,37 +111,3 @@ def build_optimizer(policy_ps, value_ps, config, lr: float, value_lr: float) -> 
     if not policy_ps or not value_ps:
         raise ValueError("PPO needs trainable policy and value parameters")
     return common.adamw([{"params": policy_ps, "lr": lr}, {"params": value_ps, "lr": value_lr}], lr, config.weight_decay)
-
-
-def grad_step(policy_ps, value_ps, optimizer, max_grad_norm: float) -> tuple[float, float, bool]:
-    """Clip the policy's and the critic's gradients separately (their scales differ: the value
-    loss's gradient is often much larger early on and would shrink the policy's update under one
-    global clip), then step. A non-finite norm drops the gradients and skips the step. The
-    learning-rate schedule is advanced by the caller, once per PPO step. Under several processes
-    both sets' gradients are summed over them (by DDP in backward, or here: the replicated ones
-    under FSDP)."""
-    distributed.sum_gradients([*policy_ps, *value_ps])
-    norm_p = clip_and_norm(policy_ps, max_grad_norm)
-    norm_v = clip_and_norm(value_ps, max_grad_norm)
-    ok = math.isfinite(norm_p) and math.isfinite(norm_v)
-    if ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm_p, norm_v, ok
-
-
-class Reference:
-    """Log-probs under the frozen reference: every adapter disabled (LoRA; this also switches off
-    the value adapter, whose trainable flag is kept) or a frozen copy made before training (full
-    fine-tuning)."""
-
-    def __init__(self, policy, config):
-        self.policy = policy
-        self.copy = None if config.lora else common.frozen_copy(policy)
-
-    @torch.no_grad()
-    def logprobs(self, rollouts, temperature: float, rows: torch.Tensor) -> torch.Tensor:
-        if self.copy is not None:
-            return rollout_logprobs(self.copy, rollouts, temperature, rows=rows)
-        with keep_requires_grad(self.policy), self.policy.disable_adapter():
-            return rollout_logprobs(self.policy, rollouts, temperature, rows=rows)

@@ -40,17 +40,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from posttrain import distributed
-from posttrain.algorithms import common
+from posttrain.runtime import distributed
+from posttrain.algorithms import common, loop
+from posttrain.algorithms.optim import OptimizerStep, trainable_params
+from posttrain.algorithms.run import Phase, Run, RunResult
+from posttrain.objectives.losses import bradley_terry_loss
+from posttrain.rewards.reward_model import RewardModel, load_reward_model  # noqa: F401 (public API, moved)
 from posttrain.models import sft_lora_rank
-from posttrain.value_head import TrainState, ValueHead, hidden_size, load_head, save_head, sequence_scores, trunk_of
+from posttrain.objectives.value_head import TrainState, ValueHead, hidden_size, save_head, sequence_scores, trunk_of
 
 FULL_FT_LR = 1e-5
 """Full fine-tuning learning rate of a reward model (InstructGPT: 9e-6; times 10 with LoRA)."""
@@ -82,27 +84,6 @@ class RewardModelConfig(common.TrainConfig):
     @property
     def method(self) -> str:
         return "rm"
-
-
-def bradley_terry_loss(r_chosen_B: torch.Tensor, r_rejected_B: torch.Tensor, margin_B: torch.Tensor | None = None,
-                       center_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``mean(-logsigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)``; returns
-    ``(loss, metrics)`` with ``bt_loss``, ``center_loss``, ``rewards/accuracy`` (r_c > r_r),
-    ``rewards/margin`` (mean r_c - r_r), ``rewards/chosen`` and ``rewards/rejected``."""
-    diff_B = r_chosen_B - r_rejected_B
-    if margin_B is not None:
-        diff_B = diff_B - margin_B.to(diff_B.dtype)
-    bt = -F.logsigmoid(diff_B).mean()
-    center = ((r_chosen_B + r_rejected_B) ** 2).mean()
-    loss = bt + center_coef * center if center_coef else bt
-    with torch.no_grad():
-        metrics = {
-            "bt_loss": bt.detach(), "center_loss": center.detach(),
-            "rewards/accuracy": (r_chosen_B > r_rejected_B).float().mean(),
-            "rewards/margin": (r_chosen_B - r_rejected_B).mean(),
-            "rewards/chosen": r_chosen_B.mean(), "rewards/rejected": r_rejected_B.mean(),
-        }
-    return loss, metrics
 
 
 def pair_scores(trunk, head: ValueHead, examples: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +125,7 @@ def _rows(config: RewardModelConfig) -> tuple[list[dict], list[dict]]:
             raise ValueError("give exactly one of --data FILE or --task NAME")
         if config.task != "arithmetic":
             raise ValueError(f"task {config.task!r} has no preference pairs; built in: arithmetic (or pass --data)")
-        from posttrain.tasks.arithmetic_prefs import arithmetic_preferences
+        from posttrain.data.tasks.arithmetic_prefs import arithmetic_preferences
 
         return (arithmetic_preferences(config.task_size, config.seed, "train"),
                 arithmetic_preferences(config.eval_size, config.seed, "test"))
@@ -152,14 +133,14 @@ def _rows(config: RewardModelConfig) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def train_reward_model(config: RewardModelConfig) -> common.RunResult:
+def train_reward_model(config: RewardModelConfig) -> RunResult:
     """Train a reward model on preference pairs; returns the run (``final/`` is the model)."""
     from posttrain.algorithms.dpo_data import encode_pairs
 
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
-    run = common.Run(config, "rm", total_steps=config.max_steps)
+    run = Run(config, "rm", total_steps=config.max_steps)
     model, tok = common.load_policy(config, lora_rank_for=sft_lora_rank)
     encode = functools.partial(encode_pairs, tok, chat_template=config.chat_template, max_length=config.max_length,
                                max_prompt_length=config.max_prompt_length)
@@ -176,130 +157,43 @@ def train_reward_model(config: RewardModelConfig) -> common.RunResult:
     stream = common.PromptStream(examples, config.seed)
     start, _ = run.restore(model, state, scheduler, stream)
     dp = distributed.data_parallel(model, head, read=[trunk, head])  # data-parallel runs: DDP reduces the gradients
+    rule = OptimizerStep(optimizer, [trainable_params(both)], config.max_grad_norm, [model], dp)
     pad_id = tok.pad_token_id
 
     def evaluate(step: int):
         if eval_examples:
             run.log_eval(step, evaluate_pairs(trunk, head, eval_examples, eval_rows, pad_id, config))
 
-    if start == 0 and config.eval_at_start:
-        evaluate(0)
-    metrics: dict[str, Any] = {}
-    last = config.max_steps
-    for step in range(start + 1, config.max_steps + 1):
-        timer = common.StepTimer()
-        batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
-        share = len(batch) / config.batch_size  # of the global batch: the processes' gradients add up to its
-        model.train(), head.train()
-        with common.Phase(timer, "update"):
-            def batch_loss():
-                rc, rr = pair_scores(trunk, head, batch, pad_id)
-                return bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
+    def batch_loss(batch):
+        rc, rr = pair_scores(trunk, head, batch, pad_id)
+        return bradley_terry_loss(rc, rr, _margins(train_rows, batch, config.margin_column), config.center_coef)
 
-            loss, m = distributed.run(dp, batch_loss)
-            finite = distributed.all_true(bool(torch.isfinite(loss)))
-            if finite or dp is not None:  # DDP: every rank runs every backward; a non-finite step is dropped
-                (loss * share).backward()
-            if finite:
-                norm, ok = common.grad_step(both, optimizer, scheduler, config.max_grad_norm)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                norm, ok = float("nan"), False
+    def collect_step(step: int, timer):
+        """The step's pairs, scored, and the backward pass (no weight changes yet)."""
+        with Phase(timer, "update"):
+            batch = stream.take(config.batch_size)[distributed.shard(config.batch_size)]
+            share = len(batch) / config.batch_size  # of the global batch: the processes' gradients add up to it
+            model.train(), head.train()
+            loss, m = rule.forward(functools.partial(batch_loss, batch))
+            rule.backward(loss, share)
+            return batch, share, loss, m
+
+    def update_step(collected) -> loop.StepResult:
+        batch, share, loss, m = collected
+        (norm,), ok = rule.step()
         shares = {"loss": float(loss.detach()) * share, **{k: float(v) * share for k, v in m.items()},
                   "tokens": sum(e.shared_length for e in batch)}
         metrics = {**distributed.reduce_metrics(shares, sum_keys=shares), "grad_norm": norm,
-                   "nonfinite_steps": 0 if ok else 1, "lr": scheduler.get_last_lr()[0], **timer.metrics()}
-        metrics["tokens_per_s"] = metrics.pop("tokens") / max(1e-9, metrics["time/step"])
-        run.log(step, metrics)
-        last = run.end_step(step, last, evaluate, lambda s: run.checkpoint(s, model, state, scheduler, stream))
-        if step == last:
-            break
-    run.final_eval(last, evaluate)
+                   "nonfinite_steps": 0 if ok else 1}
+        return loop.StepResult(metrics, metrics.pop("tokens"))
+
+    metrics = loop.train(loop.Trainer(run, model, state, scheduler, stream, collect_step, update_step, evaluate), start)
     meta = {"format": FORMAT, "chat_template": config.chat_template, "max_length": config.max_length,
             "max_prompt_length": config.max_prompt_length,
             "eval": {k: v for k, v in (run.evals[-1] if run.evals else {}).items() if k != "examples"}}
     if distributed.is_main():
         save_head(head, run.run_dir / "final", meta)
     return run.finish(model, tok, metrics)
-
-
-# --------------------------------------------------------------------------------------- loading
-
-
-class RewardModel:
-    """A trained reward model: ``score(prompts, responses)`` -> one float per response."""
-
-    def __init__(self, model, tokenizer, head: ValueHead, meta: dict | None = None):
-        self.model, self.tokenizer, self.head = model, tokenizer, head
-        self.meta = dict(meta or {})
-        self.trunk = trunk_of(model)
-        self.chat_template = bool(self.meta.get("chat_template", True))
-        self.max_length = int(self.meta.get("max_length", 512))
-        self.max_prompt_length = int(self.meta.get("max_prompt_length", 256))
-
-    def encode(self, prompt: Any, response: Any) -> tuple[list[int], list[int]]:
-        """Token ids of (prompt, response) as in training (``dpo_data``), with its truncation."""
-        from posttrain.algorithms.dpo_data import completion_text
-        from posttrain.data import encode_prompt
-
-        p = encode_prompt(self.tokenizer, prompt, self.chat_template)
-        text = completion_text(self.tokenizer, prompt, "" if response is None else response, self.chat_template)
-        c = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(p) + len(c) > self.max_length:
-            p = p[-self.max_prompt_length:] if len(p) > self.max_prompt_length else p
-            c = c[:max(1, self.max_length - len(p))]
-        return p, c
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[Any], responses: Sequence[Any], batch_size: int = 16) -> list[float]:
-        """Scores in batches, no grad. Consecutive runs of one prompt (a group of completions) share
-        the prompt's forward pass."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        self.head.eval()
-        G = _run_length(prompts)
-        step = max(G, batch_size // G * G)
-        out: list[float] = []
-        for i in range(0, len(responses), step):
-            enc = [self.encode(p, r) for p, r in zip(prompts[i:i + step], responses[i:i + step])]
-            s = sequence_scores(self.trunk, self.head, [e[0] for e in enc[::G]], [e[1] for e in enc],
-                                self.tokenizer.pad_token_id)
-            out.extend(float(v) for v in s)
-        return out
-
-
-def _run_length(prompts: Sequence[Any]) -> int:
-    """G when ``prompts`` is made of consecutive runs of exactly G equal prompts, else 1."""
-    g = 1
-    while g < len(prompts) and prompts[g] == prompts[0]:
-        g += 1
-    if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
-        return 1
-    return g
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A reward model directory, or a run directory holding one in ``final/``."""
-    p = Path(path).expanduser()
-    if not (p / "value_head.safetensors").is_file() and (p / "final" / "value_head.safetensors").is_file():
-        p = p / "final"
-    return p
-
-
-def load_reward_model(path: str | Path, device: str = "cpu", merge: bool = True) -> RewardModel:
-    """Load a reward (or value) model directory written by ``train_reward_model`` (or a PPO run's
-    ``final/value``). ``merge`` folds a LoRA adapter into the weights: faster scoring, the same
-    function up to float rounding."""
-    from posttrain.models import load_model, resolve_device
-
-    p = resolve_path(path)
-    head, meta = load_head(p, resolve_device(device))
-    model, tok = load_model(str(p), device=resolve_device(device))
-    if merge and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.eval()
-    return RewardModel(model, tok, head, meta)
 
 
 __all__ = ["RewardModelConfig", "train_reward_model", "bradley_terry_loss", "RewardModel", "load_reward_model",

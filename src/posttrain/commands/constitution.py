@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.config import ConfigError
+    from posttrain.runtime.config import ConfigError
     from posttrain.data import DataError, load_rows
     from posttrain.rlaif.backends import LocalBackend
     from posttrain.rlaif.config import JudgeConfig

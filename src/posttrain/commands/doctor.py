@@ -1,6 +1,6 @@
 """`posttrain doctor runs/<name>`: diagnose a run from its metrics and samples.
 
-Replays the doctor's rules (posttrain.doctor) over the run's metrics.jsonl and samples.jsonl and
+Replays the doctor's rules (posttrain.doctrine.doctor) over the run's metrics.jsonl and samples.jsonl and
 prints each problem at the step it appeared: symptom, likely cause and fix, from the doctrine's
 debugging table and reward-hacking section. Thresholds can be changed with --set name=value.
 Exit code 0 when no error-level event fired, 1 otherwise.
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _thresholds(pairs: list[str]) -> dict:
     import dataclasses
 
-    from posttrain.doctor import Thresholds
+    from posttrain.doctrine.doctor import Thresholds
 
     fields = {f.name: f.type for f in dataclasses.fields(Thresholds)}
     out = {}
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain.doctor import RULES, diagnose
-    from posttrain.tracking import read_jsonl
+    from posttrain.doctrine.doctor import RULES, diagnose
+    from posttrain.runtime.tracking import read_jsonl
 
     err = Console(stderr=True)
     run_dir = Path(args.run_dir)

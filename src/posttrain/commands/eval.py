@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _rows(args):
     from posttrain.data import load_rows
-    from posttrain.tasks import get_task, task_info
+    from posttrain.data.tasks import get_task, task_info
 
     if args.task:
         return get_task(args.task, args.split, n=args.n, seed=args.seed), args.reward or task_info(args.task).reward
@@ -46,10 +46,10 @@ def _evaluate(spec: str, args, rows, reward):
 
     model, tok = load_model(spec)
     if args.suite == "sycophancy":
-        from posttrain.adversarial.sycophancy import run_sycophancy
+        from posttrain.doctrine.adversarial.sycophancy import run_sycophancy
 
         return run_sycophancy(model, tok, max_new_tokens=args.max_new_tokens)
-    from posttrain.evaluate import greedy_eval
+    from posttrain.algorithms.evaluate import greedy_eval
 
     return greedy_eval(model, tok, rows, reward, args.max_new_tokens, args.batch_size, examples=args.examples)
 

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.config import ConfigError
+    from posttrain.runtime.config import ConfigError
     from posttrain.data import DataError
     from posttrain.rlaif.judges import Judge, JudgeFailureRate
     from posttrain.rlaif.labeling import label_rows, load_response_rows

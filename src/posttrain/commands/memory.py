@@ -1,4 +1,4 @@
-"""`posttrain memory`: estimate peak memory of a run from a stated formula (posttrain.memory).
+"""`posttrain memory`: estimate peak memory of a run from a stated formula (posttrain.doctrine.memory).
 
     posttrain memory --model 8B --method grpo                 # full fine-tuning
     posttrain memory --model 8B --method grpo --lora          # LoRA with the doctrine's rank
@@ -18,7 +18,7 @@ HELP = "Estimate peak memory for a method x model size x LoRA, with the breakdow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from posttrain.memory import DTYPE_BYTES, METHODS, OPTIMIZER_BYTES
+    from posttrain.doctrine.memory import DTYPE_BYTES, METHODS, OPTIMIZER_BYTES
 
     parser.add_argument("--model", default="8B", help="a size (8B, 135M) or a model spec (read from its config)")
     parser.add_argument("--method", default="grpo", choices=METHODS)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain import memory
+    from posttrain.doctrine import memory
 
     console = Console()
     if args.doctrine_table:

@@ -6,7 +6,7 @@
 Samples --n completions per prompt, scores them with --reward (default: the task's reward), and
 writes the best (chosen) and the worst (rejected) as a TRL preference row with their scores.
 Prompts whose samples all score the same are skipped and counted. Interrupted? Run the same
-command again: prompts already done are skipped (see posttrain.pairs).
+command again: prompts already done are skipped (see posttrain.algorithms.pairs).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_prompts(args) -> tuple[list[dict], str | None]:
     """(prompt rows, the task's reward spec or None)."""
     if args.task:
-        from posttrain.tasks import get_task, task_info
+        from posttrain.data.tasks import get_task, task_info
 
         info = task_info(args.task)
         if args.split not in info.splits:
@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     from posttrain import rewards
     from posttrain.data import DataError
-    from posttrain.generation import SamplingConfig
+    from posttrain.sampling.generation import SamplingConfig
     from posttrain.models import ModelError, load_model, resolve_device
-    from posttrain.pairs import make_pairs
-    from posttrain.rollout_model import rollout_model
+    from posttrain.algorithms.pairs import make_pairs
+    from posttrain.sampling.rollout_model import rollout_model
 
     err = Console(stderr=True)
     try:

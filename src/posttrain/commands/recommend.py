@@ -1,4 +1,4 @@
-"""`posttrain recommend`: which method to use, and why (the doctrine's decision tree, posttrain.select).
+"""`posttrain recommend`: which method to use, and why (the doctrine's decision tree, posttrain.doctrine.select).
 
     posttrain recommend --data prefs.jsonl
     posttrain recommend --data math.jsonl --model 8B --gpu-memory 24GB
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from posttrain.data import DataError
-    from posttrain.select import recommend
+    from posttrain.doctrine.select import recommend
 
     err = Console(stderr=True)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

@@ -1,4 +1,4 @@
-"""`posttrain report runs/<name>`: write the run's report.html with PNG plots (posttrain.report).
+"""`posttrain report runs/<name>`: write the run's report.html with PNG plots (posttrain.doctrine.report).
 
 Reward vs KL on one figure, length, entropy, clip fraction, each reward function, loss, held-out
 evaluations, the doctor's events on the timeline, and sample completions from early and late in
@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from posttrain.report import write_report
+    from posttrain.doctrine.doctor import run_events
+    from posttrain.doctrine.report import write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "evals.jsonl").is_file():
         print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)")
         return 2
-    path = write_report(run_dir)
+    path = write_report(run_dir, events=run_events(run_dir))  # doctor.jsonl, else a fresh diagnosis
     pngs = sorted(p.name for p in run_dir.glob("*.png"))
     print(f"wrote {path} ({len(pngs)} plots: {', '.join(pngs)})")
     return 0

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain import tasks
+    from posttrain.data import tasks
 
     console, err = Console(width=max(120, Console().width)), Console(stderr=True)
     action = getattr(args, "action", None) or "list"

@@ -1,7 +1,8 @@
 """`posttrain train <method>`: run a trainer from a YAML config and/or flags.
 
-Each method is a dataclass config plus a train function, listed in METHODS; the flags come from the
-dataclass fields (see posttrain.config), so a method added there gets its CLI for free. Precedence:
+Each method is a dataclass config plus a train function, imported directly in ``methods()``; the
+flags come from the dataclass fields (see ``posttrain.runtime.config``), so a method added there
+gets its CLI for free. Precedence:
 dataclass defaults < ``--config run.yaml`` < flags. ``--resume runs/<name>`` continues a run from
 its newest checkpoint, with the run's saved config.yaml as the base.
 """
@@ -9,45 +10,42 @@ its newest checkpoint, with the run's saved config.yaml as the base.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 HELP = "Train with a method: grpo, dpo, rm, ppo, or auto (the doctrine's decision tree picks)."
 
-# method -> (module, config class, train function)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "grpo": ("posttrain.algorithms.grpo", "GRPOConfig", "train_grpo"),
-    "dpo": ("posttrain.algorithms.dpo", "DPOConfig", "train_dpo"),
-    "rm": ("posttrain.algorithms.reward_model", "RewardModelConfig", "train_reward_model"),
-    "ppo": ("posttrain.algorithms.ppo", "PPOConfig", "train_ppo"),
-}
+METHODS: dict[str, tuple[type, Callable]] = {}
+"""Methods added at run time (a plugin's or a test's): name -> (config class, train function)."""
 
 
-def available() -> dict[str, tuple[str, str, str]]:
-    out = {}
-    for name, entry in METHODS.items():
-        try:
-            found = importlib.util.find_spec(entry[0]) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            out[name] = entry
-    return out
+def methods() -> dict[str, tuple[type, Callable]]:
+    """method name -> (config class, train function): the built-in trainers, imported here, when a
+    `train` command is parsed, not when the CLI starts (they import torch), then ``METHODS``."""
+    from posttrain.algorithms.dpo import DPOConfig, train_dpo
+    from posttrain.algorithms.grpo import GRPOConfig, train_grpo
+    from posttrain.algorithms.ppo import PPOConfig, train_ppo
+    from posttrain.algorithms.reward_model import RewardModelConfig, train_reward_model
+
+    return {
+        "grpo": (GRPOConfig, train_grpo),
+        "dpo": (DPOConfig, train_dpo),
+        "rm": (RewardModelConfig, train_reward_model),
+        "ppo": (PPOConfig, train_ppo),
+        **METHODS,
+    }
 
 
-def resolve(method: str):
-    module, cls_name, fn_name = METHODS[method]
-    mod = importlib.import_module(module)
-    return getattr(mod, cls_name), getattr(mod, fn_name)
+def resolve(method: str) -> tuple[type, Callable]:
+    return methods()[method]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from posttrain import config
+    from posttrain.runtime import config
 
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for name in available():
-        cls, _ = resolve(name)
+    for name, (cls, _) in methods().items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
         p.add_argument("--config", dest="_config", metavar="YAML", help="a YAML file of config fields")
         p.add_argument("--resume", dest="_resume", metavar="RUN_DIR",
@@ -57,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_auto(sub) -> None:
-    """`posttrain train auto`: the doctrine's decision tree (posttrain.select) picks the method and
+    """`posttrain train auto`: the doctrine's decision tree (posttrain.doctrine.select) picks the method and
     its defaults from the data, the rewards, a judge and the memory; the reasons are printed."""
     p = sub.add_parser("auto", help="pick the method with the doctrine's decision tree, then train")
     p.add_argument("--data", help="dataset file (preference pairs or prompts)")
@@ -72,8 +70,8 @@ def _add_auto(sub) -> None:
 
 
 def run_auto(args: argparse.Namespace) -> int:
-    from posttrain import config
-    from posttrain.select import choose_method
+    from posttrain.runtime import config
+    from posttrain.doctrine.select import choose_method
 
     try:
         method, reasons, fields = choose_method(data=args.data, task=args.task, reward=args.reward, judge=args.judge,
@@ -84,11 +82,8 @@ def run_auto(args: argparse.Namespace) -> int:
     print(f"method: {method}")
     for reason in reasons:
         print(f"  - {reason}")
-    if method not in available():
-        print(f"error: the decision tree chose {method}, whose trainer is not available in this install")
-        return 2
     cls, train = resolve(method)
-    names = {f.name for f in __import__("dataclasses").fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in fields.items() if k in names}
     given = {"data": args.data, "task": args.task, "model": args.model,
              "reward": args.reward or (f"judge({args.judge})" if args.judge else None)}
@@ -108,7 +103,7 @@ def run_auto(args: argparse.Namespace) -> int:
 
 
 def build_config(method: str, args: argparse.Namespace):
-    from posttrain import config
+    from posttrain.runtime import config
 
     cls, _ = resolve(method)
     config_file = args._config
@@ -122,7 +117,7 @@ def build_config(method: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.config import ConfigError
+    from posttrain.runtime.config import ConfigError
 
     if args.method == "auto":
         return run_auto(args)

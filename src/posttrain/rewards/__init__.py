@@ -71,6 +71,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from posttrain.data import as_text  # a completion as text (defined with the data formats)
+
 RewardFn = Callable[..., "float | None"]
 
 # name -> (module, attribute, factory?, batch "module:attr" or None)
@@ -145,20 +147,6 @@ def row_checks(spec: str | None) -> list[Callable[[dict], tuple[str, str] | None
     if not spec:
         return []
     return [_load(_ROW_CHECKS[name]) for name in dict.fromkeys(n for n, _, _ in parse_spec(spec)) if name in _ROW_CHECKS]
-
-
-def as_text(x: Any) -> str:
-    """A completion as text: strings as they are; TRL conversational message lists
-    (`[{"role": "assistant", "content": ...}]`) joined by their contents; None as ""."""
-    if x is None:
-        return ""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, dict):
-        return as_text(x.get("content"))
-    if isinstance(x, (list, tuple)):
-        return "\n".join(as_text(m) for m in x)
-    return str(x)
 
 
 def _extra(row: dict | None) -> dict:

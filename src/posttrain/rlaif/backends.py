@@ -5,7 +5,7 @@ Every backend has ``complete_many(requests) -> list[Outcome]``: one Outcome per 
 request never takes down a batch.
 
 - ``LocalBackend``: any model ``load_model`` accepts, in-process, prompts generated in batches with
-  ``generation.sample_groups`` (greedy at temperature 0).
+  ``posttrain.sampling.generation.sample_groups`` (greedy at temperature 0).
 - ``OpenAIBackend``: the ``openai`` SDK's Chat Completions against any OpenAI-compatible base URL
   (OpenAI, vLLM, Ollama, llama.cpp server, TGI, llm-katan).
 - ``AnthropicBackend``: the ``anthropic`` SDK's Messages API (the system message goes in ``system``).
@@ -297,7 +297,7 @@ class LocalBackend(Backend):
 
     def generate(self, requests: Sequence[Messages], max_tokens: int, temperature: float) -> list[str]:
         """Replies to `requests`, generated `batch_size` at a time (shortest prompts together)."""
-        from posttrain.generation import SamplingConfig, sample_groups
+        from posttrain.sampling.generation import SamplingConfig, sample_groups
 
         with self._lock:
             self._ensure_model()

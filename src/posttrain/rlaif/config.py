@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from posttrain.config import ConfigError, build, read_yaml
+from posttrain.runtime.config import ConfigError, build, read_yaml
 
 DEFAULT_SYSTEM = "You are an impartial and careful judge of AI assistant responses."
 

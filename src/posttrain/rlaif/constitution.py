@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from posttrain.config import ConfigError
+from posttrain.runtime.config import ConfigError
 from posttrain.rlaif.config import render
 
 Generate = Callable[[Sequence[list[dict[str, str]]], int, float], list[str]]

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from posttrain.data import as_text
 from posttrain.rlaif.backends import Backend, Messages, Outcome, make_backend, redact
 from posttrain.rlaif.cache import JudgeCache, cache_key
 from posttrain.rlaif.config import JudgeConfig, judge_config, load_judge_config, number_text, render
@@ -95,8 +96,6 @@ def prompt_as_text(prompt: Any) -> str:
 
 def response_as_text(response: Any) -> str:
     """A completion as text (TRL conversational completions joined by their contents)."""
-    from posttrain.rewards import as_text
-
     return as_text(response)
 
 

@@ -1,0 +1,271 @@
+"""The data layer, first step of the pipeline (data and tasks -> sampling -> rewards -> the math
+(objectives) -> algorithms -> commands); it imports no other posttrain package. This module loads and
+validates dataset files and renders prompts and completions as text (``prompt_text``,
+``encode_prompt``, ``as_text``); ``chat`` gives the text a completion adds after its prompt,
+``tasks/`` the built-in tasks (arithmetic, countdown, humaneval, arithmetic preferences).
+
+Load and validate datasets in TRL's formats.
+
+Kinds:
+- ``preference``: ``{"prompt", "chosen", "rejected"}``. Each is a string, or a conversational
+  list of messages ``[{"role": ..., "content": ...}]``. As in TRL, conversational pairs may leave
+  out ``prompt`` ("implicit prompt"): the messages ``chosen`` and ``rejected`` share become it.
+- ``prompt``: ``{"prompt", ...}`` with any extra columns (``answer``, ``tests``, ...), which are
+  passed to reward functions.
+
+Sources: ``.jsonl``, ``.json`` (a list of objects, or an object with one list of them),
+``.parquet``, ``.csv``, a directory saved with ``datasets.Dataset.save_to_disk``, or the name of a
+Hugging Face dataset already in the local cache (nothing is downloaded).
+
+Every problem raises :class:`DataError` naming the file, the 1-based line (jsonl, csv) or row
+(json, parquet, datasets) and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+
+Kind = Literal["preference", "prompt"]
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_FIELDS: dict[str, tuple[str, ...]] = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+
+
+class DataError(ValueError):
+    """Invalid data. ``source``, ``line`` (1-based, or None) and ``field`` (or None) say where."""
+
+    def __init__(self, source: str, line: int | None, field: str | None, problem: str, unit: str = "line"):
+        self.source, self.line, self.field, self.problem = source, line, field, problem
+        where = source + (f":{line}" if line is not None and unit == "line" else f", row {line}" if line is not None else "")
+        super().__init__(f"{where}: " + (f"field '{field}': " if field else "") + problem)
+
+
+RowCheck = Callable[[dict], Optional[tuple[str, str]]]
+"""A column check: ``(field, problem)`` for a row the run could not use, else None (e.g. the code
+reward's, for a ``tests`` column that is not valid Python: ``rewards.row_checks``)."""
+
+
+def load_rows(source: str | Path, kind: Kind = "prompt", split: str | None = None,
+              checks: Sequence[RowCheck] = ()) -> list[dict[str, Any]]:
+    """Read and validate every row of ``source``; return them as dicts (values as given, plus an
+    implicit ``prompt`` where TRL would derive one). ``checks`` run on each row after its own
+    validation; a problem raises ``DataError`` at that row's line."""
+    if kind not in _FIELDS:
+        raise ValueError(f"kind must be one of {sorted(_FIELDS)}, got {kind!r}")
+    name = str(source)
+    rows, unit = _read(Path(source).expanduser(), name, split)
+    out = []
+    for number, row in rows:
+        row = validate_row(row, kind, name, number, unit)
+        for check in checks:
+            problem = check(row)
+            if problem is not None:
+                raise DataError(name, number, problem[0], problem[1], unit)
+        out.append(row)
+    if not out:
+        raise DataError(name, None, None, "no rows")
+    return out
+
+
+def _read(path: Path, name: str, split: str | None) -> tuple[Iterable[tuple[int, Any]], str]:
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return _read_datasets_dir(path, name, split), "row"
+    if not path.exists():
+        if suffix in (".jsonl", ".json", ".parquet", ".csv") or name.startswith((".", "/", "~")):
+            raise DataError(name, None, None, "file not found")
+        return _read_hub_cache(name, split), "row"
+    if suffix == ".jsonl":
+        return list(_read_jsonl(path, name)), "line"
+    if suffix == ".json":
+        return _read_json(path, name), "row"
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types
+            raise DataError(name, None, None, f"cannot read parquet: {e}") from None
+        return list(enumerate(table.to_pylist(), start=1)), "row"
+    if suffix == ".csv":
+        return list(_read_csv(path, name)), "line"
+    raise DataError(name, None, None, "unknown format: use .jsonl, .json, .parquet, .csv or a datasets directory")
+
+
+def _read_jsonl(path: Path, name: str):
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _read_json(path: Path, name: str):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(name, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(name, None, None, "a .json file must hold a list of rows (or an object with one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(name, None, None, "a .json file must hold a list of rows")
+    return list(enumerate(data, start=1))
+
+
+def _read_csv(path: Path, name: str):
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield reader.line_num, {k: _maybe_json(v) for k, v in row.items()}
+
+
+def _maybe_json(value: str | None):
+    """A CSV cell holding a JSON message list (a conversational prompt/chosen/rejected) is decoded;
+    any other text, "[1, 2, 3]" included, stays the string it is."""
+    if value and value.lstrip()[:1] == "[":
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if decoded and isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded):
+            return decoded
+    return value
+
+
+def _read_datasets_dir(path: Path, name: str, split: str | None):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(name, None, None, f"not a dataset saved with save_to_disk: {e}") from None
+    return enumerate(_pick_split(ds, name, split), start=1)
+
+
+def _read_hub_cache(name: str, split: str | None):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            name, None, None,
+            f"not a local file or directory, and not in the local Hugging Face cache ({type(e).__name__}). "
+            "posttrain never downloads data at run time: download it first or pass a local path",
+        ) from None
+    return enumerate(ds, start=1)
+
+
+def _pick_split(ds, name: str, split: str | None):
+    if hasattr(ds, "keys"):  # DatasetDict
+        wanted = split or ("train" if "train" in ds else next(iter(ds.keys())))
+        if wanted not in ds:
+            raise DataError(name, None, None, f"no split {wanted!r}; splits: {', '.join(ds.keys())}")
+        return ds[wanted]
+    return ds
+
+
+def validate_row(row: Any, kind: Kind, source: str = "<rows>", number: int | None = None, unit: str = "line") -> dict:
+    """Check one row of ``kind``; return it (with an implicit prompt filled in)."""
+
+    def fail(field: str | None, problem: str):
+        raise DataError(source, number, field, problem, unit)
+
+    if not isinstance(row, dict):
+        fail(None, f"expected an object with fields {', '.join(_FIELDS[kind])}, got {type(row).__name__}")
+    row = dict(row)
+    if kind == "preference" and "prompt" not in row and _is_messages(row.get("chosen")) and _is_messages(row.get("rejected")):
+        row = _implicit_prompt(row, fail)
+    for field in _FIELDS[kind]:
+        if field not in row or row[field] is None:
+            fail(field, "missing")
+        check_text(row[field], field, fail)
+    if kind == "preference" and row["chosen"] == row["rejected"]:
+        fail("rejected", "identical to 'chosen': a pair must differ")
+    return row
+
+
+def check_text(value: Any, field: str, fail) -> None:
+    """A field is a non-empty string or a non-empty list of well-formed messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            fail(field, "empty text")
+        return
+    if not isinstance(value, list):
+        fail(field, f"wrong type: expected a string or a list of messages, got {type(value).__name__}")
+    if not value:
+        fail(field, "empty list of messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            fail(f"{field}[{i}]", f"wrong type: expected a message object, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            fail(f"{field}[{i}].role", f"unknown role {role!r} (expected one of {', '.join(sorted(ROLES))})")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            fail(f"{field}[{i}].content", f"wrong type: expected a string, got {type(content).__name__}")
+        if not content.strip() and role != "system":
+            fail(f"{field}[{i}].content", "empty text")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _implicit_prompt(row: dict, fail) -> dict:
+    chosen, rejected = row["chosen"], row["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        fail("prompt", "missing, and 'chosen' and 'rejected' share no leading messages to take it from")
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def is_conversational(value: Any) -> bool:
+    """True for a list of messages (TRL's conversational format)."""
+    return _is_messages(value) and bool(value) and "role" in value[0]
+
+
+def as_text(x: Any) -> str:
+    """A completion as text: strings as they are; TRL conversational message lists
+    (`[{"role": "assistant", "content": ...}]`) joined by their contents; None as ""."""
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return as_text(x.get("content"))
+    if isinstance(x, (list, tuple)):
+        return "\n".join(as_text(m) for m in x)
+    return str(x)
+
+
+def prompt_text(tokenizer, prompt: Any, chat_template: bool = True) -> str:
+    """The text a model is given for ``prompt``: conversational prompts go through the chat
+    template (with the generation prompt); a plain string is wrapped as one user message when
+    ``chat_template`` and the tokenizer has a template, else used as is (TRL's "standard" format)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if is_conversational(prompt):
+        if not has_template:
+            raise ValueError("conversational prompt, but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if chat_template and has_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: Any, chat_template: bool = True) -> list[int]:
+    """Token ids of :func:`prompt_text` (special tokens come from the template, not added twice)."""
+    text = prompt_text(tokenizer, prompt, chat_template)
+    templated = is_conversational(prompt) or (chat_template and bool(getattr(tokenizer, "chat_template", None)))
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]

