@@ -226,6 +226,120 @@ def _limited_compute(method: str, data: DataProfile | None, model: Any, n_params
     return "dpo", needs_pairs, gb
 
 
+def _data_reason(data: DataProfile) -> str:
+    return (f"data: {data.source or 'given columns'} has columns {', '.join(data.columns)}"
+            + (f" ({data.rows} rows)" if data.rows else "") + (f" (built-in task {data.task})" if data.task else ""))
+
+
+def _preference_branch(data: DataProfile | None, model_arg: str | None, reasons: list[str],
+                       alternatives: list[dict[str, Any]]) -> str | None:
+    """1. preference pairs -> DPO."""
+    if not (data and data.kind == "preference"):
+        reasons.append("preference pairs? no (no chosen/rejected columns)")
+        return None
+    reasons.append("preference pairs? yes: the data has chosen/rejected columns -> DPO (doctrine: 'Have "
+                   "preference pairs -> DPO')")
+    alternatives.append({"method": "rm+ppo", "why": "train a reward model on the pairs, then PPO: more control "
+                         "for nuanced alignment, ~2x the memory (policy + value)",
+                         "command": _command("rm", data, model_arg, {"lora": True})})
+    return "dpo"
+
+
+def _verifiable_branch(data: DataProfile | None, names: list[str], reward: str | None, reasons: list[str],
+                       alternatives: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """2. verifiable rewards (the data's verifier column, or a programmatic --reward) -> GRPO.
+    Returns (method, reward_spec)."""
+    cols = set(data.columns) if data else set()
+    method, reward_spec = None, reward
+    missing = {n: [c for c in REWARD_NEEDS.get(n, ()) if c not in cols] for n in names if n in REWARD_NEEDS}
+    missing = {n: m for n, m in missing.items() if m and data is not None}
+    programmatic = [n for n in names if n not in LEARNED + JUDGE and n not in missing]
+    for n, m in missing.items():
+        reasons.append(f"the reward '{n}' needs column(s) {', '.join(m)}, which the data lacks: it would "
+                       "return None for every row")
+    if names and not programmatic and not any(n in LEARNED + JUDGE for n in names):
+        reasons.append(f"verifiable rewards? no: --reward {reward} cannot score this data")
+    elif data and data.kind == "verifiable" and data.reward and not names:
+        reward_spec = data.reward
+        col = next((c for c in data.columns if VERIFIER_COLUMNS.get(c) == data.reward), data.columns[-1])
+        reasons.append(f"verifiable rewards? yes: the '{col}' "
+                       f"column can be checked by the '{data.reward}' reward -> GRPO (doctrine: 'Have verifiable "
+                       "rewards -> GRPO')")
+        method = "grpo"
+    elif programmatic:
+        method = "grpo"
+        reasons.append(f"verifiable rewards? yes: --reward {reward} is computed by a program "
+                       f"({', '.join(programmatic)}) -> GRPO (doctrine: 'Have verifiable rewards -> GRPO')")
+    elif not names:
+        reasons.append("verifiable rewards? no (no answer/tests columns and no programmatic --reward)")
+    else:
+        reasons.append("verifiable rewards? no (--reward is a learned model or a judge)")
+    if method == "grpo":
+        alternatives.append({"method": "rloo / reinforce_pp", "why": "same data and reward, other advantage "
+                             "estimators (--advantage rloo|reinforce_pp); REINFORCE++ can be more stable",
+                             "command": None})
+    return method, reward_spec
+
+
+def _learned_branch(data: DataProfile | None, names: list[str], reward: str | None, model_arg: str | None,
+                    n_params: float, reasons: list[str], alternatives: list[dict[str, Any]]) -> str | None:
+    """3. nuanced preferences: a learned reward model in --reward -> PPO + reward model."""
+    if not any(n in LEARNED for n in names):
+        reasons.append("nuanced alignment with a reward model? no (no reward_model(...) in --reward)")
+        return None
+    reasons.append("nuanced alignment? yes: --reward uses a learned reward model -> PPO + reward model "
+                   "(doctrine: 'Need nuanced alignment -> PPO + Reward Model')")
+    alternatives.append({"method": "grpo", "why": "the reward model as GRPO's reward: no value model, about "
+                         "half PPO's memory", "command": _command("grpo", data, model_arg, method_defaults(
+                             "grpo", n_params, reward=reward))})
+    return "ppo"
+
+
+def _judge_branch(names: list[str], judge: str | None, reward: str | None, reward_spec: str | None,
+                  reasons: list[str], alternatives: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """4. AI feedback: --judge, or judge(...) in --reward -> RLAIF. Returns (method, reward_spec)."""
+    judge_in_reward = any(n in JUDGE for n in names)
+    if not (judge or judge_in_reward):
+        reasons.append("AI feedback? no (no --judge)")
+        return None, reward_spec
+    if not judge_in_reward:
+        reward_spec = f"judge({judge})"
+    reasons.append(f"scale with AI feedback? yes: a judge ({judge or reward}) can score completions -> RLAIF: "
+                   "the judge's score as GRPO's reward (doctrine: 'Direct RLAIF')")
+    alternatives.append({"method": "rlaif-labels+dpo", "why": "sample N responses per prompt, let the judge "
+                         "pick chosen/rejected (`posttrain label`), then DPO: cheaper, offline",
+                         "command": f"posttrain label --judge {shlex.quote(judge or 'judge.yaml')} --data "
+                         "responses.jsonl --out pairs.jsonl"})
+    return "rlaif", reward_spec
+
+
+def _no_signal_reason(data: DataProfile | None, names: list[str], judge: str | None) -> str:
+    """Why no method was chosen."""
+    if data is None and not names and not judge:
+        return "nothing to decide from: give --data (and --reward or --judge for prompt-only data)"
+    from posttrain.rewards import list_rewards
+
+    return ("no training signal: prompt-only data needs a reward (--reward, one of "
+            f"{', '.join(list_rewards())}), a judge (--judge judge.yaml) or preference pairs")
+
+
+def _pairs_command(data: DataProfile | None, model_arg: str | None, reward_spec: str | None) -> str:
+    """The `posttrain pairs` command that makes the pairs DPO needs from prompt-only data."""
+    source = data.source if data and data.source else "prompts.jsonl"
+    src = ["--task", data.task] if data and data.task else ["--data", source]
+    model_flag = ["--model", f"<a {model_arg} model>" if parse_size(model_arg) else model_arg] if model_arg else []
+    return " ".join(shlex.quote(x) for x in ["posttrain", "pairs", *model_flag, *src, "--reward",
+                                            reward_spec or "judge(judge.yaml)", "--n", "8", "--out", "pairs.jsonl"])
+
+
+def _defaults_reason(defaults: dict[str, Any], n_params: float, train_method: str) -> str:
+    rank = defaults.get("lora_rank")
+    return (f"defaults: LoRA rank {rank} for a {n_params / 1e9:.3g}B model "
+            f"({'DPO table' if train_method == 'dpo' else 'LoRA for RL table'}), lr {_fmt(defaults['lr'])}"
+            + (f", beta {_fmt(defaults['beta'])}" if "beta" in defaults else "")
+            + (f", group size {defaults['group_size']}" if "group_size" in defaults else ""))
+
+
 def recommend(data_path: str | None = None, columns: Sequence[str] | None = None, judge: str | None = None,
               reward: str | None = None, gpu_memory_gb: float | str | None = None,
               model: str | None = None) -> Recommendation:
@@ -238,112 +352,28 @@ def recommend(data_path: str | None = None, columns: Sequence[str] | None = None
     model = model or EMBEDDED
     n_params = model_shape(model).n_params
     names = _reward_names(reward)
-    cols = set(data.columns) if data else set()
-    reasons: list[str] = []
+    reasons: list[str] = [_data_reason(data)] if data else []
     alternatives: list[dict[str, Any]] = []
-    if data:
-        reasons.append(f"data: {data.source or 'given columns'} has columns {', '.join(data.columns)}"
-                       + (f" ({data.rows} rows)" if data.rows else "") + (f" (built-in task {data.task})" if data.task else ""))
 
-    method = None
     reward_spec = reward
-    # 1. preference pairs
-    if data and data.kind == "preference":
-        method = "dpo"
-        reasons.append("preference pairs? yes: the data has chosen/rejected columns -> DPO (doctrine: 'Have "
-                       "preference pairs -> DPO')")
-        alternatives.append({"method": "rm+ppo", "why": "train a reward model on the pairs, then PPO: more control "
-                             "for nuanced alignment, ~2x the memory (policy + value)",
-                             "command": _command("rm", data, model_arg, {"lora": True})})
-    else:
-        reasons.append("preference pairs? no (no chosen/rejected columns)")
-    # 2. verifiable rewards
+    method = _preference_branch(data, model_arg, reasons, alternatives)  # 1.
+    if method is None:  # 2.
+        method, reward_spec = _verifiable_branch(data, names, reward, reasons, alternatives)
+    if method is None:  # 3.
+        method = _learned_branch(data, names, reward, model_arg, n_params, reasons, alternatives)
+    if method is None:  # 4.
+        method, reward_spec = _judge_branch(names, judge, reward, reward_spec, reasons, alternatives)
     if method is None:
-        missing = {n: [c for c in REWARD_NEEDS.get(n, ()) if c not in cols] for n in names if n in REWARD_NEEDS}
-        missing = {n: m for n, m in missing.items() if m and data is not None}
-        programmatic = [n for n in names if n not in LEARNED + JUDGE and n not in missing]
-        if missing:
-            for n, m in missing.items():
-                reasons.append(f"the reward '{n}' needs column(s) {', '.join(m)}, which the data lacks: it would "
-                               "return None for every row")
-        if names and not programmatic and not any(n in LEARNED + JUDGE for n in names):
-            reasons.append(f"verifiable rewards? no: --reward {reward} cannot score this data")
-        elif data and data.kind == "verifiable" and data.reward and not names:
-            reward_spec = data.reward
-            programmatic = [data.reward]
-            col = next((c for c in data.columns if VERIFIER_COLUMNS.get(c) == data.reward), data.columns[-1])
-            reasons.append(f"verifiable rewards? yes: the '{col}' "
-                           f"column can be checked by the '{data.reward}' reward -> GRPO (doctrine: 'Have verifiable "
-                           "rewards -> GRPO')")
-            method = "grpo"
-        elif programmatic:
-            method = "grpo"
-            reasons.append(f"verifiable rewards? yes: --reward {reward} is computed by a program "
-                           f"({', '.join(programmatic)}) -> GRPO (doctrine: 'Have verifiable rewards -> GRPO')")
-        elif not names or programmatic:
-            reasons.append("verifiable rewards? no (no answer/tests columns and no programmatic --reward)")
-        else:
-            reasons.append("verifiable rewards? no (--reward is a learned model or a judge)")
-        if method == "grpo":
-            alternatives.append({"method": "rloo / reinforce_pp", "why": "same data and reward, other advantage "
-                                 "estimators (--advantage rloo|reinforce_pp); REINFORCE++ can be more stable",
-                                 "command": None})
-    # 3. nuanced preferences: a learned reward model
-    if method is None:
-        if any(n in LEARNED for n in names):
-            method = "ppo"
-            reasons.append("nuanced alignment? yes: --reward uses a learned reward model -> PPO + reward model "
-                           "(doctrine: 'Need nuanced alignment -> PPO + Reward Model')")
-            alternatives.append({"method": "grpo", "why": "the reward model as GRPO's reward: no value model, about "
-                                 "half PPO's memory", "command": _command("grpo", data, model_arg, method_defaults(
-                                     "grpo", n_params, reward=reward))})
-        else:
-            reasons.append("nuanced alignment with a reward model? no (no reward_model(...) in --reward)")
-    # 4. AI feedback
-    if method is None:
-        judge_in_reward = any(n in JUDGE for n in names)
-        if judge or judge_in_reward:
-            method = "rlaif"
-            if not judge_in_reward:
-                reward_spec = f"judge({judge})"
-            reasons.append(f"scale with AI feedback? yes: a judge ({judge or reward}) can score completions -> RLAIF: "
-                           "the judge's score as GRPO's reward (doctrine: 'Direct RLAIF')")
-            alternatives.append({"method": "rlaif-labels+dpo", "why": "sample N responses per prompt, let the judge "
-                                 "pick chosen/rejected (`posttrain label`), then DPO: cheaper, offline",
-                                 "command": f"posttrain label --judge {shlex.quote(judge or 'judge.yaml')} --data "
-                                 "responses.jsonl --out pairs.jsonl"})
-        else:
-            reasons.append("AI feedback? no (no --judge)")
+        reasons.append(_no_signal_reason(data, names, judge))
+        return Recommendation(None, reasons, "", {}, alternatives, None, None, data)
     # 5. limited compute
-    lora_fit, needs_pairs = None, False
-    if method is not None:
-        method, needs_pairs, lora_fit = _limited_compute(method, data, model, n_params, budget, reward_spec,
-                                                         reasons, alternatives)
-    elif data is None and not names and not judge:
-        reasons.append("nothing to decide from: give --data (and --reward or --judge for prompt-only data)")
-    else:
-        from posttrain.rewards import list_rewards
-
-        reasons.append("no training signal: prompt-only data needs a reward (--reward, one of "
-                       f"{', '.join(list_rewards())}), a judge (--judge judge.yaml) or preference pairs")
-
-    if method is None:
-        return Recommendation(None, reasons, "", {}, alternatives, None, lora_fit, data)
+    method, needs_pairs, lora_fit = _limited_compute(method, data, model, n_params, budget, reward_spec,
+                                                     reasons, alternatives)
     train_method = "grpo" if method == "rlaif" else method
     defaults = method_defaults(method, n_params, reward=reward_spec)
     command = _command(train_method, data, model_arg, defaults, "pairs.jsonl" if needs_pairs else None)
-    prepare = ""
-    if needs_pairs:
-        source = data.source if data and data.source else "prompts.jsonl"
-        src = ["--task", data.task] if data and data.task else ["--data", source]
-        model_flag = ["--model", f"<a {model_arg} model>" if parse_size(model_arg) else model_arg] if model_arg else []
-        prepare = " ".join(shlex.quote(x) for x in ["posttrain", "pairs", *model_flag, *src, "--reward",
-                                                    reward_spec or "judge(judge.yaml)", "--n", "8", "--out", "pairs.jsonl"])
-    rank = defaults.get("lora_rank")
-    reasons.append(f"defaults: LoRA rank {rank} for a {n_params / 1e9:.3g}B model "
-                   f"({'DPO table' if train_method == 'dpo' else 'LoRA for RL table'}), lr {_fmt(defaults['lr'])}"
-                   + (f", beta {_fmt(defaults['beta'])}" if "beta" in defaults else "")
-                   + (f", group size {defaults['group_size']}" if "group_size" in defaults else ""))
+    prepare = _pairs_command(data, model_arg, reward_spec) if needs_pairs else ""
+    reasons.append(_defaults_reason(defaults, n_params, train_method))
     return Recommendation(method, reasons, command, defaults, alternatives, train_method, lora_fit, data, needs_pairs,
                           prepare)
 
