@@ -4,7 +4,9 @@ usage: torchrun --nproc_per_node N dist_worker.py SPEC.json
        accelerate launch --multi_gpu --num_processes N dist_worker.py SPEC.json
 
 SPEC: {"method": "grpo" | "dpo" | "rm" | "ppo", "config": {field: value}, "kill_after_checkpoint": step or null,
-       "resume_copy": step or null}
+       "resume_copy": step or null, "inf_reward_on_rank": rank or null}
+
+With ``inf_reward_on_rank`` the reward ``inf_on_rank`` is registered: +inf on that rank, 1 elsewhere.
 
 Each rank saves its trainable tensors to <run dir>/weights-rank<R>.pt when the run finishes (so a
 test can check the ranks hold identical weights; FSDP-sharded ones as the rank's local shard, with
@@ -68,6 +70,12 @@ def main(spec_path: str) -> None:
         return finish(self, model, tokenizer, metrics)
 
     runmod.Run.checkpoint, runmod.Run.finish = checkpoint_then_maybe_die, finish_and_dump
+    if spec.get("inf_reward_on_rank") is not None:  # a reward that fails on one process only
+        from posttrain import rewards as rw
+
+        bad = spec["inf_reward_on_rank"]  # distributed.rank() is known once the trainer has joined the group
+        rw.register("inf_on_rank", replace=True)(
+            lambda prompt, completion, **_: float("inf") if distributed.rank() == bad else 1.0)
     config = spec["config"]
     train(cls(**config))
     if spec.get("resume_copy"):

@@ -160,6 +160,19 @@ def test_grpo_sigkill_then_resume_on_two_processes(grpo_two, peaked_dir, prompts
     assert_same_weights(final_weights(grpo_two), final_weights(run_dir), atol=0)
 
 
+def test_a_nonfinite_loss_on_one_process_skips_the_update_on_both(peaked_dir, prompts, tmp_path):
+    # the reward is +inf on rank 1 only: its loss is NaN, rank 0's finite; optim.py's rule skips the
+    # update on both ranks (they stay identical), counts it, and nothing is trained
+    fields = {**grpo_fields(peaked_dir, prompts, tmp_path, "inf"), "reward": "inf_on_rank", "max_steps": 2,
+              "checkpoint_every": 0, "eval_fraction": 0.0}
+    launch("torchrun", {"method": "grpo", "config": fields, "inf_reward_on_rank": 1}, tmp_path)
+    run_dir = tmp_path / "inf"
+    assert_ranks_identical(run_dir)
+    assert [m["nonfinite_steps"] for m in history(run_dir)] == [1, 1]
+    lora_b = {k: v for k, v in final_weights(run_dir).items() if "lora_B" in k}
+    assert lora_b and all(not v.any() for v in lora_b.values())  # still peft's zero initialisation
+
+
 # ------------------------------------------------------------------------------------------- DPO
 
 

@@ -39,7 +39,8 @@ import torch
 
 from posttrain.data import DataError, encode_prompt
 from posttrain.data.chat import completion_text
-from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, head_logprobs, selective_log_softmax, split_model
+from posttrain.models.split import split_model
+from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, head_logprobs, selective_log_softmax
 
 CHOSEN, REJECTED = 0, 1
 

@@ -19,7 +19,8 @@ import torch
 
 from posttrain.runtime import distributed
 from posttrain.sampling.generation import Rollouts, positions
-from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, head_logprobs, split_model
+from posttrain.models.split import split_model
+from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, head_logprobs
 
 
 def _cache_cls():

@@ -1,6 +1,6 @@
 """A scalar head on a causal LM's trunk: the reward model's score and PPO's value function.
 
-Both read the trunk's hidden states (the decoder stack, ``logprobs.split_model``), never the
+Both read the trunk's hidden states (the decoder stack, ``models.split.split_model``), never the
 vocabulary logits:
 
 - ``sequence_scores``: one number per (prompt, completion), the head applied to the hidden state
@@ -28,7 +28,7 @@ from torch import nn
 from posttrain.runtime import distributed
 from posttrain.sampling.generation import Rollouts
 from posttrain.objectives.grouped import rollout_hidden
-from posttrain.objectives.logprobs import split_model
+from posttrain.models.split import split_model
 
 HEAD_FILE = "value_head.safetensors"
 HEAD_META = "value_head.json"

@@ -1,5 +1,10 @@
 """A trained reward model as a reward function: ``--reward 'reward_model(runs/rm/final)'``.
 
+``RewardModel`` scores (prompt, response) pairs with a model written by ``posttrain train rm``
+(``algorithms/reward_model.py`` trains it; ``load_reward_model`` reads a run directory, its
+``final/`` or a PPO run's ``final/value``): the response is tokenized as in training
+(``data/chat.py``), the trunk runs each shared prompt once (``value_head.sequence_scores``).
+
 `make_reward_model_reward(arg, batch_size=16, device="cpu")` loads the model written by
 ``posttrain train rm`` (a run directory or its ``final/``) once and returns a reward function with a
 batch scorer: ``score_batch`` scores a whole rollout batch in forward passes of ``batch_size``
