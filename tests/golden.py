@@ -9,7 +9,7 @@ Float results depend on the CPU kernels torch dispatches to (AVX2 vs AVX512 redu
 differently, and sampling turns a rounding into another token), so a file is compared only on a
 machine with the capability and torch version it was recorded with; elsewhere the test is skipped
 with that reason. Re-record (after a change that is meant to change numbers, say why in the
-commit) with ``POSTTRAIN_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests -k golden``.
+commit) with ``POSTTRAIN_RECORD_GOLDEN=1 .venv/bin/python -m pytest tests -k "golden or distributed"``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The generate and score stages, shared by GRPO, RLOO, REINFORCE++, PPO and `posttrain pairs`.
+"""The generate and score stages, shared by GRPO, RLOO, REINFORCE++, PPO and `posttrain pairs`,
+and the layout of what they produce (``ScoredBatch``: groups contiguous; ``micro_batches`` and
+``group_rows`` index whole groups of it; ``review_samples`` picks groups for samples.jsonl).
 
 ``collect`` draws prompts from the stream, samples a group of completions per prompt (prompt
 cache shared, ``generation.sample_groups``), decodes them and scores them with the reward
