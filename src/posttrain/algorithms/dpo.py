@@ -49,8 +49,9 @@ import torch
 from posttrain.algorithms import common, loop
 from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
-from posttrain.algorithms.reference import Reference as FrozenReference
-from posttrain.algorithms.run import Phase, Run, RunResult, greedy_eval_sharded
+from posttrain.algorithms.reference import Reference
+from posttrain.algorithms.evaluate import greedy_eval_sharded
+from posttrain.algorithms.run import Phase, Run, RunResult
 from posttrain.objectives import losses
 from posttrain.runtime import distributed
 
@@ -134,7 +135,7 @@ def validate(config: DPOConfig) -> None:
 # --------------------------------------------------------------------------------------- reference
 
 
-class Reference:
+class ReferenceLogps:
     """Summed reference log-probs [chosen, rejected] of every pair, computed once and stored."""
 
     def __init__(self, table: dict[int, tuple[float, float]]):
@@ -144,7 +145,7 @@ class Reference:
         return torch.tensor([self.table[e.index] for e in batch], dtype=torch.float32)
 
     @classmethod
-    def prepare(cls, run_dir, policy, tok, examples, config: DPOConfig, share: bool, console) -> tuple["Reference", float]:
+    def prepare(cls, run_dir, policy, tok, examples, config: DPOConfig, share: bool, console) -> tuple["ReferenceLogps", float]:
         """Load the run's table when its fingerprint matches, else compute it (returns seconds spent)."""
         path = run_dir / REFERENCE_FILE
         key = dd.fingerprint(examples, config.ref_model or config.model, config.lora, share)
@@ -167,7 +168,7 @@ class Reference:
                                       config.ref_batch_tokens, config.row_tokens)
             del ref
         else:  # LoRA: the adapter disabled; full fine-tuning: the policy before its first step (no copy)
-            frozen = FrozenReference(policy, config.lora, copy=False)
+            frozen = Reference(policy, config.lora, copy=False)
             # FSDP: gathered, as the ranks run different numbers of batches
             with frozen.model() as ref, distributed.gathered(policy):
                 table = dd.sequence_logps(ref, examples, pad, share, config.ref_batch_tokens, config.row_tokens)
@@ -186,7 +187,7 @@ class Reference:
 # --------------------------------------------------------------------------------------- loss
 
 
-def batch_loss(policy, batch: list[dd.PairExample], ref: Reference, config: DPOConfig, pad_id: int, share: bool):
+def batch_loss(policy, batch: list[dd.PairExample], ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool):
     """(loss, metrics, tokens fed) of one micro-batch; differentiable when grad is enabled."""
     device = next(policy.parameters()).device
     packed = dd.pack(batch, pad_id, share, config.row_tokens, device)
@@ -205,7 +206,7 @@ def _micro(batch: list, size: int) -> list[list]:
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
-def accumulate(policy, rule: OptimizerStep, batch, ref: Reference, config: DPOConfig, pad_id: int, share: bool,
+def accumulate(policy, rule: OptimizerStep, batch, ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool,
                total: int | None = None) -> tuple[dict, int]:
     """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
     ``total`` pairs of the step (default: this batch; under several processes, the global batch),
@@ -236,7 +237,7 @@ def step_optimizer(rule: OptimizerStep) -> dict:
 
 
 @torch.no_grad()
-def preference_eval(policy, examples, ref: Reference, config: DPOConfig, pad_id: int, share: bool) -> dict:
+def preference_eval(policy, examples, ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool) -> dict:
     """Loss and rewards/* over held-out pairs (one dpo_loss over all of them; the processes score
     a part each)."""
     training = getattr(policy, "training", False)
@@ -324,7 +325,7 @@ def train_dpo(config: DPOConfig) -> RunResult:
     run = Run(config, "dpo", total_steps=config.max_steps)
     console = run.tracker.console
     share = config.share_prompt and dd.supports_shared_prompt(policy)
-    ref, ref_seconds = Reference.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
+    ref, ref_seconds = ReferenceLogps.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
     run.tracker.write_json("data.json", {"truncation": stats.as_dict(), "train_pairs": len(train),
                                          "eval_pairs": len(evals), "reference_seconds": ref_seconds,
                                          "share_prompt": share})

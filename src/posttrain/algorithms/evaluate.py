@@ -1,5 +1,6 @@
 """Greedy evaluation: the mean reward of greedy completions on held-out rows ("accuracy" for
-0/1 rewards such as math answers or test cases)."""
+0/1 rewards such as math answers or test cases); ``greedy_eval_sharded`` splits the rows across
+the processes of a multi-process run and combines their results."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from posttrain import rewards as rw
 from posttrain.data import encode_prompt
+from posttrain.runtime import distributed
 from posttrain.sampling.generation import SamplingConfig, sample_groups
 
 
@@ -54,3 +56,18 @@ def greedy_eval(
         "none": len(totals) - len(judged),
         "examples": shown,
     }
+
+
+def greedy_eval_sharded(policy, tok, rows: list[dict], reward, max_new_tokens: int, chat_template: bool = True) -> dict:
+    """``evaluate.greedy_eval`` with the rows split across the processes and the results combined
+    (accuracy over every judged row; rank 0's examples)."""
+    with distributed.gathered(policy):  # FSDP: the ranks generate different numbers of tokens
+        part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
+                           chat_template=chat_template)
+    every = distributed.gather(part)
+    if len(every) == 1:
+        return part
+    judged = [r["n"] - r["none"] for r in every]
+    total = sum(j * r["accuracy"] for j, r in zip(judged, every) if j)
+    return {"accuracy": total / sum(judged) if sum(judged) else float("nan"), "n": sum(r["n"] for r in every),
+            "none": sum(r["none"] for r in every), "examples": every[0]["examples"]}

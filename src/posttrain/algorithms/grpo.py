@@ -53,7 +53,8 @@ from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micr
                                           tokens_of)
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
-from posttrain.algorithms.run import Run, RunResult, greedy_eval_sharded
+from posttrain.algorithms.evaluate import greedy_eval_sharded
+from posttrain.algorithms.run import Run, RunResult
 from posttrain.objectives import advantages as advmod
 from posttrain.objectives import losses
 from posttrain.objectives.grouped import rollout_logprobs

@@ -72,7 +72,8 @@ from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, explained_variance, make_value_model,
                                             policy_params, token_rewards)
 from posttrain.algorithms.reference import Reference
-from posttrain.algorithms.run import Run, RunResult, greedy_eval_sharded
+from posttrain.algorithms.evaluate import greedy_eval_sharded
+from posttrain.algorithms.run import Run, RunResult
 from posttrain.objectives import losses
 from posttrain.objectives.grouped import rollout_logprobs
 from posttrain.objectives.value_head import TrainState, ValueModel

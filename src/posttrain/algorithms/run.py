@@ -3,7 +3,7 @@ safe stop on Ctrl-C, the doctor's watch, the final model and report; and the ste
 
 Under several processes (``posttrain.runtime.distributed``) the run directory, metrics, samples,
 evals, reports and ``final/`` are written by rank 0 only; every rank loads the same checkpoint and
-its own RNG state; evaluation is split across the ranks and gathered.
+its own RNG state (evaluation across the ranks: ``evaluate.greedy_eval_sharded``).
 """
 
 from __future__ import annotations
@@ -187,23 +187,6 @@ def trainable(*holders) -> list[torch.Tensor]:
             params = part.parameters()
             out += [p for p in params if p.requires_grad]
     return out
-
-
-def greedy_eval_sharded(policy, tok, rows: list[dict], reward, max_new_tokens: int, chat_template: bool = True) -> dict:
-    """``evaluate.greedy_eval`` with the rows split across the processes and the results combined
-    (accuracy over every judged row; rank 0's examples)."""
-    from posttrain.algorithms.evaluate import greedy_eval
-
-    with distributed.gathered(policy):  # FSDP: the ranks generate different numbers of tokens
-        part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
-                           chat_template=chat_template)
-    every = distributed.gather(part)
-    if len(every) == 1:
-        return part
-    judged = [r["n"] - r["none"] for r in every]
-    total = sum(j * r["accuracy"] for j, r in zip(judged, every) if j)
-    return {"accuracy": total / sum(judged) if sum(judged) else float("nan"), "n": sum(r["n"] for r in every),
-            "none": sum(r["none"] for r in every), "examples": every[0]["examples"]}
 
 
 def ckpt_error(run_dir: Path) -> FileNotFoundError:
