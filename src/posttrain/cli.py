@@ -5,6 +5,10 @@ Each verb lives in its own module under `posttrain.commands` and exposes
 found by name, so adding a command means adding a module, nothing else.
 Modules are imported only when their verb runs (or for `--help`), so the
 CLI starts fast and one broken verb cannot break the others.
+
+The error contract (``posttrain.errors``): a ``UserError`` from any verb prints ``error: <message>``
+on stderr and exits 2, with no traceback unless ``--debug`` (before the verb) or
+``POSTTRAIN_DEBUG=1``; any other exception shows its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import importlib
 import pkgutil
 import sys
 
+import os
+
 import posttrain.commands as _commands
+from posttrain.errors import EXIT_USER_ERROR, UserError
 
 
 def _verbs() -> list[str]:
@@ -23,6 +30,8 @@ def _verbs() -> list[str]:
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-train language models with RL.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (also POSTTRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name in _verbs():
         if verb is not None and name != verb:
@@ -44,7 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    debug = args.debug or os.environ.get("POSTTRAIN_DEBUG", "") not in ("", "0")
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ ROOT = "posttrain"  # the package root's own __init__ (``__version__``)
 ALLOWED: dict[str, set[str]] = {
     # the package root: the version string, imports nothing
     ROOT: set(),
+    # the error contract's base classes (UserError): imports nothing, every package may import it
+    "errors": set(),
     # model specs, loading, the embedded model, LoRA ranks, the trunk/head split: the base layer
     "models": set(),
     # configs, checkpoints, tracking, CPU threads, distributed/FSDP (FSDP wraps the models' decoder layers)
@@ -59,6 +61,8 @@ ALLOWED: dict[str, set[str]] = {
     # `python -m posttrain`
     "__main__": {"cli"},
 }
+for _package in set(ALLOWED) - {ROOT, "errors"}:
+    ALLOWED[_package].add("errors")  # every layer raises the error contract's UserError subclasses
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -208,12 +212,13 @@ def test_packages_import_only_the_layers_they_are_allowed():
 
 def test_layers_follow_the_pipeline():
     """What the table says, spelled out: nothing below the trainers reaches them, the doctrine
-    tools never train, the math does not reach rewards, and the data layer depends on nothing."""
+    tools never train, the math does not reach rewards, and the data layer depends on nothing but
+    the error contract."""
     below_algorithms = [p for p, deps in ALLOWED.items() if p not in ("algorithms", "commands", "cli", "__main__")]
     assert all("algorithms" not in ALLOWED[p] and "commands" not in ALLOWED[p] for p in below_algorithms)
     assert "rewards" not in ALLOWED["objectives"] and "rlaif" not in ALLOWED["objectives"]
     assert "rewards" not in ALLOWED["rlaif"]
-    assert ALLOWED["data"] == set() and ALLOWED["models"] == set()
+    assert ALLOWED["data"] == {"errors"} and ALLOWED["models"] == {"errors"}
     assert "doctrine" in ALLOWED["algorithms"]
 
 

@@ -28,12 +28,14 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
+from posttrain.errors import UserError
+
 Kind = Literal["preference", "prompt"]
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _FIELDS: dict[str, tuple[str, ...]] = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Invalid data. ``source``, ``line`` (1-based, or None) and ``field`` (or None) say where."""
 
     def __init__(self, source: str, line: int | None, field: str | None, problem: str, unit: str = "line"):

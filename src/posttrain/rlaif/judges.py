@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from posttrain.data import as_text
+from posttrain.errors import UserError
 from posttrain.rlaif.backends import Backend, Messages, Outcome, make_backend, redact
 from posttrain.rlaif.cache import JudgeCache, cache_key
 from posttrain.rlaif.config import JudgeConfig, judge_config, load_judge_config, number_text, render
@@ -44,7 +45,7 @@ from posttrain.rlaif.parse import normalise_rating, parse_rating, parse_verdict
 COUNTERS = ("requests", "parsed", "unparsable", "failures", "cache_hits", "attempts", "retries")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A judge could not be set up or used as configured."""
 
 

@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
+from posttrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value, file or flag is invalid; the message names where and which field."""
 
 

@@ -20,11 +20,13 @@ from typing import Any, Iterable
 
 import yaml
 
+from posttrain.errors import UserError
+
 # metrics shown in the progress line, in this order, when present ("monitor reward vs KL")
 KEY_METRICS = ("reward/mean", "kl", "loss", "rewards/accuracy", "rewards/margin", "len/mean", "time/step")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     pass
 
 
