@@ -73,6 +73,8 @@ def test_train_resume_uses_the_runs_config(fake_method):
     run.mkdir(parents=True)
     out = fake_method / "seen.json"
     (run / "config.yaml").write_text(f"out: {out}\nlr: 2.0e-5\nsteps: 4\nresume: null\n")
+    (run / "checkpoints" / "step-1").mkdir(parents=True)  # a run to resume has a complete checkpoint
+    (run / "checkpoints" / "step-1" / "state.json").write_text('{"step": 1}')
     assert cli.main(["train", "fake", "--resume", str(run)]) == 0
     assert json.loads(out.read_text()) == {"out": str(out), "lr": 2e-5, "steps": 4, "resume": str(run)}
 
@@ -81,7 +83,7 @@ def test_train_reports_config_errors_with_file_and_line(fake_method, capsys):
     cfg = fake_method / "run.yaml"
     cfg.write_text("lr: 1.0e-5\nstepz: 3\n")
     assert cli.main(["train", "fake", "--config", str(cfg)]) == 2
-    assert f"{cfg}:2: field 'stepz': unknown field" in capsys.readouterr().out
+    assert f"{cfg}:2: field 'stepz': unknown field" in capsys.readouterr().err
 
 
 def test_train_auto_walks_the_decision_tree(tmp_path, capsys):

@@ -160,3 +160,14 @@ def test_bare_hub_name_is_looked_up_in_the_local_cache():
     # a name without "/" (a canonical hub dataset) is not "file not found": the cache is tried
     with pytest.raises(DataError, match="never downloads"):
         load_rows("no_such_dataset_xyz", "prompt")
+
+
+def test_jsonl_array_and_large_csv_cells(tmp_path):
+    import csv
+
+    e = error_of(tmp_path, ['[{"prompt": "a"}, {"prompt": "b"}]'], kind="prompt")
+    assert e.line == 1 and "looks like a JSON array: rename the file to .json" in str(e)
+    limit = csv.field_size_limit()
+    (tmp_path / "big.csv").write_text('prompt\n"' + "y" * (limit + 10) + '"\n')
+    assert load_rows(tmp_path / "big.csv", "prompt")[0]["prompt"] == "y" * (limit + 10)
+    assert csv.field_size_limit() == limit  # restored after reading

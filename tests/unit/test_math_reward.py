@@ -69,11 +69,11 @@ CASES = [
     ("10^{100}", "Answer: 1" + "0" * 100, 1.0),  # googol in two spellings (math-verify)
     ("2", "Answer: " + "9" * 5000, 0.0),  # over MAX_ANSWER_CHARS and the int-digit limit: no crash
     # --- malformed LaTeX: never raises
-    ("1/2", r"\boxed{\frac{1}{2}", 0.0),  # unclosed box ignored -> last number "2"
+    ("1/2", r"\boxed{\frac{1}{2}", 0.0),  # an unclosed box is a cut-off answer: no answer
     ("5", "\\frac{", 0.0),
     ("5", "}}}{{{\\boxed{", 0.0),
     ("5", r"\boxed{5}}}}", 1.0),  # stray closing braces ignored
-    ("5", r"\boxed{\left( 5", 1.0),  # unclosed box -> last number 5
+    ("5", r"\boxed{\left( 5", 0.0),  # unclosed box: cut off, never the last number 5
     ("5", "Answer: $$\\frac{}{}{$$", 0.0),
 ]
 
@@ -118,9 +118,9 @@ def test_odd_inputs_never_raise():
 
 def test_extraction_is_linear_on_adversarial_text():
     # 200k unclosed boxes + 200k markers: a quadratic scan would take minutes
-    text = "\\boxed{" * 200_000 + "Answer: " * 200_000 + "9"
     start = time.perf_counter()
-    assert extract_answer(text) == "9"
+    assert extract_answer("\\boxed{" * 200_000 + "Answer: " * 200_000 + "9") is None  # ends inside a box
+    assert extract_answer("\\boxed{}" * 200_000 + "{" * 200_000 + "}" * 200_000 + "Answer: " * 200_000 + "9") == "9"
     assert time.perf_counter() - start < 5.0
 
 
@@ -220,3 +220,40 @@ def test_helper_exits_when_its_parent_dies_abruptly():
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid)  # its stdin closed with the parent: it saw EOF and left
+
+
+# A completion that ends mid-answer (cut off by the token budget, or malformed) is no answer: it
+# must never be graded on the fragment it ends with (a number inside the open box, a prefix of an
+# expression that math-verify would still parse). Each of these scored 1.0 before.
+CUT_OFF = [
+    ("1", r"so \boxed{\frac{1}{"),  # the case: the last number in an open box
+    ("5", r"First \boxed{5}, but wait: \boxed{\frac{1}{"),  # a newer box, left open, replaces the old one
+    ("1", r"so we get \frac{1}{"),  # no box, no marker: the text ends inside an open group
+    ("3", "We add 1 and 2 to get 3 +"),  # the last-number fallback on a text ending mid-expression
+    ("1", "Answer: 1/"),  # math-verify reads "1/" as 1
+    ("1", "Answer: 1 +"),
+    ("1", "Answer: 1 -"),
+    ("2", r"Answer: 2 \cdot"),
+    ("1", r"Answer: 1 \times"),
+    ("1", "Answer: 1^"),
+    ("1", "Answer: 1 ="),
+    ("1", "Answer: 1,"),  # a list cut after its first item
+    ("1", r"Answer: \left( 1"),  # a \left without its \right
+    ("1", r"Answer: \frac{1}{"),
+    ("1", r"\boxed{1 +}"),  # a closed box holding an unfinished expression
+]
+
+
+@pytest.mark.parametrize("answer,completion", CUT_OFF)
+def test_cut_off_or_malformed_final_answer_scores_zero(answer, completion):
+    assert extract_answer(completion) is None
+    assert math_reward("", completion, answer) == 0.0
+
+
+def test_complete_answers_next_to_cut_off_ones_still_score():
+    assert math_reward("", r"so \boxed{\frac{1}{2}}", "1/2") == 1.0  # the same answer, finished
+    assert math_reward("", "Answer: 1 + 1", "2") == 1.0  # an operator inside is fine, only a dangling one is not
+    assert math_reward("", "Answer: -1", "-1") == 1.0  # a leading minus is a sign
+    assert math_reward("", r"Answer: \left( 1 \right)", "1") == 1.0
+    assert math_reward("", "Answer: 5\nCheck: 5 +", "5") == 1.0  # the marked answer was complete; text after it is not graded
+    assert math_reward("", r"\boxed{\{1, 2\}} so {", r"\{1,2\}") == 1.0  # escaped braces and a closed box

@@ -110,4 +110,6 @@ def test_cli_pairs(tmp_path, peaked_dir, toy_prompts):
     assert len((tmp_path / "cli.jsonl.progress.jsonl").read_text().splitlines()) == 5
     assert main(args) == 0 and out.read_text().splitlines() == lines  # resumed: nothing redone
     assert main(["pairs", "--data", toy_prompts, "--out", str(out)]) == 2  # no reward for plain data
-    assert main(["pairs", "--data", toy_prompts, "--reward", "math", "--n", "1", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as refused:  # --n is checked as the flags are parsed
+        main(["pairs", "--data", toy_prompts, "--reward", "math", "--n", "1", "--out", str(out)])
+    assert refused.value.code == 2

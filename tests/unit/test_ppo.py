@@ -52,7 +52,7 @@ def _lora_policy(tiny, seed=0):
 
 
 def _cfg(**kw):
-    return PPOConfig(**{"lora": True, "value_model": "auto", **kw})
+    return PPOConfig(**{"lora": True, "value_model": "auto", "task": "arithmetic", **kw})
 
 
 def test_value_head_shapes_masking_and_agreement_with_plain_forward(tiny):

@@ -2,6 +2,19 @@
 trainers' (``RolloutConfig``), seeding and process start, the model with its LoRA adapter, FSDP
 sharding, AdamW and the learning-rate schedule, the prompt stream and the dataset rows.
 
+Set-up order, the same in every trainer: the config is checked when it is built (its fields'
+domains and cross-field rules, ``posttrain.runtime.config``), then the rows are read and checked
+and the reward spec parsed, then the model loads, then the rows are checked against the tokenizer
+and the model's context, and only then is the run directory created: a setup that fails leaves
+nothing behind.
+
+Prompt-length policy (``check_context``): a prompt whose tokens plus the completion limit
+(``max_new_tokens``; ``eval_max_new_tokens`` for held-out rows) exceed the model's context
+(``max_position_embeddings`` or equivalent) is an error naming the dataset file (or task split),
+the 1-based row and the numbers, asking to shorten the prompt or lower the limit; it is never
+truncated silently nor sampled past the context. DPO and the reward model truncate pairs to
+``max_length`` (``dpo_data``'s stated policy, counted), which must itself fit the context.
+
 The run directory and its checkpoints are ``run.py``; the training loop is ``loop.py``; the
 optimizer-step rule is ``optim.py``: each written once (DESIGN.md: no copy-paste between trainers).
 
@@ -17,18 +30,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Literal, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from posttrain.runtime import cpu_allocator
 from posttrain.runtime import distributed
+from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegative, PerProcess, Positive, Range, Seed,
+                                      flag, refuse)
 from posttrain.sampling.generation import SamplingConfig
 from posttrain.models import EMBEDDED, LORA_LR_MULTIPLIER, add_lora, count_parameters, load_model, resolve_device, rl_lora_rank
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """Fields every trainer has.
 
     Batch sizes under several processes (``accelerate launch`` / ``torchrun``): a step's batch
@@ -45,52 +60,53 @@ class TrainConfig:
     """Dataset file (.jsonl/.json/.parquet/.csv) or datasets directory, in TRL's format."""
     task: Optional[str] = None
     """A built-in task instead of --data (see `posttrain tasks`), e.g. arithmetic."""
-    task_size: int = 5000
+    task_size: Annotated[int, Positive] = 5000
     """Rows drawn from the built-in task's train split."""
-    eval_size: int = 200
+    eval_size: Annotated[int, NonNegative] = 200
     """Held-out rows for evaluation (task test split, or the tail of --data when eval_fraction > 0)."""
-    eval_fraction: float = 0.0
+    eval_fraction: Annotated[float, Fraction] = 0.0
     """With --data: fraction of rows held out for evaluation (0 = none)."""
     name: Optional[str] = None
     """Run name: the run directory is <output_dir>/<name> (default: <method>-<date>-<time>)."""
     output_dir: str = "runs"
     """Where run directories are created."""
-    seed: int = 0
+    seed: Annotated[int, Seed] = 0
     """Seeds python, numpy, torch, data order and sampling."""
-    max_steps: int = 100
+    max_steps: Annotated[int, Positive] = 100
     """Training steps to run."""
-    max_minutes: float = 0.0
+    max_minutes: Annotated[float, NonNegative] = 0.0
     """Stop after the step that passes this wall-clock budget (0 = no limit); the run still
     checkpoints, evaluates and saves final/ as at max_steps."""
-    lr: Optional[float] = None
-    """Learning rate; default: the method's full fine-tuning rate, times 10 with LoRA."""
+    lr: Optional[Annotated[float, NonNegative]] = None
+    """Learning rate; default: the method's full fine-tuning rate, times 10 with LoRA (0 freezes
+    the policy: PPO then trains its critic alone)."""
     lora: bool = True
     """Train a LoRA adapter (peft) instead of all weights."""
-    lora_rank: Optional[int] = None
+    lora_rank: Optional[Annotated[int, Positive]] = None
     """LoRA rank; default: the doctrine's table for the method and model size."""
-    lora_alpha: float = 32.0
+    lora_alpha: Annotated[float, Positive] = 32.0
     """LoRA alpha (scale = alpha / rank); 32 as in "LoRA Without Regret"."""
-    lora_dropout: float = 0.0
+    lora_dropout: Annotated[float, Fraction] = 0.0
     """Dropout on the LoRA branch."""
     lora_target: str = "all-linear"
     """Modules that get adapters: 'all-linear' or a comma-separated list of module names."""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, NonNegative] = 0
     """Linear learning-rate warmup steps."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warmup."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NonNegative] = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, NonNegative] = 1.0
     """Gradient clipping by global norm (0 = off)."""
-    checkpoint_every: int = 50
+    checkpoint_every: Annotated[int, NonNegative] = 50
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
-    keep_last: int = 2
-    """How many checkpoints to keep."""
-    eval_every: int = 0
+    keep_last: Annotated[int, NonNegative] = 2
+    """How many checkpoints to keep (0 = all)."""
+    eval_every: Annotated[int, NonNegative] = 0
     """Evaluate on the held-out rows every N steps (0 = only before and after training)."""
     eval_at_start: bool = True
     """Evaluate before the first step (the 'before' number)."""
-    log_every: int = 1
+    log_every: Annotated[int, Positive] = 1
     """Print a progress line every N steps (metrics.jsonl always gets every step)."""
     tensorboard: bool = False
     """Also write TensorBoard event files to <run>/tb."""
@@ -116,6 +132,17 @@ class TrainConfig:
     @property
     def method(self) -> str:
         return "run"
+
+    def check(self) -> None:
+        super().check()
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """Where the rows come from: exactly one of ``data`` and ``task`` (DPO: ``data``)."""
+        if self.data is None and self.task is None:
+            raise refuse("data", "no training rows: give --data FILE or --task NAME", "task")
+        if self.data is not None and self.task is not None:
+            raise refuse("task", "give only one of --data FILE and --task NAME", "data")
 
 
 RL_FULL_FT_LR = 1e-6
@@ -246,30 +273,127 @@ class PromptStream:
         self._order = self._perm(self.epoch)
 
 
-def load_rows_for(config: TrainConfig, kind: str) -> tuple[list[dict], list[dict], Optional[str]]:
-    """(train rows, held-out rows, the task's default reward spec or None)."""
+class Rows(NamedTuple):
+    """A trainer's rows: train, held out, the task's reward spec (None for --data), and where each
+    part came from, for messages: ``origin[part] = (file or task split, 1-based row numbers)``."""
+
+    train: list[dict]
+    held: list[dict]
+    reward: Optional[str]
+    origin: dict[str, tuple[str, list[int]]]
+
+
+def rows_of(source: str, train: list[dict] = (), held: list[dict] = (), reward: Optional[str] = None) -> Rows:
+    """``Rows`` read whole from one ``source`` (a file, a task's split): each part numbered from 1."""
+    train, held = list(train), list(held)
+    return Rows(train, held, reward, {"train": (source, list(range(1, len(train) + 1))),
+                                      "held": (source, list(range(1, len(held) + 1)))})
+
+
+def load_rows_for(config: TrainConfig, kind: str) -> Rows:
+    """The rows of ``config.data`` or ``config.task`` (the config guarantees exactly one), split
+    into train and held-out rows (``eval_fraction`` of --data, the task's test split)."""
     from posttrain.data import load_rows
 
-    if (config.data is None) == (config.task is None):
-        raise ValueError("give exactly one of --data FILE or --task NAME")
     if config.task is not None:
         from posttrain.data.tasks import get_task, task_info
 
         info = task_info(config.task)
         train = get_task(config.task, "train", n=config.task_size, seed=config.seed) if "train" in info.splits else []
         test = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
-        return (train or test), test, info.reward
+        split = "train" if train else "test"
+        origin = {"train": (f"task {config.task} ({split} split)", list(range(1, len(train or test) + 1))),
+                  "held": (f"task {config.task} (test split)", list(range(1, len(test) + 1)))}
+        return Rows(train or test, test, info.reward, origin)
     from posttrain.rewards import row_checks
 
     rows = load_rows(config.data, kind, checks=row_checks(getattr(config, "reward", None)))
+    held: set[int] = set()
     n_eval = int(round(len(rows) * config.eval_fraction))
     if n_eval:
         rng = random.Random(config.seed)
         order = list(range(len(rows)))
         rng.shuffle(order)
         held = set(order[:n_eval])
-        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)], None
-    return rows, [], None
+    parts = {"train": [i for i in range(len(rows)) if i not in held], "held": sorted(held)}
+    return Rows([rows[i] for i in parts["train"]], [rows[i] for i in parts["held"]], None,
+                {k: (str(config.data), [i + 1 for i in v]) for k, v in parts.items()})
+
+
+def reward_spec(config: "RolloutConfig", task_reward: Optional[str]) -> str:
+    """The run's reward spec: ``--reward``, else the task's; none is an error naming the flag."""
+    spec = config.reward or task_reward
+    if spec is None:
+        raise ConfigError(f"field 'reward': --data {config.data} has no reward of its own: pass --reward (e.g. "
+                          "math, code, 'math,format:0.2', 'reward_model(runs/rm/final)')", ("reward",))
+    return spec
+
+
+# ------------------------------------------------------------------------------ prompt-length policy
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Where a model's config states its context length, in the order looked up."""
+TEMPLATE_SLACK = 16
+"""Tokens a tokenizer may add beyond one per UTF-8 byte of the text (BOS/EOS, a SentencePiece prefix)."""
+
+
+def context_length(model) -> Optional[int]:
+    """The model's context length in tokens (None when its config states none)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in CONTEXT_FIELDS:
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model, tok, rows: Rows, budgets: dict[str, tuple[str, int]], chat_template: bool) -> None:
+    """The prompt-length policy of the trainers that sample (GRPO, PPO; DPO's greedy evaluation):
+    a prompt whose tokens plus the completion budget exceed the model's context is an error naming
+    its file (or task split) and 1-based row, never truncated silently nor left to allocate a cache
+    past the context. ``budgets[part] = (field, tokens)``: the completion limit of the train and
+    held-out rows. A completion budget that fills the context on its own is refused first.
+
+    Byte-level BPE and SentencePiece with byte fallback make at most one token per UTF-8 byte, so
+    only prompts whose rendered text is long enough to overflow are tokenized."""
+    from posttrain.data import DataError, encode_prompt, prompt_text
+
+    n_ctx = context_length(model)
+    if n_ctx is None:
+        return
+    for part, (field, budget) in budgets.items():
+        if budget >= n_ctx:
+            raise ConfigError(f"field '{field}': {flag(field)} {budget} fills the model's context of {n_ctx} tokens "
+                              f"and leaves no room for a prompt: lower {flag(field)}", (field,))
+        source, numbers = rows.origin[part]
+        for number, row in zip(numbers, getattr(rows, part)):
+            try:
+                if len(prompt_text(tok, row["prompt"], chat_template).encode()) + TEMPLATE_SLACK + budget <= n_ctx:
+                    continue
+                n = len(encode_prompt(tok, row["prompt"], chat_template))
+            except ValueError as e:  # e.g. a conversational prompt and a tokenizer without a chat template
+                raise DataError(source, number, "prompt", str(e), unit="row") from None
+            if n + budget > n_ctx:
+                fixes = f"shorten the prompt to at most {n_ctx - budget} tokens" + (
+                    f" or lower {flag(field)} to at most {n_ctx - n}" if n < n_ctx else "")
+                raise DataError(source, number, "prompt", f"the prompt is {n} tokens, and with {field} {budget} "
+                                f"that is {n + budget}, over the model's context of {n_ctx} tokens: {fixes}",
+                                unit="row")
+
+
+def check_max_length(model, config) -> None:
+    """DPO and the reward model truncate pairs to ``max_length``: it must fit the model's context."""
+    n_ctx = context_length(model)
+    if n_ctx is not None and config.max_length > n_ctx:
+        raise ConfigError(f"field 'max_length': {flag('max_length')} {config.max_length} is over the model's context "
+                          f"of {n_ctx} tokens: lower it to at most {n_ctx}", ("max_length",))
+
+
+ClipRange = Range(0, 1, low_open=True, high_open=True)
+"""A PPO clip range: the ratio is kept within [1 - clip, 1 + clip]."""
+NO_SIGNAL_AT_T0 = ("the sampling trainers divide the logits by the temperature, and at 0 every completion of a "
+                   "group is the same greedy one: no differences to learn from (use e.g. 0.7 to 1)")
 
 
 @dataclasses.dataclass
@@ -281,30 +405,42 @@ class RolloutConfig(TrainConfig):
     """Reward spec, e.g. 'math', 'math,format:0.2', 'code', 'reward_model(runs/rm/final)' (default: the task's reward)."""
     eval_reward: Optional[str] = None
     """Reward used for held-out evaluation (default: the task's reward, else --reward)."""
-    prompts_per_step: int = 8
+    prompts_per_step: Annotated[int, Positive, PerProcess] = 8
     """Prompts per step, over all processes (a multiple of their number; each samples and trains on
     prompts_per_step / N of them, whole groups); a step trains on prompts_per_step x group_size completions."""
-    group_size: int = 8
+    group_size: Annotated[int, Positive] = 8
     """Completions sampled per prompt (the doctrine's K)."""
-    max_new_tokens: int = 256
+    max_new_tokens: Annotated[int, Positive] = 256
     """Completion length limit."""
-    min_new_tokens: int = 0
+    min_new_tokens: Annotated[int, NonNegative] = 0
     """Forbid EOS before this many tokens (for benchmarks that force equal lengths)."""
-    temperature: float = 1.0
+    temperature: Annotated[float, Range(0, low_open=True, why=NO_SIGNAL_AT_T0)] = 1.0
     """Sampling temperature."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
     """Nucleus sampling threshold (1 = off)."""
-    top_k: int = 0
+    top_k: Annotated[int, NonNegative] = 0
     """Top-k sampling (0 = off)."""
     chat_template: bool = True
     """Wrap plain-string prompts in the tokenizer's chat template."""
-    samples_per_step: int = 2
+    samples_per_step: Annotated[int, NonNegative] = 2
     """Groups per step written to samples.jsonl for human review."""
-    eval_max_new_tokens: int = 0
+    eval_max_new_tokens: Annotated[int, NonNegative] = 0
     """Completion limit during evaluation (0 = max_new_tokens)."""
     policy_loss: Literal["ppo_clip"] = "ppo_clip"
     """Policy loss, an entry of ``losses.POLICY_LOSSES``: ppo_clip = PPO's clipped surrogate (GRPO
     and PPO papers; DAPO's clip-higher through clip_high)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.min_new_tokens > self.max_new_tokens:
+            raise refuse("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                         f"({self.max_new_tokens})", "max_new_tokens")
+
+    def completion_budgets(self) -> dict[str, tuple[str, int]]:
+        """The completion limit of the train and held-out rows, with the field that sets it
+        (``check_context``)."""
+        held = ("eval_max_new_tokens", self.eval_max_new_tokens) if self.eval_max_new_tokens else None
+        return {"train": ("max_new_tokens", self.max_new_tokens), "held": held or ("max_new_tokens", self.max_new_tokens)}
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.min_new_tokens)

@@ -21,7 +21,9 @@ Choices and departures from the paper and from TRL:
 - Sequence log-probs are sums over completion tokens (paper); for ``ipo`` they are divided by the
   completion length (the IPO authors' and TRL's choice) so beta means the same across lengths.
 - Over-long pairs are truncated by the stated policy in ``dpo_data`` (or dropped), counted,
-  printed and written to ``data.json``.
+  printed and written to ``data.json``; ``max_length`` itself must fit the model's context (checked
+  when the model has loaded, before the run directory is made), and so must the greedy evaluation's
+  prompts plus ``eval_max_new_tokens`` (``common.check_context``).
 - Defaults from the doctrine: beta 0.1, LoRA rank 32 (SFT-like: DPO learns more per example than
   RL), learning rate 1e-6 for full fine-tuning and 10x that with LoRA ("LoRA Without Regret").
 - Evaluation every ``eval_every`` steps (and before/after): preference metrics on the held-out
@@ -41,8 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import torch
 
@@ -50,10 +54,12 @@ from posttrain.algorithms import common, loop
 from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
+from posttrain.data import DataError
 from posttrain.algorithms.evaluate import greedy_eval_sharded
-from posttrain.algorithms.run import Phase, Run, RunResult
+from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
 from posttrain.objectives import losses
 from posttrain.runtime import distributed
+from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
 
 FULL_FT_LR = 1e-6
 """The doctrine's DPO learning range is 1e-5 to 1e-6; 1e-6 for full fine-tuning, 1e-5 with LoRA."""
@@ -67,36 +73,36 @@ class DPOConfig(common.TrainConfig):
     task: Optional[str] = None
     """A built-in task (e.g. arithmetic) whose test split is scored by greedy accuracy at each evaluation
     (DPO trains on --data; the pairs usually came from this task via `posttrain pairs`)."""
-    eval_fraction: float = 0.1
+    eval_fraction: Annotated[float, Fraction] = 0.1
     """Fraction of the pairs held out for preference evaluation (rewards/accuracy, margin, loss); 0 = none."""
-    lora_rank: Optional[int] = 32
+    lora_rank: Optional[Annotated[int, Positive]] = 32
     """LoRA rank (the doctrine's DPO default: 32)."""
-    beta: float = 0.1
+    beta: Annotated[float, Positive] = 0.1
     """Strength of the pull towards the reference. 0.05: aggressive learning, may overfit to preferences;
     0.1: standard, good balance; 0.5: conservative, preserves reference behaviour; 1.0+: very
     conservative, minimal change from the reference."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """sigmoid (DPO), ipo (length-normalised log-probs), hinge (SLiC), robust (rDPO, noisy labels)."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
     """Assumed fraction of flipped preference labels, in [0, 0.5) (sigmoid: conservative DPO; robust: rDPO)."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Positive, PerProcess] = 8
     """Pairs per optimizer step, over all processes (a multiple of their number; each trains on batch_size / N)."""
-    micro_batch_size: int = 0
+    micro_batch_size: Annotated[int, NonNegative] = 0
     """Pairs per forward/backward on each process (gradient accumulation); 0 = all of the process's pairs at
     once. Does not change the result, only memory and speed."""
-    epochs: float = 0.0
+    epochs: Annotated[float, NonNegative] = 0.0
     """Passes over the training pairs; when > 0 it sets max_steps = ceil(epochs * pairs / batch_size)."""
-    max_length: int = 1024
+    max_length: Annotated[int, Range(2)] = 1024
     """Longest prompt + completion in tokens; longer pairs are truncated (see truncation)."""
-    max_prompt_length: int = 512
+    max_prompt_length: Annotated[int, Positive] = 512
     """An over-long pair's prompt keeps its last max_prompt_length tokens; completions then keep their start."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """What to do with pairs over max_length: truncate them (policy above) or drop them. Always counted."""
     ref_model: Optional[str] = None
     """Model spec of a different reference (default: the initial policy; with LoRA, the adapter disabled)."""
-    ref_batch_tokens: int = 4096
+    ref_batch_tokens: Annotated[int, Positive] = 4096
     """Tokens per no-grad forward when precomputing the reference log-probs."""
-    row_tokens: int = 256
+    row_tokens: Annotated[int, NonNegative] = 256
     """Longest packed row: pairs are packed into rows of up to this many tokens (a longer pair gets a row of its
     own; attention cost grows with the square of a row's length); 0 = one row per batch."""
     share_prompt: bool = True
@@ -106,30 +112,32 @@ class DPOConfig(common.TrainConfig):
     """Apply the tokenizer's chat template to plain-string prompts (conversational rows always use it)."""
     eval_reward: Optional[str] = None
     """Reward for the greedy evaluation on --task (default: the task's reward)."""
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: Annotated[int, Positive] = 128
     """Completion limit of the greedy evaluation."""
-    activation_checkpointing: int = 0
+    activation_checkpointing: Annotated[int, NonNegative] = 0
     """Recompute the activations of every N-th decoder layer in backward instead of storing them (1 = all
     layers: the least memory, about a third more compute; 0 = off, the fastest; TRL's default is on)."""
-    chunk_size: int = 512
+    chunk_size: Annotated[int, Positive] = 512
     """Scored tokens per output-head chunk (peak extra memory: a few chunk_size x vocab floats)."""
 
     @property
     def method(self) -> str:
         return "dpo"
 
+    def check_inputs(self) -> None:
+        """DPO trains on ``data`` (pairs); ``task`` only names the greedy evaluation's task."""
+        if self.data is None:
+            raise refuse("data", "DPO trains on preference pairs: pass --data pairs.jsonl (make them with "
+                         "`posttrain pairs`)")
 
-def validate(config: DPOConfig) -> None:
-    if config.data is None:
-        raise ValueError("DPO trains on preference pairs: pass --data pairs.jsonl (make them with `posttrain pairs`)")
-    if config.beta <= 0:
-        raise ValueError(f"beta must be > 0, got {config.beta}")
-    if config.batch_size < 1 or config.micro_batch_size < 0:
-        raise ValueError("batch_size must be >= 1 and micro_batch_size >= 0")
-    if not 0 <= config.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
-    losses.dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), config.beta,
-                    config.loss_type, config.label_smoothing)  # checks loss_type / label_smoothing
+    def check(self) -> None:
+        super().check()
+        dd.check_lengths(self)
+        try:  # the loss's own rule on loss_type x label_smoothing
+            losses.dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), self.beta,
+                            self.loss_type, self.label_smoothing)
+        except ValueError as e:
+            raise refuse("label_smoothing", str(e).removeprefix("dpo_loss: "), "loss_type") from None
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -149,8 +157,8 @@ class ReferenceLogps:
         """Load the run's table when its fingerprint matches, else compute it (returns seconds spent)."""
         path = run_dir / REFERENCE_FILE
         key = dd.fingerprint(examples, config.ref_model or config.model, config.lora, share)
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
+        saved = _read_table(path, console)
+        if saved is not None:
             if saved.get("fingerprint") == key:
                 console.print(f"reference log-probs: reusing {path}")
                 return cls(dict(zip(saved["index"].tolist(), map(tuple, saved["logps"].tolist())))), 0.0
@@ -177,11 +185,25 @@ class ReferenceLogps:
             raise RuntimeError("reference log-probs: pairs missing after gathering the processes' parts")
         seconds = time.perf_counter() - t0
         idx = sorted(table)
-        if distributed.is_main():
+        if distributed.is_main():  # atomically: a kill mid-write leaves the old file or none, never a torn one
+            tmp = path.with_name(path.name + ".tmp")
             torch.save({"fingerprint": key, "index": torch.tensor(idx, dtype=torch.long),
-                        "logps": torch.tensor([table[i] for i in idx], dtype=torch.float64)}, path)
+                        "logps": torch.tensor([table[i] for i in idx], dtype=torch.float64)}, tmp)
+            os.replace(tmp, path)
         console.print(f"reference log-probs: {len(idx)} pairs in {seconds:.1f}s -> {path}")
         return cls(table), seconds
+
+
+def _read_table(path: Path, console) -> dict | None:
+    """The saved reference table, or None when there is none or it cannot be read (it is a cache:
+    a damaged one is recomputed, never a reason a run cannot resume)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        console.print(f"reference log-probs: {path} is unreadable ({type(e).__name__}); recomputing")
+        return None
 
 
 # --------------------------------------------------------------------------------------- loss
@@ -264,11 +286,24 @@ def preference_eval(policy, examples, ref: ReferenceLogps, config: DPOConfig, pa
 # --------------------------------------------------------------------------------------- train
 
 
-def _load_data(config: DPOConfig, tok, console):
-    """Tokenized (train, held-out) pairs, the truncation report and the greedy-eval rows."""
+def _read_rows(config: DPOConfig) -> tuple[list[dict], common.Rows]:
+    """The preference rows of --data, and the greedy evaluation's rows of --task (as ``Rows``
+    held-out rows, for the prompt-length check): read and checked before the model loads."""
     from posttrain.data import load_rows
 
     rows = load_rows(config.data, "preference")
+    greedy = common.rows_of("")
+    if config.task:
+        from posttrain.data.tasks import get_task, task_info
+
+        test = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
+        greedy = common.rows_of(f"task {config.task} (test split)", held=test,
+                                reward=config.eval_reward or task_info(config.task).reward)
+    return rows, greedy
+
+
+def _encode(config: DPOConfig, tok, rows: list[dict], console):
+    """Tokenized (train, held-out) pairs and the truncation report."""
     held = set()
     if config.eval_fraction > 0:
         n_eval = max(1, int(round(len(rows) * config.eval_fraction)))
@@ -281,14 +316,9 @@ def _load_data(config: DPOConfig, tok, console):
     train = [e for e in examples if e.index not in held]
     evals = [e for e in examples if e.index in held]
     if not train:
-        raise ValueError(f"{config.data}: no training pairs left ({stats.summary()})")
-    greedy_rows, eval_spec = [], None
-    if config.task:
-        from posttrain.data.tasks import get_task, task_info
-
-        greedy_rows = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
-        eval_spec = config.eval_reward or task_info(config.task).reward
-    return train, evals, stats, greedy_rows, eval_spec
+        raise DataError(str(config.data), None, None, f"no training pairs left ({stats.summary()}): lower "
+                        "--eval-fraction, raise --max-length, or use --truncation truncate")
+    return train, evals, stats
 
 
 def enable_activation_checkpointing(model, every_n_layers: int) -> None:
@@ -308,19 +338,25 @@ def total_steps(config: DPOConfig, n_train: int) -> int:
     return config.max_steps
 
 
+@closes_runs_on_failure
 def train_dpo(config: DPOConfig) -> RunResult:
     """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
-    validate(config)
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
+    rows, greedy = _read_rows(config)
     policy, tok = common.load_policy(config)
+    common.check_max_length(policy, config)
+    if config.task:
+        common.check_context(policy, tok, greedy, {"held": ("eval_max_new_tokens", config.eval_max_new_tokens)},
+                             config.chat_template)
     if config.activation_checkpointing > 0:  # before sharding: FSDP's hooks then run inside the recomputation
         enable_activation_checkpointing(policy, config.activation_checkpointing)
     common.shard(config, policy)  # FSDP: decoder layers sharded (the reference is computed before step 1)
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not distributed.is_main())
-    train, evals, stats, greedy_rows, eval_spec = _load_data(config, tok, console)
+    train, evals, stats = _encode(config, tok, rows, console)
+    greedy_rows, eval_spec = greedy.held, greedy.reward
     config = dataclasses.replace(config, max_steps=total_steps(config, len(train)))
     run = Run(config, "dpo", total_steps=config.max_steps)
     console = run.tracker.console

@@ -41,6 +41,7 @@ from posttrain.data import DataError, encode_prompt
 from posttrain.data.chat import completion_text
 from posttrain.models.split import split_model
 from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, head_logprobs, selective_log_softmax
+from posttrain.runtime.config import refuse
 
 CHOSEN, REJECTED = 0, 1
 
@@ -127,6 +128,13 @@ def truncate_pair(p: list[int], c: list[int], r: list[int], max_length: int, max
         stats.dropped_identical += 1
         return None
     return p, c, r
+
+
+def check_lengths(config) -> None:
+    """A DPO or reward-model config's truncation lengths: ``max_prompt_length < max_length``."""
+    if config.max_prompt_length >= config.max_length:
+        raise refuse("max_prompt_length", f"max_prompt_length ({config.max_prompt_length}) must be < max_length "
+                     f"({config.max_length}): an over-long pair keeps room for its completions", "max_length")
 
 
 def encode_pairs(tokenizer, rows: Sequence[dict], chat_template: bool = True, max_length: int = 1024,

@@ -25,6 +25,9 @@ No value model: the group's mean reward is the baseline. Choices and departures 
 - Micro-batches hold whole groups, so each prompt is computed once per group in the training
   forward too (``posttrain.objectives.grouped``); gradient accumulation weights micro-batches so the result
   equals one big batch.
+- A prompt whose tokens plus ``max_new_tokens`` exceed the model's context is refused, naming its
+  file and row, after the model loads and before the run directory is made
+  (``common.check_context``: the prompt-length policy of every trainer that samples).
 - A completion no reward function could judge (None) is masked out of the loss; a non-finite loss
   or gradient skips the update (counted in ``nonfinite_steps``) instead of training on it: the rule
   of ``optim.py``, the same in every trainer.
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
@@ -54,11 +57,12 @@ from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micr
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
 from posttrain.algorithms.evaluate import greedy_eval_sharded
-from posttrain.algorithms.run import Run, RunResult
+from posttrain.algorithms.run import Run, RunResult, closes_runs_on_failure
 from posttrain.objectives import advantages as advmod
 from posttrain.objectives import losses
 from posttrain.objectives.grouped import rollout_logprobs
 from posttrain.runtime import distributed
+from posttrain.runtime.config import NonNegative, Positive, refuse
 from posttrain.sampling.rollout_model import rollout_model
 
 FULL_FT_LR = common.RL_FULL_FT_LR
@@ -70,33 +74,39 @@ class GRPOConfig(common.RolloutConfig):
 
     advantage: Literal["grpo", "dr_grpo", "reinforce_pp", "rloo"] = "grpo"
     """Advantage estimator, an entry of ``advantages.ESTIMATORS`` (see the module docstring)."""
-    micro_batch_prompts: int = 1
+    micro_batch_prompts: Annotated[int, NonNegative] = 1
     """Prompts per forward/backward pass on each process (gradient accumulation); 0 = all of the
     process's prompts at once. Does not change the result, only memory and speed. Default: one
     group per pass (group_size rows, TRL's default micro-batch of 8 at the default group size):
     activation memory is one group's, whatever prompts_per_step is."""
-    beta: float = 0.04
+    beta: Annotated[float, NonNegative] = 0.04
     """KL coefficient (k3 estimator in the loss; in the reward for reinforce_pp); 0 = no reference."""
-    clip_low: float = 0.2
+    clip_low: Annotated[float, common.ClipRange] = 0.2
     """PPO clip: the ratio is kept within [1 - clip_low, 1 + clip_high]."""
-    clip_high: Optional[float] = None
+    clip_high: Optional[Annotated[float, Positive]] = None
     """Upper clip (None = clip_low; DAPO's clip-higher uses 0.28)."""
-    num_iterations: int = 1
+    num_iterations: Annotated[int, Positive] = 1
     """Optimizer updates per generated batch (1 = on-policy, no old-log-prob pass)."""
     reduce: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses are reduced."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """For advantage=grpo: divide by the group's std, the batch's std, or not at all."""
-    entropy_coef: float = 0.0
+    entropy_coef: Annotated[float, NonNegative] = 0.0
     """Entropy bonus weight (0 = off; entropy is always reported)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: draw more prompts until the batch holds informative groups."""
-    max_sampling_rounds: int = 3
+    max_sampling_rounds: Annotated[int, Positive] = 3
     """Bound on sampling rounds per step with dynamic_sampling."""
 
     @property
     def method(self) -> str:
         return "grpo"
+
+    def check(self) -> None:
+        super().check()
+        if self.group_size < 2:
+            raise refuse("group_size", f"must be >= 2 for GRPO, got {self.group_size}: the group's mean reward is "
+                         "the baseline, so a group of one has an advantage of 0 and nothing to learn")
 
 
 # ------------------------------------------------------------------------------------- 2. advantages
@@ -219,20 +229,23 @@ def update(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch, 
 # ------------------------------------------------------------------------------------- the run
 
 
+@closes_runs_on_failure
 def train_grpo(config: GRPOConfig) -> RunResult:
     """Train with GRPO (or Dr. GRPO / REINFORCE++ / RLOO); returns the run directory and metrics."""
-    if config.group_size < 2:
-        raise ValueError("group_size must be >= 2: the group mean is the baseline")
     common.start(config)
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
-    train_rows, eval_rows, task_reward = common.load_rows_for(config, "prompt")
-    reward_spec = config.reward or task_reward
-    if reward_spec is None:
-        raise ValueError("no reward: pass --reward (e.g. math, code, 'math,format:0.2')")
+    rows = common.load_rows_for(config, "prompt")
+    train_rows, eval_rows, task_reward = rows.train, rows.held, rows.reward
+    reward_spec = common.reward_spec(config, task_reward)
     reward_fn = rw.from_spec(reward_spec)
     eval_spec = config.eval_reward or task_reward or reward_spec
-    run = Run(config, "grpo", total_steps=config.max_steps)
+    # checked now (a bad --eval-reward is an error before anything loads); the training reward's
+    # own spec is re-read at each evaluation, so evaluation never shares its state (a judge's counters)
+    eval_fn = eval_spec if eval_spec == reward_spec else rw.from_spec(eval_spec, flag="--eval-reward")
     policy, tok = common.load_policy(config)
+    budgets = config.completion_budgets()
+    common.check_context(policy, tok, rows, budgets, config.chat_template)
+    run = Run(config, "grpo", total_steps=config.max_steps)
     # before restore: a frozen copy must hold the initial weights
     reference = Reference(policy, config.lora) if config.beta > 0 else None
     common.shard(config, policy, reference.copy if reference else None)  # FSDP: the copy sharded like the policy
@@ -246,11 +259,11 @@ def train_grpo(config: GRPOConfig) -> RunResult:
     rule = OptimizerStep(optimizer, [trainable_params(policy)], config.max_grad_norm, [policy], dp)
     rollout = rollout_model(policy, config.rollout_dtype)
     sampling = config.sampling()
-    eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
+    eval_tokens = budgets["held"][1]
 
     def evaluate(step: int):
         if eval_rows:
-            res = greedy_eval_sharded(policy, tok, eval_rows, eval_spec, eval_tokens, config.chat_template)
+            res = greedy_eval_sharded(policy, tok, eval_rows, eval_fn, eval_tokens, config.chat_template)
             run.log_eval(step, res)
 
     def collect_step(step: int, timer) -> tuple[ScoredBatch, dict]:

@@ -24,10 +24,13 @@ PPO ``ppo_epochs`` x ``minibatches``); the metric ``lr`` is the rate after that 
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from typing import Any, Callable, Optional
 
 from posttrain.algorithms.common import PromptStream
 from posttrain.algorithms.run import Phase, Run, StepTimer
+from posttrain.runtime import faults
 
 
 @dataclasses.dataclass
@@ -61,7 +64,8 @@ class Trainer:
 
 
 def train(t: Trainer, start: int) -> dict[str, Any]:
-    """Run steps ``start + 1`` .. ``max_steps`` (see the module docstring); returns the last step's metrics."""
+    """Run steps ``start + 1`` .. ``max_steps`` (see the module docstring); returns the last step's
+    metrics (on a failure, the ``train_*`` function's ``run.closes_runs_on_failure`` closes the run)."""
     run, config = t.run, t.run.config
     if start == 0 and config.eval_at_start:
         t.evaluate(0)
@@ -71,9 +75,16 @@ def train(t: Trainer, start: int) -> dict[str, Any]:
         timer = StepTimer()
         with run.stop_safely(step, t.model, t.optimizer, t.scheduler, t.stream, extra=t.extra()):
             batch = t.collect(step, timer)
+            faults.point("collect")  # the fault test kills runs at these points (runtime/faults.py)
         with Phase(timer, "update"):
             result = t.update(batch)
-        t.scheduler.step()
+        faults.point("update")
+        with warnings.catch_warnings():
+            # when the first update was skipped (a non-finite loss: reported as nonfinite_steps) torch
+            # warns that the schedule stepped before the optimizer; advancing it is the rule (optim.py)
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"),
+                                    category=UserWarning)
+            t.scheduler.step()
         metrics = {**result.metrics, "lr": t.scheduler.get_last_lr()[0], **timer.metrics()}
         metrics["tokens_per_s"] = result.tokens / max(1e-9, metrics["time/step"])
         run.log(step, metrics, result.samples)

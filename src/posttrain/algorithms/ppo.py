@@ -33,6 +33,8 @@ Choices and departures:
   log-probs use the sampling temperature. A completion no reward could judge (None) is masked out
   of both losses; a non-finite loss or gradient skips that minibatch's update (``nonfinite_steps``;
   the rule of ``optim.py``, the same in every trainer).
+- Prompts longer than the model's context with ``max_new_tokens`` are refused by row before the
+  run starts, as in GRPO (``common.check_context``).
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
 - Under several processes each takes 1/N of the prompts; every process splits its part into
@@ -59,7 +61,7 @@ Choices and departures:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
@@ -73,11 +75,12 @@ from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, expla
                                             policy_params, token_rewards)
 from posttrain.algorithms.reference import Reference
 from posttrain.algorithms.evaluate import greedy_eval_sharded
-from posttrain.algorithms.run import Run, RunResult
+from posttrain.algorithms.run import Run, RunResult, closes_runs_on_failure
 from posttrain.objectives import losses
 from posttrain.objectives.grouped import rollout_logprobs
 from posttrain.objectives.value_head import TrainState, ValueModel
 from posttrain.runtime import distributed
+from posttrain.runtime.config import NonNegative, Positive, Probability, processes, refuse
 from posttrain.sampling.rollout_model import rollout_model
 
 FULL_FT_LR = common.RL_FULL_FT_LR
@@ -98,37 +101,37 @@ class PPOConfig(common.RolloutConfig):
     A reward model used as the reward is one more frozen model in memory.
     """
 
-    group_size: int = 1
+    group_size: Annotated[int, Positive] = 1
     """Completions sampled per prompt (1 = classic PPO; the critic is the baseline either way)."""
-    clip_ratio: float = 0.2
+    clip_ratio: Annotated[float, common.ClipRange] = 0.2
     """PPO clip: the probability ratio is kept within [1 - clip_ratio, 1 + clip_ratio] (doctrine 0.2)."""
-    kl_coef: float = 0.1
+    kl_coef: Annotated[float, NonNegative] = 0.1
     """KL penalty beta in the per-token reward -beta * (logp - logp_ref) (doctrine 0.1; 0 = no reference);
     the initial value when kl_target is set."""
-    kl_target: Optional[float] = None
+    kl_target: Optional[Annotated[float, Positive]] = None
     """Adaptive KL (Ziegler et al. 2019): target KL per sequence in nats (they used 6); None = fixed kl_coef."""
-    kl_horizon: float = 10000.0
+    kl_horizon: Annotated[float, Positive] = 10000.0
     """Adaptive KL horizon in sequences: beta changes by at most 20% per horizon sequences."""
-    value_coef: float = 0.5
+    value_coef: Annotated[float, NonNegative] = 0.5
     """Weight of the value loss (doctrine 0.5)."""
-    value_clip: Optional[float] = 0.2
+    value_clip: Optional[Annotated[float, Positive]] = 0.2
     """Value clipping range around the rollout-time values (None = unclipped squared error)."""
-    entropy_coef: float = 0.01
+    entropy_coef: Annotated[float, NonNegative] = 0.01
     """Entropy bonus weight (doctrine 0.01)."""
-    gamma: float = 1.0
+    gamma: Annotated[float, Probability] = 1.0
     """Discount per token (1 = none: the episode is one completion)."""
-    gae_lambda: float = 0.95
+    gae_lambda: Annotated[float, Probability] = 0.95
     """GAE lambda (doctrine 0.95): 1 = Monte Carlo returns, 0 = one-step TD."""
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over the batch's valid tokens."""
-    ppo_epochs: int = 4
+    ppo_epochs: Annotated[int, Positive] = 4
     """Passes over each rollout batch (TRL's default 4)."""
-    minibatches: int = 1
+    minibatches: Annotated[int, Positive] = 1
     """Optimizer steps per pass: the batch's prompts are split into this many shuffled minibatches (each
     process splits its own prompts_per_step / N, so at most that many)."""
     value_model: Literal["auto", "adapter", "separate"] = "auto"
     """Critic: 'adapter' (own LoRA adapter on the policy's base), 'separate' (a second model), 'auto' (adapter with LoRA)."""
-    value_lr: Optional[float] = None
+    value_lr: Optional[Annotated[float, Positive]] = None
     """Critic learning rate (default: 10x the policy's: a fresh head must fit the returns quickly)."""
     reduce: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How the per-token policy loss is reduced."""
@@ -136,6 +139,15 @@ class PPOConfig(common.RolloutConfig):
     @property
     def method(self) -> str:
         return "ppo"
+
+    def check(self) -> None:
+        super().check()
+        per_process = self.prompts_per_step // processes()
+        if self.minibatches > per_process:
+            raise refuse("minibatches", f"{self.minibatches} minibatches, but each process has only {per_process} "
+                         f"prompts per step (prompts_per_step {self.prompts_per_step} over {processes()} "
+                         "processes): a minibatch holds whole prompts; lower --minibatches or raise "
+                         "--prompts-per-step", "prompts_per_step")
 
 
 @torch.no_grad()
@@ -230,25 +242,22 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
     return distributed.reduce_metrics(metrics)
 
 
+@closes_runs_on_failure
 def train_ppo(config: PPOConfig) -> RunResult:
     """Train with PPO; returns the run directory and metrics. ``final/`` holds the policy and
     ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
-    if config.ppo_epochs < 1 or config.minibatches < 1:
-        raise ValueError("ppo_epochs and minibatches must be >= 1")
     common.start(config)
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
-    per_process = config.prompts_per_step // distributed.world_size()
-    if config.minibatches > per_process:
-        raise ValueError(f"minibatches ({config.minibatches}) > prompts per process ({per_process})")
-    train_rows, eval_rows, task_reward = common.load_rows_for(config, "prompt")
-    reward_spec = config.reward or task_reward
-    if reward_spec is None:
-        raise ValueError("no reward: pass --reward (e.g. 'reward_model(runs/rm/final)', math)")
+    rows = common.load_rows_for(config, "prompt")
+    train_rows, eval_rows, task_reward = rows.train, rows.held, rows.reward
+    reward_spec = common.reward_spec(config, task_reward)
     reward_fn = rw.from_spec(reward_spec)
     eval_spec = config.eval_reward or task_reward or reward_spec
-    eval_fn = reward_fn if eval_spec == reward_spec else rw.from_spec(eval_spec)
-    run = Run(config, "ppo", total_steps=config.max_steps)
+    eval_fn = reward_fn if eval_spec == reward_spec else rw.from_spec(eval_spec, flag="--eval-reward")
     policy, tok = common.load_policy(config)
+    budgets = config.completion_budgets()
+    common.check_context(policy, tok, rows, budgets, config.chat_template)
+    run = Run(config, "ppo", total_steps=config.max_steps)
     use_ref = config.kl_coef > 0 or config.kl_target is not None
     reference = Reference(policy, config.lora) if use_ref else None
     critic = make_value_model(config, policy, config.seed)
@@ -275,7 +284,7 @@ def train_ppo(config: PPOConfig) -> RunResult:
     rule = OptimizerStep(optimizer, param_sets, config.max_grad_norm, [policy, separate], dp)
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
     sampling = config.sampling()
-    eval_tokens = config.eval_max_new_tokens or config.max_new_tokens
+    eval_tokens = budgets["held"][1]
 
     def evaluate(step: int):
         if eval_rows:

@@ -40,15 +40,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from torch import nn
 
 from posttrain.runtime import distributed
+from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
 from posttrain.algorithms import common, loop
+from posttrain.algorithms.dpo_data import check_lengths
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
-from posttrain.algorithms.run import Phase, Run, RunResult
+from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
 from posttrain.objectives.losses import bradley_terry_loss
 from posttrain.rewards.reward_model import RewardModel, load_reward_model  # noqa: F401 (public API, moved)
 from posttrain.models import sft_lora_rank
@@ -59,31 +61,48 @@ FULL_FT_LR = 1e-5
 FORMAT = "posttrain-reward-model"
 
 
+def _arithmetic_preferences():
+    from posttrain.data.tasks.arithmetic_prefs import arithmetic_preferences
+
+    return arithmetic_preferences
+
+
+PREFERENCE_TASKS = {"arithmetic": _arithmetic_preferences}
+"""Built-in tasks with preference pairs: name -> a function returning their maker (imported lazily)."""
+
+
 @dataclasses.dataclass
 class RewardModelConfig(common.TrainConfig):
     """Reward model: Bradley-Terry on preference pairs (scalar head on a causal LM)."""
 
-    eval_fraction: float = 0.1
+    eval_fraction: Annotated[float, Fraction] = 0.1
     """With --data: fraction of pairs held out for accuracy and margin (0 = none)."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Positive, PerProcess] = 8
     """Preference pairs per optimizer step, over all processes (a multiple of their number; each
     scores batch_size / N)."""
-    max_length: int = 512
+    max_length: Annotated[int, Range(2)] = 512
     """Longest prompt + response in tokens (longer pairs are truncated: prompt from the left)."""
-    max_prompt_length: int = 256
+    max_prompt_length: Annotated[int, Positive] = 256
     """Prompt tokens kept when a pair is too long."""
     margin_column: str = "margin"
     """Column with a required score gap per pair (Llama 2); rows without it use 0."""
-    center_coef: float = 0.0
+    center_coef: Annotated[float, NonNegative] = 0.0
     """Reward-centering weight (Eisenstein et al. 2023 used 0.01): adds coef * (r_c + r_r)^2."""
     chat_template: bool = True
     """Wrap plain-string prompts in the tokenizer's chat template."""
-    eval_batch_size: int = 16
+    eval_batch_size: Annotated[int, Positive] = 16
     """Pairs per forward pass in evaluation."""
 
     @property
     def method(self) -> str:
         return "rm"
+
+    def check(self) -> None:
+        super().check()
+        check_lengths(self)
+        if self.task is not None and self.task not in PREFERENCE_TASKS:
+            raise refuse("task", f"task {self.task!r} has no preference pairs; built in: "
+                         f"{', '.join(PREFERENCE_TASKS)} (or pass --data pairs.jsonl)")
 
 
 def pair_scores(trunk, head: ValueHead, examples: Sequence, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,18 +140,13 @@ def evaluate_pairs(trunk, head: ValueHead, examples: Sequence, rows: Sequence[di
 
 def _rows(config: RewardModelConfig) -> tuple[list[dict], list[dict]]:
     if config.task is not None:
-        if config.data is not None:
-            raise ValueError("give exactly one of --data FILE or --task NAME")
-        if config.task != "arithmetic":
-            raise ValueError(f"task {config.task!r} has no preference pairs; built in: arithmetic (or pass --data)")
-        from posttrain.data.tasks.arithmetic_prefs import arithmetic_preferences
-
-        return (arithmetic_preferences(config.task_size, config.seed, "train"),
-                arithmetic_preferences(config.eval_size, config.seed, "test"))
-    train, held, _ = common.load_rows_for(config, "preference")
-    return train, held
+        make = PREFERENCE_TASKS[config.task]()
+        return make(config.task_size, config.seed, "train"), make(config.eval_size, config.seed, "test")
+    rows = common.load_rows_for(config, "preference")
+    return rows.train, rows.held
 
 
+@closes_runs_on_failure
 def train_reward_model(config: RewardModelConfig) -> RunResult:
     """Train a reward model on preference pairs; returns the run (``final/`` is the model)."""
     from posttrain.algorithms.dpo_data import encode_pairs
@@ -140,12 +154,13 @@ def train_reward_model(config: RewardModelConfig) -> RunResult:
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
-    run = Run(config, "rm", total_steps=config.max_steps)
     model, tok = common.load_policy(config, lora_rank_for=sft_lora_rank)
+    common.check_max_length(model, config)
     encode = functools.partial(encode_pairs, tok, chat_template=config.chat_template, max_length=config.max_length,
                                max_prompt_length=config.max_prompt_length)
     examples, stats = encode(train_rows, source=config.data or "task")
     eval_examples, _ = encode(eval_rows, source=config.data or "task") if eval_rows else ([], None)
+    run = Run(config, "rm", total_steps=config.max_steps)
     run.tracker.console.print(f"pairs: {stats.summary()}; held out: {len(eval_examples)}", highlight=False)
     head = ValueHead(hidden_size(model), seed=config.seed).to(next(model.parameters()).device)
     trunk = trunk_of(model)

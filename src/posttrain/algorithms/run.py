@@ -4,26 +4,135 @@ safe stop on Ctrl-C, the doctor's watch, the final model and report; and the ste
 Under several processes (``posttrain.runtime.distributed``) the run directory, metrics, samples,
 evals, reports and ``final/`` are written by rank 0 only; every rank loads the same checkpoint and
 its own RNG state (evaluation across the ranks: ``evaluate.greedy_eval_sharded``).
+
+Resume rules (``--resume RUN_DIR``; ``resume_config`` for the CLI, ``Run`` for every caller):
+- the run's saved ``config.yaml`` is the truth. A setting given again with another value is
+  refused, with the list of differences, unless it is in ``MUTABLE`` (the length of the run, the
+  time budget, how often to evaluate, checkpoint and log, a new learning rate, the device): those
+  are applied (a new ``lr`` to the optimizer and the schedule's base rate, once the checkpoint has
+  loaded) and recorded in ``resumes.jsonl`` (one line per resume: step, checkpoint, changes, time)
+  and in ``config.yaml``;
+- nothing in the run directory is written before the checkpoint has loaded, except ``run.lock``
+  (the run's owner: ``tracking.RunLock``); a damaged newest checkpoint falls back to the newest
+  whole one (``checkpoint.load_latest``); then stale ``.tmp-step-*`` directories are removed and
+  the logs are cut back to the resumed step (a torn last line dropped, with a message).
+A fresh run that fails before it logs its first step removes its directory, unless it holds a
+checkpoint (``Run.close``); a resumed run never removes anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import shutil
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from posttrain.errors import ResumeError
 from posttrain.runtime import checkpoint as ckpt
 from posttrain.runtime import config as cfgmod
 from posttrain.runtime import distributed
-from posttrain.runtime.tracking import Tracker, make_run_dir, read_jsonl
+from posttrain.runtime.tracking import RunLock, Tracker, append_record, make_run_dir, read_jsonl
 
 if TYPE_CHECKING:
     from posttrain.algorithms.common import PromptStream, TrainConfig
+
+MUTABLE: dict[str, str] = {
+    "max_steps": "the run's length",
+    "max_minutes": "the time budget",
+    "eval_every": "how often to evaluate",
+    "eval_at_start": "an evaluation before step 1 (only a run resumed at step 0 has one to do)",
+    "checkpoint_every": "how often to checkpoint",
+    "keep_last": "how many checkpoints to keep",
+    "log_every": "how often to print",
+    "tensorboard": "TensorBoard logging",
+    "lr": "applied to the optimizer and to the schedule's base rate once the checkpoint has loaded",
+    "device": "where the run computes (the RNG of another device type starts afresh)",
+}
+"""The settings a resumed run may change, and what changing one does; every other one is fixed
+for the life of a run (model, LoRA, data, task, reward, group and batch sizes, seed, losses...)."""
+
+NOT_COMPARED = ("resume", "name", "output_dir")
+"""Not settings of the run: where it lives is ``--resume``'s (a run copied elsewhere resumes as well)."""
+
+_OPEN: list["Run"] = []
+"""Runs of this process not yet closed (``closes_runs_on_failure``)."""
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``ResumeError`` unless ``run_dir`` is a run directory with a complete checkpoint."""
+    if not run_dir.is_dir():
+        raise ResumeError(f"--resume {run_dir}: no such directory")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise ResumeError(f"--resume {run_dir}: not a run directory (no config.yaml, no checkpoints/); give the "
+                          f"directory a training run wrote, e.g. runs/grpo-20260101-120000")
+    if not ckpt.checkpoint_dirs(run_dir):
+        raise ckpt.no_checkpoint(run_dir)
+
+
+def resume_changes(saved, given, run_dir: Path | str) -> dict[str, tuple[Any, Any]]:
+    """The settings of config ``given`` that differ from the run's ``saved`` one: {field: (saved,
+    given)}, all in ``MUTABLE``; any other difference is a ``ResumeError`` listing them all."""
+    old, new = cfgmod.to_dict(saved), cfgmod.to_dict(given)
+    diff = {k: (old.get(k), v) for k, v in new.items() if k not in NOT_COMPARED and old.get(k) != v}
+    fixed = {k: d for k, d in diff.items() if k not in MUTABLE}
+    if fixed:
+        rows = "\n".join(f"  --{k.replace('_', '-')}: the run has {o!r}, given {n!r}" for k, (o, n) in fixed.items())
+        raise ResumeError(f"--resume {run_dir}: these settings cannot change in the middle of a run:\n{rows}\n"
+                          f"resume without them (the run's config.yaml holds its settings), or start a new run. "
+                          f"What a resume may change: {', '.join('--' + k.replace('_', '-') for k in MUTABLE)}")
+    return diff
+
+
+def saved_config(cls: type, run_dir: Path):
+    """The run's config as its ``config.yaml`` holds it, or None (a run written without one)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    values, lines = cfgmod.read_yaml(path)
+    return cfgmod.build(cls, values, str(path), lines)
+
+
+def resume_config(cls: type, run_dir: str | Path, config_file: str | Path | None = None,
+                  flags: dict[str, Any] | None = None):
+    """The config to resume ``run_dir`` with (the CLI's ``--resume``): its ``config.yaml`` with the
+    given ``--config`` file and flags over it, refused (``ResumeError``) when they change a setting
+    that cannot change mid-run. Checked before any model loads; nothing is written."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir)
+    saved = saved_config(cls, run_dir)
+    base = cfgmod.to_dict(saved) if saved is not None else {}
+    given: dict[str, Any] = {}
+    if config_file is not None:
+        values, lines = cfgmod.read_yaml(config_file)
+        cfgmod.build(cls, {**base, **values}, str(config_file), lines)  # its errors name the file and line
+        given.update(values)
+    given.update(flags or {})
+    given["resume"] = str(run_dir)
+    if saved is None:  # no config.yaml (an old run): the flags are the whole config
+        return cfgmod.from_sources(cls, None, given)
+    config = cfgmod.from_sources(cls, run_dir / "config.yaml", given)
+    resume_changes(saved, config, run_dir)
+    return config
+
+
+def _apply_lr(scheduler, new_base: list[float]) -> None:
+    """A new lr on resume: the schedule's base rates become the new config's (those the optimizer
+    was built with), and each group's rate keeps its place in the schedule."""
+    groups = scheduler.optimizer.param_groups
+    for i, (group, base) in enumerate(zip(groups, new_base)):
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        old = scheduler.base_lrs[i]
+        factor = lambdas[i](scheduler.last_epoch) if lambdas else (group["lr"] / old if old else 1.0)
+        group["initial_lr"], group["lr"] = base, base * factor
+    scheduler.base_lrs = list(new_base)
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 @dataclasses.dataclass
@@ -40,32 +149,52 @@ class RunResult:
 
 
 class Run:
-    """A run directory with its tracker, checkpoints and resume logic."""
+    """A run directory with its tracker, checkpoints and resume logic (the module docstring)."""
 
     def __init__(self, config: TrainConfig, method: str, total_steps: int):
         self.config, self.method = config, method
         self.main = distributed.is_main()
-        if config.resume:
-            run_dir = Path(config.resume)
-            self.run_dir = make_run_dir(run_dir.parent, run_dir.name, resume=True)
+        self.lock: RunLock | None = None
+        self.changes: dict[str, tuple[Any, Any]] = {}
+        self.closed = False
+        self.header = f"posttrain train {method}"
+        tracker = dict(enabled=self.main, tensorboard=config.tensorboard, total_steps=total_steps,
+                       print_every=config.log_every)
+        if config.resume:  # nothing is written here: restore() opens the logs once a checkpoint loaded
+            self.run_dir = Path(config.resume)
+            check_resumable(self.run_dir)
+            saved = saved_config(type(config), self.run_dir)
+            self.changes = resume_changes(saved, config, self.run_dir) if saved is not None else {}
+            self.lock = RunLock(self.run_dir) if self.main else None
+            self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+            self.tracker = Tracker(self.run_dir, defer=True, **tracker)
         else:  # rank 0 names and creates it (the default name has the time in it)
             self.run_dir = distributed.broadcast(
                 make_run_dir(config.output_dir, config.name, method=method) if self.main else None)
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
-        if config.resume and self.resume_from is None:
-            raise ckpt_error(self.run_dir)
-        resume_step = int(self.resume_from.name.split("-")[1]) if self.resume_from else None
-        self.tracker = Tracker(self.run_dir, cfgmod.to_dict(config), header=f"posttrain train {method}",
-                               resume_step=resume_step, enabled=self.main,
-                               tensorboard=config.tensorboard, total_steps=total_steps, print_every=config.log_every)
-        self.evals: list[dict[str, Any]] = read_jsonl(self.run_dir / "evals.jsonl") if resume_step else []
-        if resume_step is not None:
-            self.evals = [e for e in self.evals if e["step"] <= resume_step]
+            self.lock = RunLock(self.run_dir) if self.main else None
+            self.resume_from = None
+            self.tracker = Tracker(self.run_dir, cfgmod.to_dict(config), header=self.header, **tracker)
+        _OPEN.append(self)
+        self.evals: list[dict[str, Any]] = []
         self.generators: dict[str, torch.Generator] = {}
         self.started = time.time()
         from posttrain.doctrine.doctor import Doctor
 
         self.doctor = Doctor()
+
+    def close(self, failed: bool = False) -> None:
+        """Close the logs and give up the run directory (idempotent). ``failed``: a fresh run that
+        logged no step and saved no checkpoint holds nothing of value, so its directory goes."""
+        if self.closed:
+            return
+        self.closed = True
+        _OPEN.remove(self)
+        self.tracker.close()
+        if self.lock is not None:
+            self.lock.release()
+        if failed and self.main and not self.config.resume and not self.tracker.history \
+                and not ckpt.checkpoint_dirs(self.run_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def log(self, step: int, metrics: dict[str, Any], samples: list[dict] | None = None) -> None:
         """Log a step's metrics (and samples for review), then let the doctor read them."""
@@ -83,15 +212,39 @@ class Run:
         return bool(distributed.broadcast(time.time() - self.started > 60 * self.config.max_minutes))
 
     def restore(self, model, optimizer, scheduler, stream: PromptStream | None) -> tuple[int, dict]:
-        """Load the newest checkpoint when resuming; returns (step done, saved extra state)."""
+        """Load the newest whole checkpoint when resuming (falling back past damaged ones), then
+        apply the resume's changes, remove stale temporaries and open the logs at that step;
+        returns (step done, saved extra state)."""
         if self.resume_from is None:
             return 0, {}
-        state = ckpt.load_checkpoint(self.resume_from, model, optimizer, scheduler, generators=self.generators,
-                                     rank=distributed.rank(), world_size=distributed.world_size())
+        new_base = list(getattr(scheduler, "base_lrs", None) or [])  # the rates this run's config asks for
+        say = lambda msg: self.tracker.console.print(msg, highlight=False, soft_wrap=True)  # noqa: E731
+        path, state = ckpt.load_latest(self.run_dir, model, optimizer, scheduler, generators=self.generators,
+                                       rank=distributed.rank(), world_size=distributed.world_size(), say=say)
+        self.resume_from = path
         if stream is not None and "stream" in state:
             stream.restore(state["stream"])
-        self.tracker.console.print(f"resumed {self.run_dir} at step {state['step']}")
-        return int(state["step"]), state.get("extra", {})
+        if "lr" in self.changes and new_base:
+            _apply_lr(scheduler, new_base)
+        step = int(state["step"])
+        if self.main:
+            for name in ckpt.remove_stale_temporaries(self.run_dir):
+                say(f"removed {self.run_dir / 'checkpoints' / name} (a checkpoint the run was stopped writing)")
+            self.tracker.open(cfgmod.to_dict(self.config), self.header, resume_step=step)
+            self._record_resume(step, path, say)
+        distributed.barrier()
+        self.evals = [e for e in read_jsonl(self.run_dir / "evals.jsonl") if e["step"] <= step]
+        say(f"resumed {self.run_dir} at step {step}")
+        return step, state.get("extra", {})
+
+    def _record_resume(self, step: int, path: Path, say) -> None:
+        """One line of ``resumes.jsonl``: when, from which checkpoint, and what changed."""
+        changes = {k: [old, new] for k, (old, new) in self.changes.items()}
+        record = {"step": step, "checkpoint": path.name, "time": datetime.now().isoformat(timespec="seconds"),
+                  "changes": changes}
+        append_record(self.run_dir / "resumes.jsonl", record)
+        for k, (old, new) in changes.items():
+            say(f"changed on resume: {k} {old!r} -> {new!r} ({MUTABLE[k]})")
 
     def checkpoint(self, step: int, model, optimizer, scheduler, stream: PromptStream | None, extra: dict | None = None):
         """Save ``checkpoints/step-<step>/`` (every rank calls it: each adds its RNG state)."""
@@ -121,7 +274,7 @@ class Run:
             if distributed.world_size() > 1:
                 self.tracker.console.print(f"stopped at step {step} ({type(e).__name__}); resume from the last "
                                            f"checkpoint with --resume {self.run_dir}")
-                self.tracker.close()
+                self.close()
                 raise
             if stream is not None:
                 stream.restore(saved[0])
@@ -130,7 +283,7 @@ class Run:
             path = self.checkpoint(step - 1, model, optimizer, scheduler, stream, extra=extra)
             self.tracker.console.print(f"stopped at step {step} ({type(e).__name__}); saved {path}: "
                                        f"resume with --resume {self.run_dir}")
-            self.tracker.close()
+            self.close()
             raise
 
     def due(self, step: int, every: int, last: int) -> bool:
@@ -173,6 +326,7 @@ class Run:
         if self.main:
             self.doctor.finish(self.run_dir, self.tracker.history)
         distributed.barrier()
+        self.close()
         return RunResult(self.run_dir, metrics, self.evals)
 
 
@@ -189,8 +343,22 @@ def trainable(*holders) -> list[torch.Tensor]:
     return out
 
 
-def ckpt_error(run_dir: Path) -> FileNotFoundError:
-    return FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/step-N/state.json)")
+def closes_runs_on_failure(train_fn: Callable) -> Callable:
+    """Decorates each ``train_*``: when it raises, every run it opened and left open is closed with
+    ``Run.close(failed=True)`` (a fresh run that logged nothing and saved no checkpoint leaves no
+    directory), for the CLI and library callers alike; the exception goes on."""
+
+    @functools.wraps(train_fn)
+    def train(config, *args, **kwargs):
+        already = set(map(id, _OPEN))
+        try:
+            return train_fn(config, *args, **kwargs)
+        except BaseException:
+            for run in [r for r in _OPEN if id(r) not in already]:
+                run.close(failed=True)
+            raise
+
+    return train
 
 
 class StepTimer:

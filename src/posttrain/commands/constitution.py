@@ -26,6 +26,7 @@ HELP = "Constitutional AI: answer, critique against principles, revise; write re
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import nonnegative_float, nonnegative_int, positive_int
     from posttrain.models import EMBEDDED
 
     parser.add_argument("--model", default=EMBEDDED, help="model spec that answers, critiques and revises")
@@ -33,38 +34,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .jsonl of preference pairs")
     parser.add_argument("--principles", default=None, metavar="YAML",
                         help="principles file (default: the doctrine's three example principles)")
-    parser.add_argument("--principles-per-prompt", type=int, default=0,
+    parser.add_argument("--principles-per-prompt", type=nonnegative_int, default=0,
                         help="rounds per prompt with a principle drawn at random (0 = every principle in order)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="limit of each answer, critique, revision")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts processed together (then written)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="limit of each answer, critique, revision")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts processed together (then written)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.runtime.config import ConfigError
-    from posttrain.data import DataError, load_rows
+    from posttrain.commands._args import check_model_flag, load_model_flag
+    from posttrain.data import load_rows
+    from posttrain.models import resolve_device
     from posttrain.rlaif.backends import LocalBackend
     from posttrain.rlaif.config import JudgeConfig
     from posttrain.rlaif.constitution import ConstitutionConfig, DEFAULT_PRINCIPLES, constitutional_pairs, load_principles
     from posttrain.rlaif.resume import ResumableJsonl
 
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.principles_per_prompt < 0:
-        print("error: --batch-size and --max-new-tokens must be >= 1, --principles-per-prompt >= 0", file=sys.stderr)
-        return 2
-    try:
-        rows = load_rows(args.data, "prompt")
-        principles, templates = load_principles(args.principles) if args.principles else (DEFAULT_PRINCIPLES, {})
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_model_flag("--model", args.model)
+    rows = load_rows(args.data, "prompt")
+    principles, templates = load_principles(args.principles) if args.principles else (DEFAULT_PRINCIPLES, {})
     config = ConstitutionConfig(principles=principles, principles_per_prompt=args.principles_per_prompt,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                 **templates)
+    # the model loads before --out is opened: a model that cannot load leaves nothing behind
+    model, tokenizer = load_model_flag("--model", args.model, device=resolve_device(args.device))
     backend = LocalBackend(JudgeConfig(backend="local", model=args.model, batch_size=args.batch_size,
-                                       device=args.device), seed=args.seed)
+                                       device=args.device), model=model, tokenizer=tokenizer, seed=args.seed)
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     reasons: collections.Counter[str] = collections.Counter()

@@ -29,12 +29,14 @@ PRESET = dict(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=PRESET["max_steps"], help="training steps")
-    parser.add_argument("--minutes", type=float, default=PRESET["max_minutes"], help="training time budget")
-    parser.add_argument("--eval-size", type=int, default=PRESET["eval_size"], help="held-out problems evaluated")
+    from posttrain.commands._args import nonnegative_int, positive_float, positive_int
+
+    parser.add_argument("--steps", type=positive_int, default=PRESET["max_steps"], help="training steps")
+    parser.add_argument("--minutes", type=positive_float, default=PRESET["max_minutes"], help="training time budget")
+    parser.add_argument("--eval-size", type=positive_int, default=PRESET["eval_size"], help="held-out problems evaluated")
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:

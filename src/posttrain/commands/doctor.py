@@ -3,7 +3,9 @@
 Replays the doctor's rules (posttrain.doctrine.doctor) over the run's metrics.jsonl and samples.jsonl and
 prints each problem at the step it appeared: symptom, likely cause and fix, from the doctrine's
 debugging table and reward-hacking section. Thresholds can be changed with --set name=value.
-Exit code 0 when no error-level event fired, 1 otherwise.
+Exit code 0 when no error-level event fired, 1 otherwise; 2 for a bad input (the error contract,
+``posttrain.errors``). A torn last line of metrics.jsonl or samples.jsonl (a run killed, or still
+writing) is skipped with a note; any other line that is not JSON is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from posttrain.doctrine.doctor import RULES, diagnose
-    from posttrain.runtime.tracking import read_jsonl
+    from posttrain.runtime.tracking import RunDirError, read_jsonl
 
     err = Console(stderr=True)
     run_dir = Path(args.run_dir)
     history = read_jsonl(run_dir / "metrics.jsonl")
     if not history:
-        err.print(f"[red]error:[/red] {run_dir / 'metrics.jsonl'}: missing or empty")
-        return 2
+        raise RunDirError(f"{run_dir / 'metrics.jsonl'}: missing or empty: give the directory of a run that "
+                          f"logged at least one step")
     try:
         overrides = _thresholds(args.set)
     except ValueError as e:

@@ -9,6 +9,7 @@ HELP = "Evaluate a model or run: greedy accuracy on a task/data file, or an adve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import nonnegative_int, positive_int, remember_defaults
     from posttrain.models import EMBEDDED
 
     parser.add_argument("--model", default=EMBEDDED, help="model spec or run directory (uses its final/)")
@@ -17,38 +18,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="prompt file with the columns the reward needs")
     parser.add_argument("--reward", help="reward spec (default: the task's reward)")
     parser.add_argument("--split", default="test", help="task split (default: test)")
-    parser.add_argument("--n", type=int, default=200, help="rows to evaluate (default 200)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n", type=positive_int, default=200, help="rows to evaluate (default 200)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the task rows drawn")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--suite", choices=["sycophancy"], help="an adversarial suite instead of a task")
-    parser.add_argument("--examples", type=int, default=2, help="example completions to print")
+    parser.add_argument("--examples", type=nonnegative_int, default=2, help="example completions to print")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    remember_defaults(parser)
+
+
+def _rules():
+    from posttrain.commands._args import Rule
+
+    return (
+        Rule(("reward", "split", "n", "seed"), lambda a: a.suite,
+             "--suite runs its own fixed probes, greedily, scored by its own verdict"),
+        Rule(("split", "seed"), lambda a: a.data,
+             "--data rows are read from the file in order (--split and --seed draw a task's rows)"),
+    )
 
 
 def _rows(args):
+    """(rows, reward spec) of --task or --data, checked before any model loads."""
+    from posttrain.commands._args import FlagError, reward_flag, task_flag
     from posttrain.data import load_rows
-    from posttrain.data.tasks import get_task, task_info
+    from posttrain.data.tasks import get_task
 
     if args.task:
-        return get_task(args.task, args.split, n=args.n, seed=args.seed), args.reward or task_info(args.task).reward
-    if args.data:
-        if not args.reward:
-            raise SystemExit("error: --data needs --reward")
-        from posttrain.rewards import row_checks
+        info = task_flag("--task", args.task, args.split)
+        reward = args.reward or info.reward
+        reward_flag("--reward", reward)
+        return get_task(args.task, args.split, n=args.n, seed=args.seed), reward
+    if not args.reward:
+        raise FlagError("--data needs --reward (the reward that scores each completion, e.g. math)")
+    reward_flag("--reward", args.reward)
+    from posttrain.rewards import row_checks
 
-        return load_rows(args.data, "prompt", checks=row_checks(args.reward))[: args.n], args.reward
-    raise SystemExit("error: give --task, --data or --suite")
+    return load_rows(args.data, "prompt", checks=row_checks(args.reward))[: args.n], args.reward
 
 
-def _evaluate(spec: str, args, rows, reward):
-    from posttrain.models import load_model
+def _evaluate(spec: str, flag: str, args, rows, reward):
+    from posttrain.commands._args import load_model_flag
 
-    model, tok = load_model(spec)
+    model, tok = load_model_flag(flag, spec)
     if args.suite == "sycophancy":
         from posttrain.doctrine.adversarial.sycophancy import run_sycophancy
 
-        return run_sycophancy(model, tok, max_new_tokens=args.max_new_tokens)
+        return run_sycophancy(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              examples=args.examples)
     from posttrain.algorithms.evaluate import greedy_eval
 
     return greedy_eval(model, tok, rows, reward, args.max_new_tokens, args.batch_size, examples=args.examples)
@@ -60,9 +78,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from posttrain.commands._args import check_model_flag, exactly_one, refuse_inapplicable
+
+    exactly_one(args, "task", "data", "suite")
+    refuse_inapplicable(args, _rules())
+    models = {"--model": args.model, **({"--baseline": args.baseline} if args.baseline else {})}
+    for flag, spec in models.items():
+        check_model_flag(flag, spec)
     rows, reward = (None, None) if args.suite else _rows(args)
-    specs = [args.model] + ([args.baseline] if args.baseline else [])
-    results = {spec: _evaluate(spec, args, rows, reward) for spec in specs}
+    results = {spec: _evaluate(spec, flag, args, rows, reward) for flag, spec in models.items()}
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -8,13 +8,23 @@ HELP = "Answer one or more chat prompts with a model (greedy by default)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import nonnegative_float, nonnegative_int, positive_int, remember_defaults
     from posttrain.models import EMBEDDED
 
     parser.add_argument("--model", default=EMBEDDED, help="model spec: embedded name, directory, .gguf, run dir")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sampling (with --temperature > 0)")
+    remember_defaults(parser)
+
+
+def _rules():
+    from posttrain.commands._args import Rule
+
+    return (Rule(("seed",), lambda a: a.temperature == 0,
+                 "greedy decoding (--temperature 0, the default) draws no random numbers; give --temperature > 0 "
+                 "to sample"),)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,11 +32,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from posttrain.models import load_model
+    from posttrain.commands._args import load_model_flag, refuse_inapplicable
 
+    refuse_inapplicable(args, _rules())
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model, tok = load_model(args.model)
+    model, tok = load_model_flag("--model", args.model)
     print(f"loaded {args.model} in {time.time() - t0:.1f}s")
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in args.prompt]

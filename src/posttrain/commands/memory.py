@@ -18,19 +18,20 @@ HELP = "Estimate peak memory for a method x model size x LoRA, with the breakdow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import lora_rank, memory_size, nonnegative_float, positive_int, remember_defaults
     from posttrain.doctrine.memory import DTYPE_BYTES, METHODS, OPTIMIZER_BYTES
 
     parser.add_argument("--model", default="8B", help="a size (8B, 135M) or a model spec (read from its config)")
     parser.add_argument("--method", default="grpo", choices=METHODS)
-    parser.add_argument("--lora", nargs="?", const="auto", default=None, metavar="RANK",
+    parser.add_argument("--lora", nargs="?", const="auto", default=None, metavar="RANK", type=lora_rank,
                         help="LoRA; without a value, the doctrine's rank for the method and size (absent: full fine-tuning)")
     parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"),
                         help="gpu: the doctrine table's assumptions; cpu: posttrain's trainers on CPU (float32, AdamW)")
-    parser.add_argument("--seq-len", type=int, default=None, help="prompt + completion tokens (split half and half)")
-    parser.add_argument("--prompt-len", type=int, default=None)
-    parser.add_argument("--completion-len", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="sequences (DPO: pairs) per forward/backward")
-    parser.add_argument("--gen-batch", type=int, default=None, help="sequences generated at once")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="prompt + completion tokens (split half and half)")
+    parser.add_argument("--prompt-len", type=positive_int, default=None)
+    parser.add_argument("--completion-len", type=positive_int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=None, help="sequences (DPO: pairs) per forward/backward")
+    parser.add_argument("--gen-batch", type=positive_int, default=None, help="sequences generated at once")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_BYTES))
     parser.add_argument("--optimizer", default=None, choices=sorted(OPTIMIZER_BYTES))
     parser.add_argument("--fused-step", default=None, action=argparse.BooleanOptionalAction,
@@ -41,10 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         action=argparse.BooleanOptionalAction, help="gradient checkpointing")
     parser.add_argument("--frozen-on-device", default=None, action=argparse.BooleanOptionalAction,
                         help="count the reference and reward models on this device")
-    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 = no reference model")
-    parser.add_argument("--gpu-memory", default=None, help="say whether it fits in this much memory, e.g. 24GB")
+    parser.add_argument("--beta", type=nonnegative_float, default=0.04, help="KL coefficient; 0 = no reference model")
+    parser.add_argument("--gpu-memory", type=memory_size, default=None, help="say whether it fits in this much memory, e.g. 24GB")
     parser.add_argument("--doctrine-table", action="store_true", help="recompute the doctrine's 8B table")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    remember_defaults(parser)
+
+
+def _rules():
+    from posttrain.commands._args import Rule
+
+    estimate = ("model", "method", "lora", "device", "seq_len", "prompt_len", "completion_len", "batch", "gen_batch",
+                "dtype", "optimizer", "fused_step", "master_weights", "grad_checkpointing", "frozen_on_device",
+                "beta", "gpu_memory")
+    return (Rule(estimate, lambda a: a.doctrine_table,
+                 "--doctrine-table recomputes the doctrine's fixed 8B table under its own assumptions"),
+            Rule(("seq_len",), lambda a: a.prompt_len and a.completion_len,
+                 "--prompt-len and --completion-len are both given, so there is nothing left for --seq-len to split"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -56,6 +70,15 @@ def _overrides(args: argparse.Namespace) -> dict:
             "gen_batch": args.gen_batch, "dtype": args.dtype, "optimizer": args.optimizer,
             "fused_step": args.fused_step, "master_weights": args.master_weights,
             "grad_checkpointing": args.grad_checkpointing, "frozen_on_device": args.frozen_on_device}
+
+
+def _estimate(args: argparse.Namespace, memory):
+    from posttrain.commands._args import FlagError
+
+    try:
+        return memory.estimate(args.model, args.method, args.lora, args.device, beta=args.beta, **_overrides(args))
+    except (ValueError, KeyError) as e:  # e.g. a --model that is neither a size nor a readable model config
+        raise FlagError(f"cannot estimate {args.method} on --model {args.model}: {e}") from e
 
 
 def _table(console, rows: list[tuple[str, str, str]], title: str) -> None:
@@ -75,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
     from posttrain.doctrine import memory
 
+    from posttrain.commands._args import refuse_inapplicable
+
+    refuse_inapplicable(args, _rules())
     console = Console()
     if args.doctrine_table:
         ours = memory.doctrine_table()
@@ -85,13 +111,8 @@ def run(args: argparse.Namespace) -> int:
                "8B model, default (gpu) assumptions")
         console.print(f"assumptions: {memory.GPU.describe()}", highlight=False)
         return 0
-    lora = args.lora if args.lora in (None, "auto") else int(args.lora)
-    try:
-        est = memory.estimate(args.model, args.method, lora, args.device, beta=args.beta, **_overrides(args))
-    except (ValueError, KeyError) as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
-        return 2
-    budget = memory.parse_memory(args.gpu_memory) if args.gpu_memory else None
+    est = _estimate(args, memory)
+    budget = args.gpu_memory
     if args.json:
         out = est.to_dict()
         if budget is not None:

@@ -19,30 +19,46 @@ HELP = "Recommend a method (DPO, GRPO, PPO, RLAIF) from the data, rewards, judge
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import memory_size
+
     parser.add_argument("--data", help="dataset file (TRL formats); its columns decide the branch")
     parser.add_argument("--task", help="a built-in task instead of --data (e.g. arithmetic)")
     parser.add_argument("--columns", help="comma-separated column names, instead of a file")
     parser.add_argument("--reward", help="reward spec you could use, e.g. math, 'reward_model(runs/rm/final)'")
     parser.add_argument("--judge", metavar="CONFIG", help="a judge config (YAML) available for AI feedback")
-    parser.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GB or 80GiB")
+    parser.add_argument("--gpu-memory", type=memory_size, help="memory per GPU, e.g. 24GB or 80GiB")
     parser.add_argument("--model", help="model spec or size (8B); default: the embedded model")
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str | None, list[str] | None]:
+    """(data file or task name, columns), checked: at most one of --data, --task, --columns."""
+    from posttrain.commands._args import FlagError, task_flag
+
+    given = [f"--{d}" for d in ("data", "task", "columns") if getattr(args, d)]
+    if len(given) > 1:
+        raise FlagError(f"{' and '.join(given)}: give one of --data, --task, --columns (each describes the data)")
+    if args.task:
+        task_flag("--task", args.task)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    return args.data or args.task, columns
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain.data import DataError
+    from posttrain.commands._args import FlagError
     from posttrain.doctrine.select import recommend
+    from posttrain.errors import UserError
 
-    err = Console(stderr=True)
-    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    source, columns = _inputs(args)
     try:
-        rec = recommend(args.data or args.task, columns, args.judge, args.reward, args.gpu_memory, args.model)
-    except (DataError, ValueError, KeyError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
+        rec = recommend(source, columns, args.judge, args.reward, args.gpu_memory, args.model)
+    except (ValueError, KeyError) as e:  # DataError and ConfigError are UserErrors already
+        if isinstance(e, UserError):
+            raise
+        raise FlagError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e
     if args.json:
         print(json.dumps(rec.to_dict(), indent=1))
         return 0 if rec.method else 1

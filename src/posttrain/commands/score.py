@@ -19,10 +19,12 @@ HELP = "Score completions in a data file with reward functions: mean, None count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from posttrain.commands._args import positive_int
+
     parser.add_argument("--reward", required=True, help="reward spec, e.g. 'math' or 'math,format:0.2' (quote it)")
     parser.add_argument("--data", required=True, help="prompt-format data: .jsonl/.json/.parquet/.csv with a completions field")
     parser.add_argument("--completions-field", default="completion", help="column holding the completion (default: completion)")
-    parser.add_argument("--workers", type=int, default=None, help="processes for parallel rewards (code); default: core count")
+    parser.add_argument("--workers", type=positive_int, default=None, help="processes for parallel rewards (code); default: core count")
     parser.add_argument("--out", default=None, help="write rows with their rewards to this .jsonl file")
 
 
@@ -37,18 +39,16 @@ def run(args: argparse.Namespace) -> int:
     from posttrain import rewards
     from posttrain.data import load_rows
 
-    err = Console(stderr=True)
-    try:
-        reward = rewards.from_spec(args.reward)
-        rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
-    except (ValueError, KeyError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
+    from posttrain.commands._args import reward_flag
+    from posttrain.data import DataError
+
+    reward = reward_flag("--reward", args.reward)
+    rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
     field = args.completions_field
     missing = [i + 1 for i, r in enumerate(rows) if field not in r]
     if missing:
-        err.print(f"[red]error:[/red] {args.data}: {len(missing)} rows lack the field {field!r} (first: row {missing[0]})")
-        return 2
+        raise DataError(str(args.data), missing[0], None, f"{len(missing)} rows lack the field {field!r} (the first "
+                        "is this one); name the column holding the completions with --completions-field", "row")
     prompts = [r["prompt"] for r in rows]
     completions = [r[field] for r in rows]
     extras = [{k: v for k, v in r.items() if k != field} for r in rows]

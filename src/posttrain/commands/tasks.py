@@ -14,10 +14,12 @@ HELP = "List the built-in tasks, show rows of one, or export a split to a jsonl 
 
 
 def _common(p: argparse.ArgumentParser, default_n: int | None) -> None:
+    from posttrain.commands._args import nonnegative_int, positive_int
+
     p.add_argument("name", help="task name (see `posttrain tasks`)")
     p.add_argument("--split", default="train", choices=("train", "test"))
-    p.add_argument("--n", type=int, default=default_n, help="number of rows (default: %(default)s; none = task default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=default_n, help="number of rows (default: %(default)s; none = task default)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. digits=3 (repeatable)")
 
 
@@ -31,13 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(pairs: list[str]) -> dict:
+    from posttrain.commands._args import FlagError
     from posttrain.rewards import parse_value
 
     options = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--opt expects KEY=VALUE, got {pair!r}")
+            raise FlagError(f"--opt expects KEY=VALUE, got {pair!r}")
         options[key.strip()] = parse_value(value)
     return options
 
@@ -58,11 +61,14 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(t.name, ",".join(t.splits), t.reward, ",".join(t.columns), t.description)
         console.print(table)
         return 0
+    from posttrain.commands._args import FlagError, task_flag
+
+    task_flag("TASK", args.name, args.split)
+    options = _options(args.opt)
     try:
-        rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **_options(args.opt))
-    except (KeyError, ValueError, TypeError, ImportError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
+        rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **options)
+    except (ValueError, TypeError) as e:  # an option the task does not take, or a value out of its range
+        raise FlagError(f"--opt for task {args.name!r}: {e}") from e
     if action == "show":
         for i, row in enumerate(rows):
             console.rule(f"{args.name} {args.split} #{i}")

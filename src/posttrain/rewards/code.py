@@ -1,6 +1,6 @@
 """Code reward: run a completion against its tests in the sandbox; 1.0 only if they all pass.
 
-    extract_code(completion) -> str
+    extract_code(completion, partial_block=True) -> str | None
     code_reward(prompt, completion, tests, entry_point=None, partial=False, **_) -> float | None
     code_rewards(rows, completions, max_workers=None, **options) -> list[float | None]
     run_tests(program, tests, entry_point=None, prompt_code="", partial=False) -> CodeReport
@@ -71,20 +71,27 @@ _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\r?\n", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- extraction
-def extract_code(completion) -> str:
+def extract_code(completion, partial_block: bool = True) -> str | None:
     """The last fenced Python block (```python, ```py or a bare ```), else the text after an
-    unclosed opening fence, else the whole completion. Chat messages: the last one's content."""
+    unclosed opening fence, else the whole completion. Chat messages: the last one's content.
+
+    A fence opened after the last closed block and never closed is a completion cut off mid-block
+    (by the token budget): with ``partial_block=False`` (what ``code_reward`` grades) that gives
+    None, never the fragment nor an earlier block the completion went on to replace; the default
+    keeps the fragment, for display."""
     if isinstance(completion, list):
         completion = completion[-1].get("content", "") if completion and isinstance(completion[-1], dict) else ""
     elif isinstance(completion, dict):
         completion = completion.get("content", "")
     text = str(completion or "")
-    blocks = _FENCE.findall(text)
+    blocks = list(_FENCE.finditer(text))
+    opened = _OPEN_FENCE.search(text, blocks[-1].end() if blocks else 0)
+    if opened and not partial_block:
+        return None
     if blocks:
-        return blocks[-1]
-    opens = list(_OPEN_FENCE.finditer(text))
-    if opens:
-        return text[opens[-1].end():]
+        return blocks[-1].group(1)
+    if opened:
+        return text[opened.end():]
     return text
 
 
@@ -421,11 +428,15 @@ def code_reward(prompt, completion, tests=None, entry_point=None, partial=False,
                 memory_mb: int = 512, **_) -> float | None:
     """1.0 when every test passes, else 0.0; with `partial=True` the fraction of test cases
     (statements holding an assert, in `check`'s body or at top level) that pass.
-    None when the row has no tests (cannot judge)."""
+    None when the row has no tests (cannot judge); 0.0 for a completion cut off inside a code
+    block (``extract_code(partial_block=False)``): its fragment is not run."""
     if not isinstance(tests, str) or not tests.strip():
         return None
+    code = extract_code(completion, partial_block=False)
+    if code is None:
+        return 0.0
     helpers = prompt_code(prompt, entry_point)
-    program = build_program(extract_code(completion), helpers)
+    program = build_program(code, helpers)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
     return run_tests(program, tests, entry_point, helpers, partial, limits).score
 

@@ -6,6 +6,9 @@ r"""Countdown reward: the completion's expression reaches `target` using each of
   The expression is taken from, first that applies: the last `<answer>...</answer>`; else
   the text after the last "Answer:" up to the end of that line; else the last line of the
   completion. A trailing "= <number>" is dropped (`(3 + 5) * 2 = 16` counts as `(3 + 5) * 2`).
+  An `<answer>` opened after the last `</answer>` and never closed is a cut-off answer: no
+  expression (0.0), never the last line inside it. An expression cut off elsewhere fails on its
+  own: a dangling operator or parenthesis is a syntax error, and a prefix cannot use every number.
 
   1.0 when all of:
     * it parses as a Python expression (`ast.parse(mode="eval")`, never `eval`) built only
@@ -29,6 +32,7 @@ from posttrain.rewards import as_text
 
 MAX_EXPR_CHARS = 300
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
 
@@ -36,9 +40,11 @@ _OPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction
 def extract_expression(completion) -> str | None:
     """The candidate expression in a completion (rules in the module docstring), or None."""
     text = as_text(completion)
-    tags = _ANSWER_TAG.findall(text)
+    tags = list(_ANSWER_TAG.finditer(text))
+    if _OPEN_TAG.search(text, tags[-1].end() if tags else 0):
+        return None  # an <answer> never closed: cut off mid-answer
     if tags:
-        expr = tags[-1]
+        expr = tags[-1].group(1)
     else:
         last = None
         for last in _MARKER.finditer(text):

@@ -11,6 +11,11 @@ r"""Format reward: 1.0 when the completion has the expected shape, else 0.0.
                 (DeepSeek-R1 / open-r1 `format_reward`, whitespace between tags allowed).
   boxed         some reasoning, then a final \boxed{...} as the last thing written.
 
+The final answer each preset finds (the text after "Answer:", inside `<answer>`, inside the box;
+a custom pattern's group named `answer`) must be finished as written: an answer that ends
+mid-expression (`Answer: \frac{1}{`, `Answer: 3 +`: `rewards.answers.cut_off`) is a completion
+cut off by the token budget, not the expected shape, and scores 0.0.
+
 Used as a small-weight shaping term next to a correctness reward (`math,format:0.2`): on its
 own it is easy to satisfy without solving anything. Patterns are compiled once and cached.
 The presets are linear-time on any input; a custom pattern is the caller's responsibility.
@@ -22,6 +27,7 @@ import re
 from functools import lru_cache
 
 from posttrain.rewards import as_text
+from posttrain.rewards.answers import cut_off
 
 _NOT_END_THINK = r"(?:(?!</think>).)"
 _NOT_END_ANSWER = r"(?:(?!</answer>).)"
@@ -30,12 +36,12 @@ _BRACED = r"(?:[^{}\n]|\{(?:[^{}\n]|\{[^{}\n]*\})*\})*"  # up to two levels of {
 # Each preset is written so the engine never backtracks quadratically: no two adjacent
 # unbounded repeats that can match the same characters.
 PRESETS: dict[str, str] = {
-    "answer_line": r"\S.*\n[ \t]*(?:\*\*)?Answer:(?:\*\*)?[ \t]*\S[^\n]*",
+    "answer_line": r"\S.*\n[ \t]*(?:\*\*)?Answer:(?:\*\*)?[ \t]*(?P<answer>\S[^\n]*)",
     "think_answer": (
         rf"<think>\s*(?!</think>)\S{_NOT_END_THINK}*</think>\s*"
-        rf"<answer>\s*(?!</answer>)\S{_NOT_END_ANSWER}*</answer>"
+        rf"<answer>\s*(?P<answer>(?!</answer>)\S{_NOT_END_ANSWER}*)</answer>"
     ),
-    "boxed": rf"\S.*\\boxed\{{{_BRACED}\}}[ \t.$]*",
+    "boxed": rf"\S.*\\boxed\{{(?P<answer>{_BRACED})\}}[ \t.$]*",
 }
 DEFAULT_PATTERN = "answer_line"
 
@@ -46,8 +52,13 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def format_reward(prompt, completion, pattern: str = DEFAULT_PATTERN, **_) -> float:
-    """1.0 when `completion.strip()` fully matches `pattern` (a preset name or a regex), else 0.0."""
-    return 1.0 if _compile(pattern).fullmatch(as_text(completion).strip()) else 0.0
+    """1.0 when `completion.strip()` fully matches `pattern` (a preset name or a regex) and the
+    answer it finds is finished, else 0.0."""
+    match = _compile(pattern).fullmatch(as_text(completion).strip())
+    if match is None:
+        return 0.0
+    answer = match.groupdict().get("answer")
+    return 0.0 if answer is not None and cut_off(answer.strip()) else 1.0
 
 
 __all__ = ["format_reward", "PRESETS", "DEFAULT_PATTERN"]

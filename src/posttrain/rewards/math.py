@@ -1,12 +1,16 @@
 r"""Math reward: extract the final answer from a completion, check it against the reference.
 
 `extract_answer(text) -> str | None`, the first rule that finds something:
-  1. the last complete `\boxed{...}` (nested braces balanced; `\{` `\}` are literal braces;
-     an unclosed `\boxed{` is ignored);
+  0. a `\boxed{` still open at the end of the text: the final answer was cut off (or never
+     closed): None, whatever came before it;
+  1. the last complete `\boxed{...}` (nested braces balanced; `\{` `\}` are literal braces);
   2. else the text after the last "Answer:" / "answer is" / "####" (case-insensitive), up to
      the end of that line (the next non-empty line when the marker ends its line), with
      markdown emphasis and a leading colon stripped;
-  3. else the last number in the text (`-12`, `3.5`, `1,000`, `3/4`).
+  3. else the last number in the text (`-12`, `3.5`, `1,000`, `3/4`), unless the text itself
+     ends mid-expression (an open `{`, a trailing operator: `rewards.answers.cut_off`).
+  An answer found by rule 1 or 2 that is unfinished as written (`\frac{1}{`, `1 +`, `\left( 5`:
+  `rewards.answers.cut_off`) gives None too, never a fallback to a shorter fragment of it.
 
 `math_reward(prompt, completion, answer, **_) -> float | None`:
   None  when the reference `answer` is missing or empty: the sample cannot be judged;
@@ -19,7 +23,8 @@ r"""Math reward: extract the final answer from a completion, check it against th
              both sides parsed as LaTeX (`$...$`), then `verify(gold, pred)`: `0.5`, `1/2`
              and `\frac{1}{2}` agree, `\text{}` units drop, `x+1` equals `1+x`, `1/3` equals
              `0.333333` (its 6-digit float rounding);
-  0.0   otherwise: no answer found, not equal, unparsable, or the check timed out.
+  0.0   otherwise: no answer found (a truncated or malformed final answer included), not
+        equal, unparsable, or the check timed out.
   A reference in GSM8K (`... #### 72`) or MATH (`\boxed{72}`) form is reduced with
   `extract_answer` first. It never raises on odd input.
 
@@ -56,6 +61,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from posttrain.rewards import as_text
+from posttrain.rewards.answers import cut_off
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +74,9 @@ _IDLE_EXIT_S = 600.0
 # ------------------------------------------------------------------ extraction
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{...}, in one linear pass (no regex backtracking)."""
+def _last_boxed(text: str) -> tuple[str | None, bool]:
+    """(content of the last complete \\boxed{...}, whether a \\boxed{ is still open at the end),
+    in one linear pass (no regex backtracking)."""
     best_start, best = -1, None
     stack: list[int] = []  # for each open brace: content start if it opens a \boxed, else -1
     i, n = 0, len(text)
@@ -95,7 +102,7 @@ def _last_boxed(text: str) -> str | None:
             if start > best_start:
                 best_start, best = start, text[start:i]
         i += 1
-    return best
+    return best, any(start >= 0 for start in stack)
 
 
 _MARKER = re.compile(r"answer\s*:|answer\s+is|####", re.IGNORECASE)
@@ -120,12 +127,16 @@ def _after_last_marker(text: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """The final answer in `text` (rules in the module docstring), or None."""
     text = as_text(text)
-    boxed = _last_boxed(text)
+    boxed, box_open = _last_boxed(text)
+    if box_open:
+        return None
     if boxed is not None and boxed.strip():
-        return boxed.strip()
+        return None if cut_off(boxed) else boxed.strip()
     marked = _after_last_marker(text)
     if marked:
-        return marked
+        return None if cut_off(marked) else marked
+    if cut_off(text):
+        return None
     last = None
     for last in _NUMBER.finditer(text):
         pass

@@ -23,7 +23,9 @@ confidence when it gives one); when they disagree the result is a tie (``winner=
 Failure rate: the share of failed requests over the last ``failure_window`` is checked after each
 call once ``min_requests`` have been seen; above ``max_failure_rate`` :class:`JudgeFailureRate` is
 raised, which a trainer turns into "checkpoint, then stop with this message". Until then a failed
-request just gives None.
+request just gives None. A command that ends (``label``, ``pairs``) calls ``check_run_failures`` at the
+end, so a judge that failed everything, or more than ``max_failure_rate`` of a short run's
+requests, is reported even below ``min_requests``.
 """
 
 from __future__ import annotations
@@ -242,13 +244,26 @@ class Judge:
         cfg = self.config
         with self._lock:
             n = len(self._window)
-            rate = sum(self._window) / n if n else 0.0
-        if n >= cfg.min_requests and rate > cfg.max_failure_rate:
-            raise JudgeFailureRate(
-                f"judge {cfg.identity!r} failed {rate:.0%} of its last {n} requests (threshold "
-                f"{cfg.max_failure_rate:.0%}); last error: {self.last_error or 'unknown'}. Check the judge's "
-                f"base_url, model and API key, or raise max_failure_rate in the judge config.",
-                rate, cfg.max_failure_rate, n, self.last_error, self.metrics())
+            failed = sum(self._window)
+        if n >= cfg.min_requests and failed / n > cfg.max_failure_rate:
+            self._raise_failure_rate(f"failed {failed / n:.0%} of its last {n} requests ({failed} failed", failed, n)
+
+    def check_run_failures(self) -> None:
+        """For a command that has finished its input (``label``, ``pairs``): raise JudgeFailureRate when
+        every request failed, or more than ``max_failure_rate`` of all of them, however few there were
+        (``min_requests`` only delays the check while a long run warms up)."""
+        c = self.counts()
+        failed, n = c["failures"], c["requests"]
+        if n and (failed == n or failed / n > self.config.max_failure_rate):
+            self._raise_failure_rate(f"failed {failed} of its {n} requests ({failed / n:.0%}", failed, n)
+
+    def _raise_failure_rate(self, what: str, failed: int, n: int) -> None:
+        cfg = self.config
+        raise JudgeFailureRate(
+            f"judge {cfg.identity!r} {what}; threshold {cfg.max_failure_rate:.0%}); last error: "
+            f"{self.describe_error() or 'unknown'}. Check the judge's base_url, model and API key, or raise "
+            f"max_failure_rate in the judge config.",
+            failed / n, cfg.max_failure_rate, n, self.describe_error() or None, self.metrics())
 
     # ------------------------------------------------------------ score
 
@@ -261,8 +276,15 @@ class Judge:
         """score() for many (prompt, response) pairs at once."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        return [value for _, value in self.score_answers(prompts, responses)]
+
+    def score_answers(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[tuple[Optional[str], Optional[float]]]:
+        """(reply, score) per pair: reply None when the request failed, score None when it failed or
+        the reply held no rating (so a caller can tell a judge outage from an unusable answer)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         requests = [self.score_messages(p, r) for p, r in zip(prompts, responses)]
-        return [value for _, value in self.ask(requests, self._parse_score)]
+        return self.ask(requests, self._parse_score)
 
     def score(self, prompt: Any, response: Any) -> Optional[float]:
         """The judge's rating of `response` to `prompt`, mapped to [0, 1]; None when the judge failed

@@ -32,6 +32,10 @@ from typing import Any, Optional, Sequence
 from posttrain.data import DataError, check_text, load_rows
 from posttrain.rlaif.judges import Judge, response_as_text
 
+JUDGE_FAILED = "the judge failed (no answer after its retries)"
+"""Skip reason of a row left without a pair because judge requests failed: the labeling commands do
+not mark such a row done, so running the command again retries it."""
+
 
 def _line_numbers(path: Path) -> Optional[list[int]]:
     """1-based line of each row of a .jsonl file (blank lines skipped), or None for other formats."""
@@ -90,12 +94,14 @@ def label_rows(judge: Judge, rows: Sequence[dict[str, Any]], strategy: str = "sc
     out: list[tuple[Optional[dict[str, Any]], str]] = []
     if strategy == "score":
         flat = [(r["prompt"], resp) for r in rows for resp in r[field]]
-        scores = judge.score_batch([p for p, _ in flat], [resp for _, resp in flat])
+        answers = judge.score_answers([p for p, _ in flat], [resp for _, resp in flat])
         k = 0
         for row in rows:
-            mine = scores[k:k + len(row[field])]
+            mine = [score for _, score in answers[k:k + len(row[field])]]
+            failed = any(reply is None for reply, _ in answers[k:k + len(row[field])])
             k += len(row[field])
             pair, why = pair_by_scores(mine, min_margin)
+            why = JUDGE_FAILED if pair is None and failed else why
             if pair is not None and response_as_text(row[field][pair[0]]) == response_as_text(row[field][pair[1]]):
                 pair, why = None, "the best and worst responses are identical"
             out.append((_record(row, field, *pair, {**base, "scores": mine}), "") if pair else (None, why))
@@ -121,6 +127,9 @@ def label_rows(judge: Judge, rows: Sequence[dict[str, Any]], strategy: str = "sc
                 wins[j] += 1
         prefs_n = by_row.get(n, {})
         if max(wins) == min(wins):
+            if any(p.reason == "failed" for p in prefs_n.values()):
+                out.append((None, JUDGE_FAILED))
+                continue
             why = collections.Counter(p.reason for p in prefs_n.values()).most_common(1)[0][0]
             out.append((None, f"no response won more comparisons than another ({why})"))
             continue

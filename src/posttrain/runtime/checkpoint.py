@@ -7,12 +7,19 @@ A checkpoint ``runs/<name>/checkpoints/step-N/`` holds:
 - ``optimizer.pt`` and ``scheduler.pt`` (state dicts);
 - ``rng.pt`` (python, numpy, torch CPU and CUDA generator states, plus any named generators the
   trainer owns), one file per process rank (``rng-rank<R>.pt``) under multi-process runs;
-- ``state.json``: the step, the data position and anything else the trainer needs to continue.
+- ``state.json``: the step, the data position and anything else the trainer needs to continue,
+  and ``files``: the size of every other file of the checkpoint. It is written last.
 
 It is written to a temporary sibling directory, fsynced, then renamed into place, so a crash
-leaves either the whole checkpoint or none of it. ``keep_last`` older ones are pruned afterwards.
+leaves either the whole checkpoint or none of it (plus a ``.tmp-step-*`` directory, removed when the
+run resumes: :func:`remove_stale_temporaries`). ``keep_last`` older ones are pruned afterwards.
 Restoring puts back weights, optimizer, scheduler and RNG states exactly, so a resumed run
 reproduces an uninterrupted one step for step.
+
+A checkpoint damaged afterwards (a file deleted or truncated: a disk, a copy, a hand) is found
+before anything is loaded (:func:`damage`: a file missing or of another size than ``state.json``
+recorded), and :func:`load_latest` falls back to the newest checkpoint that is whole and loads,
+saying which ones it skipped and why.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from posttrain.errors import ResumeError
+from posttrain.models import save_pretrained
+from posttrain.runtime import faults
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -46,10 +57,7 @@ def save_model(model, out_dir: str | Path, tokenizer=None, state_dict: dict | No
     gathered ``distributed.full_state_dict``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None:
-        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
-    else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+    save_pretrained(model, out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -177,11 +185,14 @@ def save_checkpoint(
         torch.save(rng_state(generators), tmp / rng_name)
     try:
         save_model(model, tmp, state_dict=full_state)
+        faults.point("checkpoint.write")  # the fault test kills a run here: half a checkpoint written
         if optimizer is not None and not sharded:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **(state or {})}, indent=1))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        record = {"step": step, "world_size": world_size, **(state or {}), "files": files}
+        (tmp / "state.json").write_text(json.dumps(record, indent=1))  # last: it vouches for the rest
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. resumed then saved again)
             shutil.rmtree(final)
@@ -194,6 +205,68 @@ def save_checkpoint(
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
+    """Remove the ``checkpoints/.tmp-step-*`` directories a killed run left (call it on one process,
+    before any checkpoint is written again); returns their names."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(p for p in root.glob(".tmp-step-*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def damage(ckpt_dir: str | Path) -> str | None:
+    """Why the checkpoint cannot be loaded as it stands (a file missing, truncated or unreadable),
+    or None when it looks whole. Checked against the sizes ``state.json`` recorded (checkpoints
+    written before that record: only that the files a load needs exist)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({type(e).__name__})"
+    recorded = state.get("files")
+    if recorded is None:
+        weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+        if not any((ckpt_dir / w).is_file() for w in weights):
+            return "no model weights"
+        return None
+    for name, size in recorded.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def load_latest(run_dir: str | Path, model, optimizer=None, scheduler=None,
+                generators: dict[str, torch.Generator] | None = None, rank: int = 0, world_size: int = 1,
+                say=print) -> tuple[Path, dict[str, Any]]:
+    """Load the newest checkpoint of ``run_dir`` that is whole and loads; ``say(message)`` for each
+    one skipped (which and why). Returns (its directory, its state). A checkpoint that does not fit
+    this run (another process count, FSDP or not) is not skipped: :class:`ResumeError`."""
+    skipped: list[str] = []
+    for ckpt_dir in reversed(checkpoint_dirs(run_dir)):
+        reason = damage(ckpt_dir)
+        if reason is None:
+            try:
+                return ckpt_dir, load_checkpoint(ckpt_dir, model, optimizer, scheduler, generators,
+                                                 rank=rank, world_size=world_size)
+            except ResumeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read it: try the one before
+                reason = f"loading it failed: {type(e).__name__}: {str(e)[:200]}"
+        skipped.append(f"{ckpt_dir.name} ({reason})")
+        say(f"skipped checkpoint {ckpt_dir}: {reason}; trying the one before")
+    raise no_checkpoint(run_dir, skipped)
+
+
+def no_checkpoint(run_dir: str | Path, skipped: list[str] = ()) -> ResumeError:
+    where = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    return ResumeError(f"--resume {run_dir}: no complete checkpoint to resume from (checkpoints/step-N/ with its "
+                       f"state.json){where}; the run stopped before it saved one: start it again instead")
 
 
 def load_checkpoint(
@@ -216,13 +289,13 @@ def load_checkpoint(
     state = json.loads(state_file.read_text())
     saved_world = int(state.get("world_size", 1))
     if restore_rng and saved_world != world_size:
-        raise RuntimeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
+        raise ResumeError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with the same number "
                            f"(now {world_size}) so every process gets its own RNG state back")
     from posttrain.runtime import distributed
 
     sharded_ckpt = (ckpt_dir / f"optimizer-rank{rank}.pt").is_file()
     if optimizer is not None and sharded_ckpt != (world_size > 1 and distributed.is_sharded(model)):
-        raise RuntimeError(f"{ckpt_dir} was written {'with' if sharded_ckpt else 'without'} FSDP sharding; resume it "
+        raise ResumeError(f"{ckpt_dir} was written {'with' if sharded_ckpt else 'without'} FSDP sharding; resume it "
                            f"{'with' if sharded_ckpt else 'without'} it (--fsdp / an FSDP accelerate config)")
     load_weights(model, ckpt_dir)  # an FSDP-sharded model takes its shard (distributed.shard_layers)
     if optimizer is not None and sharded_ckpt:

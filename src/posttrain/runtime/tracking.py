@@ -2,9 +2,20 @@
 
 ``runs/<name>/`` holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per step, flushed at
 each step so a crash loses nothing already logged), ``samples.jsonl`` (prompts, completions and
-rewards kept for human review: the doctrine's "human oversight"), optional TensorBoard event files
-under ``tb/``, checkpoints and ``final/``. On resume, lines logged after the checkpoint being
-resumed from are dropped, so the files read as if the run had never stopped.
+rewards kept for human review: the doctrine's "human oversight"), ``evals.jsonl``, optional
+TensorBoard event files under ``tb/``, checkpoints, ``final/``, ``resumes.jsonl`` (one line per
+resume: the step and what changed) and ``run.lock``.
+
+On resume, lines logged after the checkpoint being resumed from are dropped, so the files read as
+if the run had never stopped. A run killed while writing a line leaves it torn (no newline at its
+end, not JSON): readers skip it and say so once (:func:`read_jsonl`), a resume drops it; a line
+that is not JSON anywhere else is an error naming the file and line.
+
+A run directory has one owner at a time: :class:`RunLock` holds an ``fcntl.flock`` on ``run.lock``
+(which records the owner's PID) for as long as the run lives; the operating system releases it
+when the process ends, however it ends, so a killed run leaves no stale lock. Default run names
+(``<method>-<time>``) are created exclusively and get a ``-2``, ``-3``... suffix when two runs start
+in the same second.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,23 +32,39 @@ from typing import Any, Iterable
 
 import yaml
 
-from posttrain.errors import UserError
+from posttrain.errors import RunLockedError, UserError
+from posttrain.runtime import faults
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: runs are not locked there
+    fcntl = None
 
 # metrics shown in the progress line, in this order, when present ("monitor reward vs KL")
 KEY_METRICS = ("reward/mean", "kl", "loss", "rewards/accuracy", "rewards/margin", "len/mean", "time/step")
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "evals.jsonl")
+"""The per-step logs of a run, truncated to the resumed step on resume."""
+
+LOCK_FILE = "run.lock"
 
 
 class RunDirError(UserError, RuntimeError):
     pass
 
 
+class RunFileError(UserError, ValueError):
+    """A run's log file has a line that is not JSON (not a torn last line); names file and line."""
+
+
 def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str = "run", resume: bool = False) -> Path:
-    """Create (or, with ``resume``, find) ``<root>/<name>``; the default name is ``<method>-<time>``."""
+    """Create (or, with ``resume``, find) ``<root>/<name>``; the default name is ``<method>-<time>``,
+    created exclusively (a suffix ``-2``, ``-3``... when another run took it in the same second)."""
     root = Path(root)
     if name is None:
         if resume:
             raise RunDirError("resume needs the run's name or directory")
-        name = f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        return _new_default_dir(root, f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     if not re.fullmatch(r"[\w.\-]+", name):
         raise RunDirError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
     run_dir = root / name
@@ -48,6 +76,48 @@ def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str
         raise RunDirError(f"{run_dir} exists already: pass --resume {run_dir} to continue it, or another --name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _new_default_dir(root: Path, base: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        run_dir = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RunDirError(f"{root}: could not create a new run directory named {base}-N")
+
+
+class RunLock:
+    """Ownership of a run directory: an exclusive ``flock`` on ``<run_dir>/run.lock``, which holds
+    the owner's PID. A second owner gets :class:`RunLockedError` naming that PID."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+        if fcntl is None:  # pragma: no cover
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by another process (PID {pid}): a run directory has "
+                                 f"one owner at a time; wait for it to end or stop it (kill {pid}), then resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release
 
 
 def to_jsonable(value: Any) -> Any:
@@ -65,25 +135,81 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+_TORN_NOTED: set[str] = set()
+
+
+def note_once(path: Path, message: str) -> None:
+    """Print ``message`` about ``path`` on stderr, once per file in this process."""
+    if str(path) not in _TORN_NOTED:
+        _TORN_NOTED.add(str(path))
+        print(f"note: {message}", file=sys.stderr)
+
+
+def read_lines(path: str | Path) -> tuple[list[tuple[str, dict]], bool]:
+    """The records of a JSON-lines run file as (line, record) pairs, and whether a torn last line
+    (written in part when the run was killed: no newline at its end, not JSON) was left out. Any
+    other line that is not a JSON object: :class:`RunFileError` naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], False
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
+    out: list[tuple[str, dict]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):  # the last line, without its newline: torn by a kill
+                return out, True
+            raise RunFileError(f"{path}:{number}: not a JSON object ({line[:60]!r}); the file was edited or damaged: "
+                               f"fix or delete that line")
+        out.append((line, record))
+    return out, False
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keep only the records of ``path`` with ``step`` <= step (atomically rewritten)."""
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines run file; a torn last line is skipped with a note (once)."""
+    records, torn = read_lines(path)
+    if torn:
+        note_once(Path(path), f"{path}: skipped its incomplete last line (the run was stopped while writing it)")
+    return [r for _, r in records]
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """Add one line to a small JSON-lines history (``resumes.jsonl``) by rewriting it atomically:
+    a kill leaves the old file or the new one, never a torn line."""
+    path = Path(path)
+    lines = [line for line, _ in read_lines(path)[0]] + [json.dumps(to_jsonable(record))]
+    _write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _truncate_after(path: Path, step: int) -> bool:
+    """Keep only the records of ``path`` with ``step`` <= step (atomically rewritten); returns
+    whether a torn last line was dropped."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        return False
+    records, torn = read_lines(path)
+    kept = [line for line, record in records if record.get("step", 0) <= step]
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return torn
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 class Tracker:
-    """Writes a run's metrics and samples. ``enabled=False`` (ranks other than 0) writes nothing."""
+    """Writes a run's metrics and samples. ``enabled=False`` (ranks other than 0) writes nothing.
+    ``defer=True`` writes nothing until :meth:`open` (a resumed run: once its checkpoint loaded);
+    ``write_json`` calls made before are written then."""
 
     def __init__(
         self,
@@ -95,41 +221,57 @@ class Tracker:
         enabled: bool = True,
         total_steps: int | None = None,
         print_every: int = 1,
+        defer: bool = False,
     ):
+        from rich.console import Console
+
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_steps = total_steps
         self.print_every = max(1, print_every)
+        self.tensorboard = tensorboard
         self._tb = None
         self._progress = None
         self._task = None
+        self._metrics = self._samples = None
+        self._pending: dict[str, Any] = {}
         self.history: list[dict] = []
-        if not enabled:
-            from rich.console import Console
+        self.console = Console(stderr=True, quiet=not enabled)  # other ranks: nothing printed
+        if enabled and not defer:
+            self.open(config, header, resume_step)
 
-            self.console = Console(stderr=True, quiet=True)  # other ranks: nothing printed
+    def open(self, config: dict[str, Any] | None = None, header: str | None = None,
+             resume_step: int | None = None) -> None:
+        """Write ``config.yaml``; on resume drop what was logged after ``resume_step`` (and a torn
+        last line, with a message); open the logs for appending."""
+        if not self.enabled or self._metrics is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in RUN_FILES:  # a line that is not JSON mid-file is an error before anything is written
+                read_lines(self.run_dir / name)
         if config is not None:
             text = yaml.safe_dump(to_jsonable(config), sort_keys=False)
-            (self.run_dir / "config.yaml").write_text(f"# {header}\n{text}" if header else text)
+            _write_atomic(self.run_dir / "config.yaml", f"# {header}\n{text}" if header else text)
         if resume_step is not None:
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                _truncate_after(self.run_dir / name, resume_step)
+            for name in RUN_FILES:
+                if _truncate_after(self.run_dir / name, resume_step):
+                    self.console.print(f"{self.run_dir / name}: dropped its incomplete last line (the run was "
+                                       f"stopped while writing it)", highlight=False, soft_wrap=True)
             self.history = read_jsonl(self.run_dir / "metrics.jsonl")
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        for name, obj in self._pending.items():
+            self.write_json(name, obj)
+        self._pending.clear()
         self._start_progress(resume_step or 0)
 
     # -- progress -------------------------------------------------------------------------
     def _start_progress(self, done: int) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
         self._t0 = time.time()
         if self.total_steps and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -157,7 +299,10 @@ class Tracker:
         record = {"step": step, **to_jsonable(metrics)}
         if not self.enabled:
             return record
-        self._metrics.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self._metrics.write(line[: len(line) // 2])
+        faults.point("metrics.write", before=self._metrics.flush)  # the fault test tears a line here
+        self._metrics.write(line[len(line) // 2:])
         self._metrics.flush()
         self.history.append(record)
         if self._tb is not None:
@@ -181,10 +326,10 @@ class Tracker:
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.run_dir / name
-        if self.enabled:
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
-            os.replace(tmp, path)
+        if self.enabled and self._metrics is None:
+            self._pending[name] = obj  # deferred: written by open()
+        elif self.enabled:
+            _write_atomic(path, json.dumps(to_jsonable(obj), indent=1))
         return path
 
     def close(self) -> None:
@@ -196,7 +341,7 @@ class Tracker:
         if self._tb is not None:
             self._tb.close()
         for f in (self._metrics, self._samples):
-            if not f.closed:
+            if f is not None and not f.closed:
                 f.close()
 
     def __enter__(self) -> "Tracker":

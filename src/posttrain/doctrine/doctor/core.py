@@ -88,7 +88,9 @@ class Doctor:
         if not self._started:
             self._started = True
             if log.is_file():
-                kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                from posttrain.runtime.tracking import read_lines
+
+                kept = [ln for ln, ev in read_lines(log)[0] if ev["step"] <= step]  # a torn last line dropped
                 log.write_text("".join(ln + "\n" for ln in kept))
                 for i in range(self.every, len(history), self.every):  # rebuild which rules are active
                     self.check(history[:i], _upto(samples, history[i - 1].get("step", i)))
