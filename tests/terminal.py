@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def posttrain(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
               timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess:
     """``python -m posttrain <args>`` in ``cwd``; stdout and stderr captured as text. One thread
-    (tests run two workers on two cores), no hub access, and ``POSTTRAIN_DEBUG`` unset."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    (tests run two workers on two cores), no hub access, ``POSTTRAIN_DEBUG`` and ``POSTTRAIN_FAULT``
+    unset unless ``env`` sets them."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("POSTTRAIN_DEBUG", "POSTTRAIN_FAULT")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    full_env.pop("POSTTRAIN_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout, input=input)
 

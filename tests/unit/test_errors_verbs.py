@@ -211,7 +211,7 @@ def test_label_with_a_dead_judge_exits_non_zero_and_keeps_earlier_pairs(tmp_path
     before = terminal.snapshot(tmp_path)
     proc = terminal.posttrain("label", "--judge", judge, "--data", data, "--out", out, cwd=tmp_path)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for fragment in ("failed 4 of its 4 requests", "Connection error", f"1 pairs are in {out}",
+    for fragment in ("4 of 4 requests failed", "Connection error", f"1 pairs are in {out}",
                      "2 left for the next run"):
         assert fragment in proc.stderr, proc.stderr[-2000:]
     # the pair already made is intact, and the rows the judge failed on are not marked done

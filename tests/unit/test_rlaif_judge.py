@@ -118,17 +118,37 @@ def test_counters_add_up_with_failures_and_duplicates():
 
 
 def test_failure_rate_threshold_raises_with_a_clear_message():
-    def down(m):
+    state = {"up": True}
+
+    def flaky(m):
+        if state["up"]:
+            return "Rating: 5"
         raise TimeoutError("judge unreachable")
 
-    judge = make_judge(down, min_requests=5, max_failure_rate=0.5, failure_window=10)
-    assert judge.score_batch(["q"] * 4, [f"r{i}" for i in range(4)]) == [None] * 4  # below min_requests: no stop
+    judge = make_judge(flaky, min_requests=5, max_failure_rate=0.5, failure_window=10)
+    assert judge.score("q", "r0") is not None  # it answered once: the rate rule alone decides
+    state["up"] = False
+    assert judge.score_batch(["q"] * 3, [f"r{i}" for i in range(1, 4)]) == [None] * 3  # below min_requests
     with pytest.raises(JudgeFailureRate) as err:
-        judge.score("q", "r5")
+        judge.score("q", "r4")
     e = err.value
-    assert e.rate == 1.0 and e.threshold == 0.5 and e.window == 5
-    assert "failed 100% of its last 5 requests" in str(e) and "judge unreachable" in str(e)
-    assert e.metrics["judge/failures"] == 5.0
+    assert e.rate == 0.8 and e.threshold == 0.5 and e.window == 5
+    assert "failed 80% of its last 5 requests" in str(e) and "judge unreachable" in str(e)
+    assert e.metrics["judge/failures"] == 4.0
+
+
+def test_a_judge_that_never_answered_is_down_after_dead_after_failures():
+    from posttrain.rlaif.judges import DEAD_AFTER
+
+    def down(m):
+        raise ConnectionError("connection refused")
+
+    judge = make_judge(down, min_requests=20, max_failure_rate=0.5, failure_window=50)
+    assert judge.score_batch(["q"] * (DEAD_AFTER - 1), ["r"] * (DEAD_AFTER - 1)) == [None] * (DEAD_AFTER - 1)
+    with pytest.raises(JudgeFailureRate) as err:  # long before min_requests
+        judge.score("q", "r")
+    assert f"has not answered once: {DEAD_AFTER} of {DEAD_AFTER} requests failed" in str(err.value)
+    assert "connection refused" in str(err.value)
 
 
 def test_failure_rate_is_measured_over_the_recent_window():

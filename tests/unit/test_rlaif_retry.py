@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from posttrain.rlaif import Judge
+from posttrain.rlaif import Judge, JudgeFailureRate
 from posttrain.rlaif.backends import backoff_delay, classify
 from posttrain.rlaif.katan import free_port
 
@@ -88,7 +88,8 @@ def test_a_server_that_never_answers_times_out_per_request(silent_server):
                                "cache": False, "timeout": 0.3, "max_retries": 1, "backoff_base": 0.01,
                                "backoff_max": 0.02, "concurrency": 4})
     t0 = time.monotonic()
-    assert judge.score_batch(["q"] * 4, ["a", "b", "c", "d"]) == [None] * 4
+    with pytest.raises(JudgeFailureRate, match="has not answered once"):  # 4 failures, never an answer: down
+        judge.score_batch(["q"] * 4, ["a", "b", "c", "d"])
     elapsed = time.monotonic() - t0
     c = judge.counts()
     assert (c["failures"], c["attempts"], c["retries"]) == (4, 8, 4)

@@ -354,7 +354,7 @@ def train_dpo(config: DPOConfig) -> RunResult:
     common.shard(config, policy)  # FSDP: decoder layers sharded (the reference is computed before step 1)
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=not distributed.is_main())
+    console = Console(stderr=True, quiet=not distributed.is_main(), soft_wrap=True)
     train, evals, stats = _encode(config, tok, rows, console)
     greedy_rows, eval_spec = greedy.held, greedy.reward
     config = dataclasses.replace(config, max_steps=total_steps(config, len(train)))

@@ -22,8 +22,9 @@ confidence when it gives one); when they disagree the result is a tie (``winner=
 
 Failure rate: the share of failed requests over the last ``failure_window`` is checked after each
 call once ``min_requests`` have been seen; above ``max_failure_rate`` :class:`JudgeFailureRate` is
-raised, which a trainer turns into "checkpoint, then stop with this message". Until then a failed
-request just gives None. A command that ends (``label``, ``pairs``) calls ``check_run_failures`` at the
+raised, which a trainer turns into "checkpoint, then stop with this message". A judge that has never
+answered is taken as down after ``DEAD_AFTER`` failed requests, whatever ``min_requests`` says. Until
+then a failed request just gives None. A command that ends (``label``, ``pairs``) calls ``check_run_failures`` at the
 end, so a judge that failed everything, or more than ``max_failure_rate`` of a short run's
 requests, is reported even below ``min_requests``.
 """
@@ -44,6 +45,8 @@ from posttrain.rlaif.cache import JudgeCache, cache_key
 from posttrain.rlaif.config import JudgeConfig, judge_config, load_judge_config, number_text, render
 from posttrain.rlaif.parse import normalise_rating, parse_rating, parse_verdict
 
+DEAD_AFTER = 4
+"""Failed requests (after their retries) after which a judge that has never answered is taken as down."""
 COUNTERS = ("requests", "parsed", "unparsable", "failures", "cache_hits", "attempts", "retries")
 
 
@@ -240,13 +243,20 @@ class Judge:
         return results
 
     def check_failure_rate(self) -> None:
-        """Raise JudgeFailureRate when the recent failure rate passes the configured threshold."""
+        """Raise JudgeFailureRate when the recent failure rate passes the configured threshold, or
+        when a judge that has never answered has failed ``DEAD_AFTER`` requests (each already retried):
+        an endpoint that is down or misconfigured stops a run at its first step, not after
+        ``min_requests``."""
         cfg = self.config
         with self._lock:
             n = len(self._window)
             failed = sum(self._window)
+            answered = self._counts["parsed"] + self._counts["unparsable"]
         if n >= cfg.min_requests and failed / n > cfg.max_failure_rate:
             self._raise_failure_rate(f"failed {failed / n:.0%} of its last {n} requests ({failed} failed", failed, n)
+        if not answered and failed >= min(cfg.min_requests, DEAD_AFTER):
+            self._raise_failure_rate(f"has not answered once: {failed} of {n} requests failed ({failed / n:.0%}",
+                                     failed, n)
 
     def check_run_failures(self) -> None:
         """For a command that has finished its input (``label``, ``pairs``): raise JudgeFailureRate when
@@ -261,7 +271,7 @@ class Judge:
         cfg = self.config
         raise JudgeFailureRate(
             f"judge {cfg.identity!r} {what}; threshold {cfg.max_failure_rate:.0%}); last error: "
-            f"{self.describe_error() or 'unknown'}. Check the judge's base_url, model and API key, or raise "
+            f"{(self.describe_error() or 'unknown').rstrip('.')}. Check the judge's base_url, model and API key, or raise "
             f"max_failure_rate in the judge config.",
             failed / n, cfg.max_failure_rate, n, self.describe_error() or None, self.metrics())
 

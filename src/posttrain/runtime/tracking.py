@@ -236,7 +236,9 @@ class Tracker:
         self._metrics = self._samples = None
         self._pending: dict[str, Any] = {}
         self.history: list[dict] = []
-        self.console = Console(stderr=True, quiet=not enabled)  # other ranks: nothing printed
+        # other ranks print nothing; soft_wrap: no line breaks inserted at 80 columns when stderr is a
+        # file or pipe, so a path in a message ("--resume runs/...") stays whole
+        self.console = Console(stderr=True, quiet=not enabled, soft_wrap=True)
         if enabled and not defer:
             self.open(config, header, resume_step)
 

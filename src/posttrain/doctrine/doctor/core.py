@@ -105,7 +105,7 @@ class Doctor:
             if self.echo:
                 from rich.console import Console
 
-                console = Console(stderr=True)
+                console = Console(stderr=True, soft_wrap=True)
                 for ev in new:
                     style = {"error": "bold red", "warning": "yellow"}.get(ev.severity, "")
                     console.print(f"doctor: {ev.line()}", style=style, highlight=False)

@@ -1,0 +1,56 @@
+"""The error contract itself (``posttrain.errors``, ``cli.main``), as a person at the terminal meets it:
+a user error is one message and exit 2 with no traceback unless asked for (``--debug``,
+``POSTTRAIN_DEBUG=1``); an unexpected exception keeps its traceback; a judge endpoint that is down
+stops a training run at its first step with the reason, keeping a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import terminal  # noqa: E402
+
+BAD_FLAG = ("train", "grpo", "--task", "arithmetic", "--max-new-tokens", "0")
+
+
+def test_a_user_error_shows_its_traceback_only_when_asked(tmp_path):
+    plain = terminal.posttrain(*BAD_FLAG, cwd=tmp_path)
+    terminal.assert_user_error(plain, "--max-new-tokens", "must be > 0")
+    assert plain.stderr.strip().count("\n") == 0  # one line
+
+    for debug in (terminal.posttrain("--debug", *BAD_FLAG, cwd=tmp_path),
+                  terminal.posttrain(*BAD_FLAG, cwd=tmp_path, env={"POSTTRAIN_DEBUG": "1"})):
+        assert debug.returncode == 1, debug.stderr[-2000:]
+        assert "Traceback" in debug.stderr and "ConfigError" in debug.stderr and "must be > 0" in debug.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unexpected_exception_keeps_its_traceback_and_a_failed_start_leaves_nothing(tmp_path, tiny_dir,
+                                                                                     toy_prompts):
+    args = ("train", "grpo", "--model", tiny_dir, "--data", toy_prompts, "--reward", "format(pattern=[a-m].*)",
+            "--max-steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "4",
+            "--device", "cpu", "--no-eval-at-start", "--output-dir", str(tmp_path / "runs"), "--name", "r")
+    proc = terminal.posttrain(*args, cwd=tmp_path, env={"POSTTRAIN_FAULT": "collect:1:raise"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and "InjectedFault" in proc.stderr  # not disguised as a user error
+    assert not (tmp_path / "runs" / "r").exists()  # nothing logged, no checkpoint: the directory went
+
+
+def test_a_dead_judge_stops_training_at_the_first_step_and_keeps_a_checkpoint(tmp_path, tiny_dir, toy_prompts):
+    from posttrain.rlaif.katan import free_port
+
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(f"backend: openai\nmodel: judge\nbase_url: http://127.0.0.1:{free_port()}/v1\n"
+                     "max_retries: 1\nbackoff_base: 0.01\nbackoff_max: 0.02\ntimeout: 2\ncache: false\n")
+    run = tmp_path / "runs" / "j"
+    proc = terminal.posttrain("train", "grpo", "--model", tiny_dir, "--data", toy_prompts, "--reward",
+                              f"judge({judge})", "--max-steps", "3", "--group-size", "2", "--prompts-per-step", "2",
+                              "--max-new-tokens", "4", "--device", "cpu", "--no-eval-at-start",
+                              "--output-dir", str(tmp_path / "runs"), "--name", "j", cwd=tmp_path)
+    terminal.assert_user_error(proc, "judge 'openai:judge' has not answered once", "4 of 4 requests failed",
+                               "Connection", "base_url")
+    assert "stopped at step 1" in proc.stderr and f"--resume {run}" in proc.stderr
+    assert (run / "checkpoints" / "step-0" / "state.json").is_file()  # the run can resume once the judge is up
+    assert not (run / "final").exists()
