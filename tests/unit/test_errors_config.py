@@ -98,7 +98,7 @@ def test_messages_name_the_flag_or_the_file_and_line(tmp_path):
     f.write_text("group_size: 4\n")
     assert config.from_sources(GRPOConfig, f, {"task": "arithmetic"}).group_size == 4
     f.write_bytes("group_size: 4\n".encode("utf-16"))
-    with pytest.raises(ConfigError, match=r"run\.yaml:1: not UTF-8"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: this file is UTF-16, .* iconv -f UTF-16 -t UTF-8"):
         config.from_sources(GRPOConfig, f, {})
 
 

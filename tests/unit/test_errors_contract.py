@@ -54,3 +54,20 @@ def test_a_dead_judge_stops_training_at_the_first_step_and_keeps_a_checkpoint(tm
     assert "stopped at step 1" in proc.stderr and f"--resume {run}" in proc.stderr
     assert (run / "checkpoints" / "step-0" / "state.json").is_file()  # the run can resume once the judge is up
     assert not (run / "final").exists()
+
+
+def test_a_model_spec_that_cannot_load_names_its_flag_before_anything_loads(tmp_path, toy_prompts):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    runs = tmp_path / "runs"
+    cases = [
+        (("train", "grpo", "--model", str(tmp_path / "nope"), "--data", toy_prompts, "--reward", "math"),
+         ["--model", "nope"]),
+        (("train", "dpo", "--ref-model", str(empty), "--data", str(pairs)), ["--ref-model", "not a model directory"]),
+    ]
+    for args, fragments in cases:
+        proc = terminal.posttrain(*args, "--output-dir", str(runs), cwd=tmp_path)
+        terminal.assert_user_error(proc, *fragments)
+    assert not runs.exists()

@@ -37,10 +37,11 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     # model specs, loading, the embedded model, LoRA ranks, the trunk/head split: the base layer
     "models": set(),
-    # configs, checkpoints, tracking, CPU threads, distributed/FSDP (FSDP wraps the models' decoder layers)
-    "runtime": {"models"},
     # dataset files, their formats (prompt_text, as_text, chat) and the built-in tasks: plain Python
     "data": set(),
+    # configs, checkpoints, tracking, CPU threads, distributed/FSDP (FSDP wraps the models' decoder layers);
+    # config files are read with the data layer's UTF-8 reader
+    "runtime": {"models", "data"},
     # the sampling engine: generation, KV cache, the rollout copy of the policy (synced across ranks)
     "sampling": {"runtime", "models", "data"},
     # the math: log-probs, the shared-prompt forward over sampled rollouts, value head, advantages, losses

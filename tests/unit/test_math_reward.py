@@ -257,3 +257,7 @@ def test_complete_answers_next_to_cut_off_ones_still_score():
     assert math_reward("", r"Answer: \left( 1 \right)", "1") == 1.0
     assert math_reward("", "Answer: 5\nCheck: 5 +", "5") == 1.0  # the marked answer was complete; text after it is not graded
     assert math_reward("", r"\boxed{\{1, 2\}} so {", r"\{1,2\}") == 1.0  # escaped braces and a closed box
+    # a closing tag after the answer is markup, not the operator '>' (the think/answer format)
+    assert math_reward("", "<think>2+3</think><answer>5</answer>", "5") == 1.0
+    assert math_reward("", "Answer: 5</answer>\n", "5") == 1.0
+    assert math_reward("", "so 2+3 = <answer>", "5") == 0.0  # ...an opening one at the end: nothing written yet

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Annotated, Literal, NamedTuple, Optional
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ from posttrain.runtime import distributed
 from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegative, PerProcess, Positive, Range, Seed,
                                       flag, refuse)
 from posttrain.sampling.generation import SamplingConfig
-from posttrain.models import EMBEDDED, LORA_LR_MULTIPLIER, add_lora, count_parameters, load_model, resolve_device, rl_lora_rank
+from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, ModelError, add_lora, check_spec, count_parameters,
+                              load_model, resolve_device, rl_lora_rank)
 
 @dataclasses.dataclass
 class TrainConfig(Checked):
@@ -137,6 +138,9 @@ class TrainConfig(Checked):
         super().check()
         self.check_inputs()
 
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    """The fields naming a model to load: checked (``models.check_spec``) before anything loads."""
+
     def check_inputs(self) -> None:
         """Where the rows come from: exactly one of ``data`` and ``task`` (DPO: ``data``)."""
         if self.data is None and self.task is None:
@@ -157,9 +161,17 @@ def resolve_lr(config: TrainConfig, full_ft_lr: float) -> float:
 
 
 def start(config: TrainConfig) -> None:
-    """Join the other processes when launched with several (no-op otherwise), then seed every RNG
-    with ``config.seed``: the same on every rank, so models and adapters start identical. On CPU,
-    freed memory is kept for reuse (``config.cpu_memory``)."""
+    """Check the model specs (a missing path or a directory that holds no model is an error naming
+    the flag, before anything loads), join the other processes when launched with several (no-op
+    otherwise), then seed every RNG with ``config.seed``: the same on every rank, so models and
+    adapters start identical. On CPU, freed memory is kept for reuse (``config.cpu_memory``)."""
+    for field in config.MODEL_FIELDS:
+        spec = getattr(config, field)
+        if spec is not None:
+            try:
+                check_spec(spec)
+            except ModelError as e:
+                raise ModelError(f"--{field.replace('_', '-')} {spec}: {e}") from None
     distributed.setup(config.device)
     seed_everything(config.seed)
     if config.cpu_memory == "retain" and resolve_device(config.device).type == "cpu":
@@ -346,6 +358,36 @@ def context_length(model) -> Optional[int]:
         if isinstance(n, int) and n > 0:
             return n
     return None
+
+
+class RolloutSetup(NamedTuple):
+    """What GRPO and PPO set up before their run directory (``rollout_setup``)."""
+
+    rows: Rows
+    reward_fn: Any
+    eval_reward: Any
+    """The evaluation reward: a spec, re-read at each evaluation so that evaluation never shares the
+    training reward's state (a judge's counters), or a function built from ``--eval-reward``."""
+    policy: Any
+    tok: Any
+
+
+def rollout_setup(config: "RolloutConfig") -> RolloutSetup:
+    """The set-up of the trainers that sample (GRPO, PPO), in the order of the module docstring:
+    start, the rows, the reward and evaluation reward (a bad ``--eval-reward`` is an error now,
+    not at the first evaluation), the policy, then the prompts against its context."""
+    from posttrain import rewards
+
+    start(config)
+    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
+    rows = load_rows_for(config, "prompt")
+    spec = reward_spec(config, rows.reward)
+    reward_fn = rewards.from_spec(spec)
+    eval_spec = config.eval_reward or rows.reward or spec
+    eval_reward = eval_spec if eval_spec == spec else rewards.from_spec(eval_spec, flag="--eval-reward")
+    policy, tok = load_policy(config)
+    check_context(policy, tok, rows, config.completion_budgets(), config.chat_template)
+    return RolloutSetup(rows, reward_fn, eval_reward, policy, tok)
 
 
 def check_context(model, tok, rows: Rows, budgets: dict[str, tuple[str, int]], chat_template: bool) -> None:

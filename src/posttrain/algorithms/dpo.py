@@ -46,7 +46,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 
@@ -69,6 +69,8 @@ REFERENCE_FILE = "reference_logps.pt"
 @dataclasses.dataclass
 class DPOConfig(common.TrainConfig):
     """DPO (and IPO, hinge, robust) on preference pairs {prompt, chosen, rejected}."""
+
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model", "ref_model")
 
     task: Optional[str] = None
     """A built-in task (e.g. arithmetic) whose test split is scored by greedy accuracy at each evaluation

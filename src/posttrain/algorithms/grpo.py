@@ -50,7 +50,6 @@ from typing import Annotated, Literal, Optional
 
 import torch
 
-from posttrain import rewards as rw
 from posttrain.algorithms import common, loop
 from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
@@ -232,19 +231,8 @@ def update(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch, 
 @closes_runs_on_failure
 def train_grpo(config: GRPOConfig) -> RunResult:
     """Train with GRPO (or Dr. GRPO / REINFORCE++ / RLOO); returns the run directory and metrics."""
-    common.start(config)
-    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
-    rows = common.load_rows_for(config, "prompt")
-    train_rows, eval_rows, task_reward = rows.train, rows.held, rows.reward
-    reward_spec = common.reward_spec(config, task_reward)
-    reward_fn = rw.from_spec(reward_spec)
-    eval_spec = config.eval_reward or task_reward or reward_spec
-    # checked now (a bad --eval-reward is an error before anything loads); the training reward's
-    # own spec is re-read at each evaluation, so evaluation never shares its state (a judge's counters)
-    eval_fn = eval_spec if eval_spec == reward_spec else rw.from_spec(eval_spec, flag="--eval-reward")
-    policy, tok = common.load_policy(config)
-    budgets = config.completion_budgets()
-    common.check_context(policy, tok, rows, budgets, config.chat_template)
+    rows, reward_fn, eval_fn, policy, tok = common.rollout_setup(config)
+    train_rows, eval_rows = rows.train, rows.held
     run = Run(config, "grpo", total_steps=config.max_steps)
     # before restore: a frozen copy must hold the initial weights
     reference = Reference(policy, config.lora) if config.beta > 0 else None
@@ -259,7 +247,7 @@ def train_grpo(config: GRPOConfig) -> RunResult:
     rule = OptimizerStep(optimizer, [trainable_params(policy)], config.max_grad_norm, [policy], dp)
     rollout = rollout_model(policy, config.rollout_dtype)
     sampling = config.sampling()
-    eval_tokens = budgets["held"][1]
+    eval_tokens = config.completion_budgets()["held"][1]
 
     def evaluate(step: int):
         if eval_rows:

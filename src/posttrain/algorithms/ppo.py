@@ -66,7 +66,6 @@ from typing import Annotated, Literal, Optional
 import torch
 
 from posttrain.objectives import advantages as advmod
-from posttrain import rewards as rw
 from posttrain.algorithms import common, loop
 from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
@@ -246,17 +245,8 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
 def train_ppo(config: PPOConfig) -> RunResult:
     """Train with PPO; returns the run directory and metrics. ``final/`` holds the policy and
     ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
-    common.start(config)
-    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
-    rows = common.load_rows_for(config, "prompt")
-    train_rows, eval_rows, task_reward = rows.train, rows.held, rows.reward
-    reward_spec = common.reward_spec(config, task_reward)
-    reward_fn = rw.from_spec(reward_spec)
-    eval_spec = config.eval_reward or task_reward or reward_spec
-    eval_fn = reward_fn if eval_spec == reward_spec else rw.from_spec(eval_spec, flag="--eval-reward")
-    policy, tok = common.load_policy(config)
-    budgets = config.completion_budgets()
-    common.check_context(policy, tok, rows, budgets, config.chat_template)
+    rows, reward_fn, eval_fn, policy, tok = common.rollout_setup(config)
+    train_rows, eval_rows = rows.train, rows.held
     run = Run(config, "ppo", total_steps=config.max_steps)
     use_ref = config.kl_coef > 0 or config.kl_target is not None
     reference = Reference(policy, config.lora) if use_ref else None
@@ -284,7 +274,7 @@ def train_ppo(config: PPOConfig) -> RunResult:
     rule = OptimizerStep(optimizer, param_sets, config.max_grad_norm, [policy, separate], dp)
     kl_ctl.value = float(extra.get("kl_coef", kl_ctl.value))
     sampling = config.sampling()
-    eval_tokens = budgets["held"][1]
+    eval_tokens = config.completion_budgets()["held"][1]
 
     def evaluate(step: int):
         if eval_rows:

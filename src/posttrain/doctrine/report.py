@@ -275,8 +275,8 @@ def _config(run_dir: Path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError:  # the report shows what it can; the config is only its header
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -12,6 +12,8 @@ rather than falling back to something shorter.
   * it ends on something that needs more after it (`DANGLING`): a binary operator or relation
     (`+ - / ^ = < >`, `\cdot`, `\times`, `\le`, ...), a comma, an opening bracket, a space then
     `*`, or a LaTeX command whose argument is missing (`\frac`, `\sqrt`, `\text`, ...).
+    Closing tags at the very end (`5</answer>`) are markup, not the operator `>`: they are looked
+    past; an opening tag at the end (`<answer>`, the answer not yet written) is not.
 It cannot see a cut that leaves a well-formed answer (`Answer: 12` cut to `Answer: 1`): without
 the sampler's finish reason no text rule can, and the length penalty is the tool for those.
 """
@@ -41,9 +43,13 @@ def open_braces(text: str) -> int:
     return depth
 
 
+_CLOSING_TAGS = re.compile(r"(?:\s*</[A-Za-z][\w-]*\s*>)+\s*\Z")
+"""Closing tags at the end (`5</answer>`): markup after a finished answer, not an operator `>`."""
+
+
 def cut_off(answer: str) -> bool:
     """True when `answer` is unfinished as written (rules in the module docstring)."""
-    return (bool(DANGLING.search(answer)) or open_braces(answer) > 0
+    return (bool(DANGLING.search(_CLOSING_TAGS.sub("", answer))) or open_braces(answer) > 0
             or len(_LEFT.findall(answer)) > len(_RIGHT.findall(answer)))
 
 

@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
+from posttrain.data import DataError, read_utf8
 from posttrain.errors import UserError
 
 
@@ -341,12 +342,10 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
+        text = read_utf8(path)  # the data layer's reader: file:line of a bad byte, UTF-16 recognised
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     lines = _yaml_lines(path, text)
     return (yaml.safe_load(text) or {}), lines
 
