@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
-
-import os
 
 import posttrain.commands as _commands
 from posttrain.errors import EXIT_USER_ERROR, UserError

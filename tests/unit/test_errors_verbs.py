@@ -5,7 +5,10 @@ flag or file, no traceback, nothing written or lost); the many variants of one c
 in-process through ``cli.main``, which applies the same contract and costs no interpreter start.
 """
 
+import argparse
+import collections
 import json
+import os
 import shutil
 import socket
 import sys
@@ -75,6 +78,8 @@ def test_numeric_flags_are_refused_at_parse_time_naming_the_flag(tmp_path):
     (["pairs", *TASK, "--out", "o", "--n", "1"], "--n", ">= 2"),
     (["pairs", *TASK, "--out", "o", "--top-p", "0"], "--top-p", "(0, 1]"),
     (["pairs", *TASK, "--out", "o", "--limit", "-3"], "--limit", ">= 0"),
+    (["pairs", *TASK, "--out", "o", "--temperature", "0"], "--temperature", "(0, inf]"),  # n equal greedy samples
+    (["constitution", "--data", "d", "--out", "o", "--max-skip-rate", "2"], "--max-skip-rate", "[0, 1]"),
     (["label", "--judge", "j", "--data", "d", "--out", "o", "--min-margin", "1.5"], "--min-margin", "[0, 1)"),
     (["label", "--judge", "j", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size", ">= 1"),
     (["constitution", "--data", "d", "--out", "o", "--temperature", "inf"], "--temperature", "finite"),
@@ -111,6 +116,7 @@ def test_a_flag_that_does_not_apply_is_refused_with_the_reason(tmp_path, toy_pro
     (["eval", *TASK, "--split", "dev"], "--split 'dev'"),
     (["eval", *TASK, "--reward", "nonsense"], "--reward 'nonsense': unknown reward"),
     (["generate", "--prompt", "hi", "--seed", "3"], "--seed does not apply here: greedy"),
+    (["constitution", "--data", "d", "--out", "o", "--temperature", "0", "--seed", "3"], "--seed does not apply"),
     (["label", "--judge", "j", "--data", "d", "--out", "o", "--strategy", "compare", "--min-margin", "0.2"],
      "--min-margin does not apply"),
     (["memory", "--doctrine-table", "--model", "70B"], "--model does not apply here: --doctrine-table"),
@@ -194,6 +200,44 @@ def test_a_failed_export_leaves_the_target_as_it_was(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_export_refuses_any_run_directory_and_leaves_its_bytes(tmp_path, run_dir, capsys):
+    # `export runs/a --merge runs/b --overwrite` replaced all of run b, checkpoints included
+    other = tmp_path / "runs" / "b"
+    (other / "checkpoints" / "step-1").mkdir(parents=True)
+    (other / "checkpoints" / "step-1" / "state.json").write_text('{"step": 1}')
+    (other / "config.yaml").write_text("method: dpo\n")
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')
+    archive = tmp_path / "archive"
+    shutil.copytree(other, archive / "old-run")
+    before = terminal.snapshot(tmp_path)
+    proc = terminal.posttrain("export", run_dir, "--merge", other, "--overwrite", cwd=tmp_path)
+    terminal.assert_user_error(proc, f"--merge {other}", f"inside the run directory {other.resolve()}")
+    for target, fragment in ((other / "checkpoints" / "step-1" / "x", f"inside the run directory {other.resolve()}"),
+                             (archive, f"holds the run directory {(archive / 'old-run').resolve()}")):
+        assert fragment in user_error(capsys, "export", str(run_dir), "--merge", str(target), "--overwrite")
+    assert terminal.snapshot(tmp_path) == before
+
+
+def test_an_export_that_cannot_put_the_original_back_keeps_it(tmp_path, monkeypatch):
+    from posttrain.commands import export
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("keep me")
+    real = os.rename
+
+    def rename(src, dst):  # moving anything into place as `out` fails: the new model, then the original
+        if Path(dst) == target:
+            raise OSError("device busy")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="could not be put back") as failed:
+        export._write_swapped(target, lambda tmp: (tmp / "model.bin").write_bytes(b"x"))
+    kept = Path(str(failed.value).rsplit("kept in ", 1)[1])
+    assert (kept / "a.txt").read_text() == "keep me"
+
+
 # ------------------------------------------------------------------ a judge that fails
 
 
@@ -274,3 +318,140 @@ def test_lora_on_the_embedded_model_and_saving_the_adapter_warn_nothing(tmp_path
     assert not [m for m in messages if "is_gradient_checkpointing" in m or "Could not find a config" in m], messages
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
         == "smollm2-135m-instruct"
+
+
+# ------------------------------------------------------------------ constitution: a run that made nothing
+
+
+def test_constitution_exits_3_when_no_prompt_gives_a_pair(tmp_path, tiny_dir, toy_prompts):
+    # it exited 0 with 0 pairs written: the tiny random model's greedy answer is blank lines (token '\n'),
+    # so every original answer is empty
+    out = tmp_path / "c.jsonl"
+    proc = terminal.posttrain("constitution", "--model", tiny_dir, "--data", toy_prompts, "--out", out,
+                              "--max-new-tokens", "1", "--temperature", "0", "--principles-per-prompt", "1",
+                              cwd=tmp_path)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in ("none of the 8 prompts processed gave a pair", "8 empty original response",
+                     f"The 0 pairs written are kept in {out}", "--max-new-tokens"):
+        assert fragment in proc.stderr, proc.stderr[-2000:]
+    assert "wrote 0 pairs" in proc.stdout
+    assert len(out.with_name("c.jsonl.progress.jsonl").read_text().splitlines()) == 8  # kept: a rerun resumes
+
+
+def test_constitution_skip_rate():
+    from posttrain.commands.constitution import _failed
+
+    args = argparse.Namespace(max_skip_rate=0.5, out="c.jsonl")
+    assert _failed(0, collections.Counter(), args, 3) is None  # a rerun with every prompt done already
+    assert _failed(4, collections.Counter({"unchanged": 2}), args, 2) is None  # half: not more than 0.5
+    assert "3 of the 4 prompts processed gave no pair, more than --max-skip-rate 0.5 (skipped: 3 unchanged)" \
+        in _failed(4, collections.Counter({"unchanged": 3}), args, 1)
+    args.max_skip_rate = 1.0
+    assert "none of the 2 prompts" in _failed(2, collections.Counter({"empty": 2}), args, 0)
+
+
+# ------------------------------------------------------------------ inputs that could never work
+
+
+def test_rows_a_reward_cannot_score_are_refused_before_the_model_loads(tmp_path, tiny_dir):
+    # `eval --data` with rows lacking `answer` printed nan and exited 0
+    data = tmp_path / "noanswer.jsonl"
+    data.write_text('{"prompt": "q1"}\n{"prompt": "q2"}\n')
+    proc = terminal.posttrain("eval", "--data", data, "--reward", "math", "--model", tiny_dir, cwd=tmp_path)
+    terminal.assert_user_error(proc, f"{data}: field 'answer': no row holds it", "the reward 'math'")
+
+
+def test_other_inputs_that_could_never_work(tmp_path, tiny_dir, capsys):
+    rows = {"noanswer": {"prompt": "q", "completion": "Answer: 5"}, "nocompletion": {"prompt": "q", "answer": "5"},
+            "nullcompletion": {"prompt": "q", "answer": "5", "completion": None}}
+    for name, row in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "badmodel").mkdir()
+    (tmp_path / "badmodel" / "config.json").write_text('{"hidden_size": 64,')
+    (tmp_path / "notes.txt").write_text("mine, not a pairs file\n")
+    (tmp_path / "adir").mkdir()
+    d = {k: str(tmp_path / f"{k}.jsonl") for k in rows}
+    cases = [
+        (["score", "--reward", "math", "--data", d["noanswer"]], "field 'answer': no row holds it"),
+        (["score", "--reward", "math", "--data", d["nocompletion"]], "1 rows lack the field 'completion'"),
+        (["score", "--reward", "math", "--data", d["nullcompletion"]], "1 rows hold no completion text"),
+        (["score", "--reward", "math", "--data", d["nullcompletion"], "--out", d["nullcompletion"]], "is the --data"),
+        (["pairs", "--data", d["noanswer"], "--reward", "math", "--model", tiny_dir, "--out", str(tmp_path / "o")],
+         "field 'answer': no row holds it"),
+        (["generate", "--prompt", "hi", "--prompt", " "], "--prompt #2 is empty"),
+        (["tasks", "show", "arithmetic", "--opt", "digits=40"], "--opt: task 'arithmetic' option digits=40: must be "
+                                                                "an integer in 1..18"),
+        (["tasks", "show", "countdown", "--opt", "digits=2"], "has no option 'digits' (it takes: count, max_number"),
+        (["tasks", "export", "arithmetic", "--out", str(tmp_path / "adir")], "is a directory"),
+        (["memory", "--model", str(tmp_path / "badmodel")], "badmodel/config.json:1: not valid JSON"),
+        (["recommend", *TASK, "--reward", "nonsense"], "--reward 'nonsense': unknown reward"),
+        (["recommend", *TASK, "--judge", str(tmp_path / "judge.yaml")], "judge.yaml: config file not found"),
+        (["label", "--judge", "j.yaml", "--data", d["noanswer"], "--out", str(tmp_path / "notes.txt")],
+         "notes.txt.progress.jsonl, so `posttrain label` did not make it"),
+        (["pairs", *TASK, "--out", str(tmp_path / "adir"), "--model", tiny_dir], "adir is a directory"),
+    ]
+    before = terminal.snapshot(tmp_path)
+    for argv, fragment in cases:
+        assert fragment in user_error(capsys, *argv), argv
+    assert terminal.snapshot(tmp_path) == before
+
+
+def test_pairs_refuses_an_output_it_cannot_continue(tmp_path):
+    from posttrain.algorithms.pairs import PairsFileError, check_output
+
+    out, log = tmp_path / "p.jsonl", tmp_path / "p.jsonl.progress.jsonl"
+    out.write_text('{"prompt": "a"}\n')
+    for text, fragment in (('{"settings": {"n": 2}}\n{"key": "0:a", "status": "paired"}\nnot json\n{"key": "1:b"}\n',
+                            "p.jsonl.progress.jsonl:3: not a JSON line"),
+                           ('{"row": 0, "status": "pair", "reason": ""}\n', ":1: not a record of `posttrain pairs`"),
+                           ('{"settings": {"n": 3}}\n', "made with other settings")):
+        log.write_text(text)
+        with pytest.raises(PairsFileError, match=fragment):
+            check_output(out, {"n": 2})
+
+
+def test_a_bug_behind_a_verb_keeps_its_traceback(tmp_path, tiny_dir, monkeypatch):
+    # these verbs turned any ValueError / KeyError / TypeError into "error: --out ..." / "--opt ..." (exit 2)
+    cases = [("posttrain.data.tasks.get_task", TypeError, ["tasks", "show", "arithmetic"]),
+             ("posttrain.doctrine.memory.estimate", KeyError, ["memory", "--model", "8B"]),
+             ("posttrain.doctrine.select.recommend", ValueError, ["recommend", *TASK]),
+             ("posttrain.algorithms.pairs.make_pairs", ValueError,
+              ["pairs", *TASK, "--limit", "1", "--model", tiny_dir, "--out", str(tmp_path / "p.jsonl")])]
+    for target, error, argv in cases:
+        def bug(*args, **kwargs):
+            raise error("a bug, not a user error")
+
+        with monkeypatch.context() as m:
+            m.setattr(target, bug)
+            with pytest.raises(error, match="a bug"):
+                cli.main(argv)
+
+
+def test_doctor_thresholds_task_sizes_and_auto_are_user_errors(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "demo_run", run)
+    cases = [
+        (("doctor", str(run), "--set", "nonsense=1"), ["--set nonsense=1", "unknown threshold"]),
+        (("doctor", str(run), "--set", "window=abc"), ["--set window=abc", "must be a number"]),
+        (("tasks", "show", "arithmetic", "--split", "test", "--opt", "digits=1", "--n", "50"),
+         ["only 4 distinct test problems", "asked 50"]),
+        (("train", "auto", "--dry-run"), []),
+    ]
+    for args, fragments in cases:
+        terminal.assert_user_error(terminal.posttrain(*args, cwd=tmp_path), *fragments)
+
+
+def test_a_labeling_output_damaged_before_its_last_line_is_an_error_not_a_silent_cut(tmp_path):
+    from posttrain.data import DataError
+    from posttrain.rlaif.resume import ResumableJsonl
+
+    out = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "p", "label": {"row": 0}}) + "\n"
+    out.write_text(good + "{not json\n" + good.replace('"row": 0', '"row": 2'))
+    before = out.read_bytes()
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: not a JSON line, and not the last one"):
+        ResumableJsonl(out, "label")
+    assert out.read_bytes() == before  # nothing cut
+    out.write_text(good + '{"prompt": "torn')  # a crash mid-write tears only the last line: cut on resume
+    store = ResumableJsonl(out, "label")
+    assert store.done == {0} and out.read_text() == good

@@ -16,7 +16,9 @@ hash of the row, its status and scores) after its pair, if any, was written to `
 flushed per batch. Re-running with the same ``out`` skips recorded prompts; a pair line written
 without its progress record (a crash between the two) is dropped first, so no prompt is paired
 twice. The first progress line holds the settings; a different model, reward, n or sampling
-configuration refuses to continue the file.
+configuration refuses to continue the file. ``check_output`` makes these checks without writing (the
+command runs it before the model loads); its refusals are ``PairsFileError``s, user errors naming
+the file and line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from posttrain.data import is_conversational
+from posttrain.errors import UserError
 
 RESERVED = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 
@@ -92,47 +95,110 @@ def make_pair_row(row: dict, chosen: str, rejected: str, chosen_score: float, re
             "rejected_score": rejected_score, **extra}
 
 
-def _rewrite(path: Path, lines: list[str]) -> None:
+class PairsFileError(UserError, ValueError):
+    """``--out`` cannot be continued: made by another command or with other settings, a directory,
+    or its progress log damaged. The message names the file (and line) and says what to do."""
+
+    def __init__(self, out: Path, problem: str):
+        super().__init__(f"--out {out}: {problem}")
+
+
+STATUSES = ("paired", "equal", "unjudged")
+"""What a progress record says of its prompt (``choose_pair``)."""
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.write_bytes(b"".join(lines))
     os.replace(tmp, path)
 
 
-def _read_complete_lines(path: Path) -> list[dict]:
-    """JSON lines of ``path``; a torn last line (a crash while writing) is removed from the file."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-        _rewrite(path, lines)
-    return [json.loads(x) for x in lines if x.strip()]
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+
+
+def _complete(lines: list[bytes]) -> list[bytes]:
+    """The lines that end in a newline (a torn last line, a crash while writing, is left out)."""
+    return lines[:-1] if lines and not lines[-1].endswith(b"\n") else lines
+
+
+def _log_records(out: Path, log: Path, lines: list[bytes]) -> list[dict]:
+    """The progress log's records, each checked: the settings first, then one record per prompt done."""
+    start_over = f"delete {out} and {log} to start over"
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PairsFileError(out, f"{log}:{number}: not a JSON line ({e}): the progress log is damaged; "
+                                 f"{start_over}") from None
+        wanted = ("settings",) if not records else ("key", "status")
+        if not isinstance(record, dict) or any(k not in record for k in wanted) or (
+                records and record["status"] not in STATUSES):
+            raise PairsFileError(out, f"{log}:{number}: not a record of `posttrain pairs` (expected the fields "
+                                 f"{', '.join(wanted)}); choose another --out, or {start_over}")
+        records.append(record)
+    return records
+
+
+@dataclasses.dataclass
+class OutputState:
+    """What an earlier run left in ``out`` and its progress log (``check_output``)."""
+
+    records: list[dict]
+    """The progress log's complete records (the settings first)."""
+    log_lines: list[bytes]
+    """The progress log's complete lines."""
+    pair_lines: list[bytes]
+    """The output's complete lines."""
+    paired: int
+    """Prompts the log records as paired: the output's first ``paired`` lines are theirs."""
+    trim: bool
+    """The output or the log holds lines to cut (a torn line, or pairs whose record was never written)."""
+
+
+def check_output(out: str | Path, settings: dict) -> OutputState:
+    """Check, without writing anything, that ``out`` can be created or continued with ``settings``;
+    a ``PairsFileError`` says why not. ``posttrain pairs`` calls it before the model loads."""
+    out = Path(out)
+    log = out.with_name(out.name + ".progress.jsonl")
+    for path in (out, log):
+        if path.is_dir():
+            raise PairsFileError(out, f"{path} is a directory: give a file path, e.g. {path / 'pairs.jsonl'}")
+    log_raw, raw = _lines(log), _lines(out)
+    records = _log_records(out, log, _complete(log_raw))
+    if records and records[0]["settings"] != settings:
+        raise PairsFileError(out, f"{log} was made with other settings ({records[0]['settings']}); use another "
+                             f"--out, or delete {out} and {log} to start over")
+    if not records and out.is_file() and out.stat().st_size:
+        raise PairsFileError(out, f"exists without {log.name}: not made by `posttrain pairs`; choose another --out")
+    paired = sum(r["status"] == "paired" for r in records[1:])
+    lines = _complete(raw)
+    if len(lines) < paired:
+        raise PairsFileError(out, f"holds {len(lines)} pairs but {log.name} records {paired}: delete both to "
+                             "start over")
+    return OutputState(records, _complete(log_raw), lines, paired, len(_complete(log_raw)) < len(log_raw)
+                       or len(raw) > paired)
 
 
 class _Progress:
-    """The output file and its progress log, reconciled on open."""
+    """The output file and its progress log, reconciled on open (``check_output``)."""
 
     def __init__(self, out: Path, settings: dict):
         self.out, self.log = out, out.with_name(out.name + ".progress.jsonl")
-        self.done: set[str] = set()
-        records = _read_complete_lines(self.log)
-        if records and records[0].get("settings") != settings:
-            raise ValueError(f"{self.log}: made with other settings ({records[0].get('settings')}); "
-                             f"use another --out, or delete {out} and {self.log} to start over")
-        if not records and out.is_file() and out.stat().st_size:
-            raise ValueError(f"{out} exists without {self.log.name}: not made by `posttrain pairs`; choose another --out")
-        self.done = {r["key"] for r in records[1:]}
-        paired = sum(r["status"] == "paired" for r in records[1:])
-        lines = out.read_text(encoding="utf-8").splitlines(keepends=True) if out.is_file() else []
-        if len(lines) < paired:
-            raise ValueError(f"{out} holds {len(lines)} pairs but {self.log.name} records {paired}: delete both to start over")
-        if len(lines) > paired or (lines and not lines[-1].endswith("\n")):
-            _rewrite(out, lines[:paired])  # pair lines whose progress record was never written
-        self.total_pairs = paired
+        state = check_output(out, settings)
+        if state.trim:  # a torn line, or pair lines whose progress record was never written
+            for path, lines in ((self.log, state.log_lines), (out, state.pair_lines[:state.paired])):
+                if path.is_file():
+                    _rewrite(path, lines)
+        self.done = {r["key"] for r in state.records[1:]}
+        self.total_pairs = state.paired
         out.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(out, "a", encoding="utf-8")
         self._log = open(self.log, "a", encoding="utf-8")
-        if not records:
+        if not state.records:
             self._log.write(json.dumps({"settings": settings}) + "\n")
             self._log.flush()
 

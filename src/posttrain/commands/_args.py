@@ -10,6 +10,9 @@
   rules as a table of :class:`Rule`.
 - ``check_model_flag(flag, spec)`` / ``load_model_flag(flag, spec)``: a bad model spec becomes a
   ``ModelError`` naming the flag and the path, checked before any output is written.
+- ``reward_flag``, ``check_reward_columns``, ``task_flag``, ``out_file``, ``resumable_out``: a reward spec, the
+  columns its rewards read, a task name and split, an output path; each refusal names the flag (or file and line).
+  ``write_jsonl`` writes an ``out_file``.
 
 This module's name starts with ``_``, so ``posttrain.cli`` does not take it for a verb.
 """
@@ -177,22 +180,69 @@ def reward_flag(flag_name: str, spec: str):
     return rewards.from_spec(spec, flag=flag_name)
 
 
+def check_reward_columns(source: str, rows: Sequence[dict], spec: str) -> None:
+    """Refuse data that the rewards in ``spec`` could never score: a column a built-in reward scores
+    against (``doctrine.select.REWARD_NEEDS``: math needs ``answer``...) that no row holds, unless the
+    spec passes it as an option. A ``DataError`` naming the file and field, before any model loads
+    (eval printed nan and exited 0; pairs sampled every prompt and made no pair). Rows that lack it
+    here and there are scored None and counted, as before."""
+    from posttrain.data import DataError
+    from posttrain.doctrine.select import REWARD_NEEDS
+    from posttrain.rewards import parse_spec
+
+    for name, _, options in parse_spec(spec):
+        for column in REWARD_NEEDS.get(name, ()):
+            if column not in options and all(row.get(column) is None for row in rows):
+                raise DataError(str(source), None, column, f"no row holds it, and the reward {name!r} scores each "
+                                "completion against it: add the column, or use a reward that does not need it")
+
+
 def task_flag(flag_name: str, name: str, split: str | None = None):
     """The TaskInfo of a built-in task; an unknown name or split names the flag."""
-    from posttrain.data.tasks import task_info
+    from posttrain.data.tasks import UnknownTaskError, task_info
 
     try:
         info = task_info(name)
-    except KeyError as e:
-        raise FlagError(f"{flag_name} {name!r}: {_text(e)} (see `posttrain tasks`)") from e
+    except UnknownTaskError as e:
+        raise FlagError(f"{flag_name} {name!r}: {e} (see `posttrain tasks`)") from e
     if split is not None and split not in info.splits:
         raise FlagError(f"--split {split!r}: task {name!r} has no such split (it has: {', '.join(info.splits)})")
     return info
 
 
-def _text(error: BaseException) -> str:
-    """An exception's message (a KeyError's without the quotes repr adds)."""
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+def out_file(flag_name: str, path: str) -> str:
+    """An output file flag's value, refused when it names a directory (checked before anything loads)."""
+    from pathlib import Path
+
+    if Path(path).expanduser().is_dir():
+        raise FlagError(f"{flag_name} {path}: is a directory; give a file path, e.g. {Path(path) / 'out.jsonl'}")
+    return path
+
+
+def write_jsonl(path: str, rows) -> None:
+    """Write ``rows`` as JSON lines to ``path`` (an ``out_file``), creating its missing parent directories."""
+    import json
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def resumable_out(flag_name: str, path: str, verb: str, overwrite: bool) -> str:
+    """The --out of a resumable verb (``rlaif.resume.ResumableJsonl``): not a directory, and, unless
+    ``overwrite``, not a non-empty file without its progress log, which no run of ``verb`` made (resuming
+    would append to it, or cut it at its first line that is not JSON)."""
+    from pathlib import Path
+
+    out = Path(out_file(flag_name, path)).expanduser()
+    progress = out.with_name(out.name + ".progress.jsonl")  # ResumableJsonl's progress log
+    if not overwrite and out.is_file() and out.stat().st_size and not progress.is_file():
+        raise FlagError(f"{flag_name} {path}: exists without {progress.name}, so `posttrain {verb}` did not make "
+                        "it; choose another file, or pass --overwrite to replace it")
+    return path
 
 
 def lora_rank(text: str) -> int | str:

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _thresholds(pairs: list[str]) -> dict:
     import dataclasses
 
+    from posttrain.commands._args import FlagError
     from posttrain.doctrine.doctor import Thresholds
 
     fields = {f.name: f.type for f in dataclasses.fields(Thresholds)}
@@ -33,8 +34,11 @@ def _thresholds(pairs: list[str]) -> dict:
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in fields:
-            raise ValueError(f"unknown threshold {name!r}; known: {', '.join(fields)}")
-        out[name] = int(value) if fields[name] in ("int", int) else float(value)
+            raise FlagError(f"--set {pair}: unknown threshold {name!r}; known: {', '.join(fields)}")
+        try:
+            out[name] = int(value) if fields[name] in ("int", int) else float(value)
+        except ValueError:
+            raise FlagError(f"--set {pair}: {name} must be a number, got {value!r}") from None
     return out
 
 
@@ -47,17 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.doctrine.doctor import RULES, diagnose
     from posttrain.runtime.tracking import RunDirError, read_jsonl
 
-    err = Console(stderr=True)
     run_dir = Path(args.run_dir)
     history = read_jsonl(run_dir / "metrics.jsonl")
     if not history:
         raise RunDirError(f"{run_dir / 'metrics.jsonl'}: missing or empty: give the directory of a run that "
                           f"logged at least one step")
-    try:
-        overrides = _thresholds(args.set)
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {e}")
-        return 2
+    overrides = _thresholds(args.set)  # a FlagError: cli.main reports it (exit 2)
     events = diagnose(history, read_jsonl(run_dir / "samples.jsonl"), **overrides)
     if args.json:
         for ev in events:

@@ -41,7 +41,7 @@ def _rules():
 
 def _rows(args):
     """(rows, reward spec) of --task or --data, checked before any model loads."""
-    from posttrain.commands._args import FlagError, reward_flag, task_flag
+    from posttrain.commands._args import FlagError, check_reward_columns, reward_flag, task_flag
     from posttrain.data import load_rows
     from posttrain.data.tasks import get_task
 
@@ -55,7 +55,9 @@ def _rows(args):
     reward_flag("--reward", args.reward)
     from posttrain.rewards import row_checks
 
-    return load_rows(args.data, "prompt", checks=row_checks(args.reward))[: args.n], args.reward
+    rows = load_rows(args.data, "prompt", checks=row_checks(args.reward))[: args.n]
+    check_reward_columns(args.data, rows, args.reward)
+    return rows, args.reward
 
 
 def _evaluate(spec: str, flag: str, args, rows, reward):

@@ -2,9 +2,10 @@
 
 Nothing is lost: OUT must be absent or empty, unless ``--overwrite``; the model is written into a
 temporary sibling of OUT and moved into place only when complete (with ``--overwrite`` the old OUT is
-swapped out then removed), so a failed export leaves OUT as it was. OUT may not be the run's own
-directory or inside it (its ``final/`` and ``checkpoints/`` are what the run loads and resumes from),
-nor hold the model being exported. Every check runs before the model loads.
+swapped out, and removed once the new one is in place), so a failed export leaves OUT as it was. OUT
+may not be a run directory (this run's or any other), lie inside one, or hold one (a run's ``final/``
+and ``checkpoints/`` are what it loads and resumes from), nor hold the model being exported. Every
+check runs before the model loads.
 """
 
 from __future__ import annotations
@@ -28,11 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace a non-empty OUT (written beside it first, then swapped in)")
 
 
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and any((path / m).exists() for m in _RUN_MARKERS)
+
+
 def _run_root(path: Path) -> Path | None:
-    """The run directory ``path`` is (or lies in: its final/, a checkpoint), if any."""
-    for p in (path, *list(path.parents)[:2]):
-        if (p / "config.yaml").is_file() and any((p / m).exists() for m in _RUN_MARKERS):
-            return p
+    """The run directory ``path`` is or lies in (its final/, a checkpoint, anything below), if any."""
+    return next((p for p in (path, *path.parents) if _is_run(p)), None)
+
+
+def _run_inside(path: Path) -> Path | None:
+    """A run directory inside ``path`` (not ``path`` itself), if any; the first found."""
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            if _is_run(Path(root) / d):
+                return Path(root) / d
     return None
 
 
@@ -41,14 +52,17 @@ def _within(path: Path, root: Path) -> bool:
 
 
 def check_target(source: str, target: str, overwrite: bool) -> Path:
-    """The resolved OUT, or a FlagError saying why it cannot be written."""
+    """The resolved OUT, or a FlagError saying why it cannot be written: OUT may not be, or lie in, any
+    run directory, nor hold one (with --overwrite it would replace the run's final/ and checkpoints/,
+    what the run loads and resumes from), nor overlap the model exported, nor be non-empty without
+    --overwrite."""
     from posttrain.commands._args import FlagError
 
     src, out = Path(source).expanduser().resolve(), Path(target).expanduser().resolve()
-    run = _run_root(src)
-    if run is not None and _within(out, run):
+    run = _run_root(out)
+    if run is not None:
         raise FlagError(f"--merge {target}: inside the run directory {run}, whose final/ and checkpoints/ are "
-                        "what the run loads and resumes from; export to a directory outside the run")
+                        "what the run loads and resumes from; export to a directory outside any run")
     if _within(out, src) or _within(src, out):
         raise FlagError(f"--merge {target}: overlaps the model being exported ({source}); choose another directory")
     if out.exists() and not out.is_dir():
@@ -56,15 +70,20 @@ def check_target(source: str, target: str, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FlagError(f"--merge {target}: the directory is not empty; choose an empty or new directory, or "
                         "pass --overwrite to replace its contents")
+    inner = _run_inside(out) if out.is_dir() else None
+    if inner is not None:
+        raise FlagError(f"--merge {target}: holds the run directory {inner}, which --overwrite would delete; "
+                        "export to a directory that holds no run")
     return out
 
 
 def _write_swapped(out: Path, write) -> None:
-    """``write(tmp)`` into a temporary sibling of ``out``, then put it in ``out``'s place; on any failure
-    the temporary directory is removed and ``out`` is untouched."""
+    """``write(tmp)`` into a temporary sibling of ``out``, then put it in ``out``'s place. On a failure the
+    temporary directory is removed and ``out`` is as it was; the original ``out`` is removed only once the
+    new one is in place (if it cannot be put back, the error says where it is, and it stays there)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
+    old, placed = None, False
     try:
         write(tmp)
         tmp.chmod(0o755)
@@ -72,14 +91,20 @@ def _write_swapped(out: Path, write) -> None:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / out.name)
         os.rename(tmp, out)
+        placed = True
     except BaseException:
-        if old is not None and not out.exists():  # put the original back
-            os.rename(old / out.name, out)
+        if old is not None and (old / out.name).exists() and not out.exists():  # put the original back
+            try:
+                os.rename(old / out.name, out)
+            except OSError as e:
+                raise OSError(f"export failed, and the original {out} could not be put back ({e}): it is kept "
+                              f"in {old / out.name}") from e
         raise
     finally:
-        for leftover in (tmp, old):
-            if leftover is not None and leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (placed or not (old / out.name).exists()):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,9 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from posttrain.commands._args import load_model_flag, refuse_inapplicable
+    from posttrain.commands._args import FlagError, load_model_flag, refuse_inapplicable
 
     refuse_inapplicable(args, _rules())
+    empty = [i for i, p in enumerate(args.prompt, 1) if not p.strip()]
+    if empty:
+        raise FlagError(f"--prompt #{empty[0]} is empty: give the text of the user message (a shell variable "
+                        "that was not set?)")
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = load_model_flag("--model", args.model)

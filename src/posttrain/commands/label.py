@@ -68,12 +68,13 @@ def _label(judge, rows, args, out, reasons) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.commands._args import refuse_inapplicable
+    from posttrain.commands._args import refuse_inapplicable, resumable_out
     from posttrain.rlaif.judges import Judge, JudgeFailureRate
     from posttrain.rlaif.labeling import load_response_rows
     from posttrain.rlaif.resume import ResumableJsonl
 
     refuse_inapplicable(args, _rules())
+    resumable_out("--out", args.out, "label", args.overwrite)
     rows = load_response_rows(args.data, args.responses_field)
     judge = Judge.from_config(args.judge)
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def _estimate(args: argparse.Namespace, memory):
 
     try:
         return memory.estimate(args.model, args.method, args.lora, args.device, beta=args.beta, **_overrides(args))
-    except (ValueError, KeyError) as e:  # e.g. a --model that is neither a size nor a readable model config
+    except memory.EstimateError as e:  # e.g. a --model that is neither a size nor a readable model config
         raise FlagError(f"cannot estimate {args.method} on --model {args.model}: {e}") from e
 
 
@@ -96,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain.doctrine import memory
-
     from posttrain.commands._args import refuse_inapplicable
+    from posttrain.doctrine import memory
 
     refuse_inapplicable(args, _rules())
     console = Console()

@@ -17,7 +17,7 @@ HELP = "Make DPO preference pairs: sample N per prompt, score, pair the best wit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from posttrain.commands._args import (int_at_least, nonnegative_float, nonnegative_int, positive_int, probability,
+    from posttrain.commands._args import (int_at_least, nonnegative_int, positive_float, positive_int, probability,
                                           remember_defaults)
     from posttrain.models import EMBEDDED
 
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", default=None, help="reward spec, e.g. math, code, 'math,format:0.2' (default: the task's)")
     parser.add_argument("--n", type=int_at_least(2), default=8, help="samples per prompt, >= 2 to make a pair (default: 8)")
     parser.add_argument("--out", required=True, help="output .jsonl; re-run with the same --out to resume")
-    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0,
+                        help="sampling temperature, > 0: greedy samples would all be the same (default: 1.0)")
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling threshold (default: 1 = off)")
     parser.add_argument("--top-k", type=nonnegative_int, default=0, help="top-k sampling (default: 0 = off)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="completion length limit (default: 256)")
@@ -71,7 +72,8 @@ def load_prompts(args) -> tuple[list[dict], str | None]:
 
 def _check(args):
     """Everything checked before the model loads: flags, prompts, reward. Returns (rows, spec, reward_fn)."""
-    from posttrain.commands._args import FlagError, check_model_flag, refuse_inapplicable, reward_flag
+    from posttrain.commands._args import (FlagError, check_model_flag, check_reward_columns, refuse_inapplicable,
+                                          reward_flag)
 
     refuse_inapplicable(args, _rules())
     check_model_flag("--model", args.model)
@@ -79,14 +81,24 @@ def _check(args):
     spec = args.reward or task_reward
     if spec is None:
         raise FlagError("--data needs --reward (e.g. math, code, 'reward_model(runs/rm/final)')")
-    return rows, spec, reward_flag("--reward", spec)
+    reward_fn = reward_flag("--reward", spec)
+    if args.data:
+        check_reward_columns(args.data, rows, spec)
+    return rows, spec, reward_fn
+
+
+def _settings(args, spec: str) -> dict:
+    """What identifies the configuration in --out's progress log: another run must match it to continue."""
+    return {"model": args.model, "source": args.data or f"task:{args.task}:{args.split}:{args.task_size}",
+            "reward": spec, "n": args.n, "sampling": [args.temperature, args.top_p, args.top_k, args.max_new_tokens],
+            "seed": args.seed, "chat_template": args.chat_template, "batch_prompts": args.batch_prompts}
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from posttrain.algorithms.pairs import make_pairs
-    from posttrain.commands._args import FlagError, load_model_flag
+    from posttrain.algorithms.pairs import check_output, make_pairs
+    from posttrain.commands._args import load_model_flag
     from posttrain.models import resolve_device
     from posttrain.rewards.judge import find_judges, judge_metrics
     from posttrain.rlaif import JudgeFailureRate
@@ -95,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     rows, spec, reward_fn = _check(args)
+    settings = _settings(args, spec)
+    check_output(args.out, settings)  # an --out made by another command or with other settings: a PairsFileError
     sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
-    settings = {"model": args.model, "source": args.data or f"task:{args.task}:{args.split}:{args.task_size}",
-                "reward": spec, "n": args.n, "sampling": [args.temperature, args.top_p, args.top_k, args.max_new_tokens],
-                "seed": args.seed, "chat_template": args.chat_template, "batch_prompts": args.batch_prompts}
     model, tok = load_model_flag("--model", args.model, device=resolve_device(args.device))
     model = rollout_model(model, args.dtype).model  # sampling only: the bfloat16 copy where it is faster
 
@@ -111,10 +122,6 @@ def run(args: argparse.Namespace) -> int:
                             batch_prompts=args.batch_prompts, chat_template=args.chat_template, on_batch=show)
         for _, judge_reward in find_judges(reward_fn):
             judge_reward.judge.check_run_failures()
-    except FlagError:
-        raise
-    except ValueError as e:  # --out made by another command or with other settings (see algorithms.pairs)
-        raise FlagError(f"--out {args.out}: {e}") from e
     except JudgeFailureRate as e:  # the batches already scored are in --out: the same command resumes
         err.print(f"error: {e}\nthe pairs made so far are in {args.out}; run the same command again "
                   "to resume.", highlight=False, markup=False)

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> tuple[str | None, list[str] | None]:
-    """(data file or task name, columns), checked: at most one of --data, --task, --columns."""
+    """(data file or task name, columns), checked: at most one of --data, --task, --columns; a --judge
+    config that loads (``ConfigError`` naming its file and field)."""
     from posttrain.commands._args import FlagError, task_flag
 
     given = [f"--{d}" for d in ("data", "task", "columns") if getattr(args, d)]
@@ -40,6 +41,10 @@ def _inputs(args: argparse.Namespace) -> tuple[str | None, list[str] | None]:
         raise FlagError(f"{' and '.join(given)}: give one of --data, --task, --columns (each describes the data)")
     if args.task:
         task_flag("--task", args.task)
+    if args.judge:
+        from posttrain.rlaif.config import load_judge_config
+
+        load_judge_config(args.judge)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     return args.data or args.task, columns
 
@@ -48,17 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain.commands._args import FlagError
     from posttrain.doctrine.select import recommend
-    from posttrain.errors import UserError
 
     source, columns = _inputs(args)
-    try:
-        rec = recommend(source, columns, args.judge, args.reward, args.gpu_memory, args.model)
-    except (ValueError, KeyError) as e:  # DataError and ConfigError are UserErrors already
-        if isinstance(e, UserError):
-            raise
-        raise FlagError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e
+    # a data file, model or reward spec that is wrong is a UserError (DataError, EstimateError,
+    # RewardSpecError) naming the file or flag: cli.main reports it
+    rec = recommend(source, columns, args.judge, args.reward, args.gpu_memory, args.model)
     if args.json:
         print(json.dumps(rec.to_dict(), indent=1))
         return 0 if rec.method else 1

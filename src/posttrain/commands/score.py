@@ -2,18 +2,19 @@
 
     posttrain score --reward 'math,format:0.2' --data scored.jsonl [--completions-field completion]
 
-Each row needs "prompt" and the completions field; its other columns ("answer", "tests", ...)
-go to the reward functions. Prints the mean of the combined reward over the rows it could
-judge, how many were None, and each function's mean and None count. `--out` writes every row
-back with "reward" and "reward/<name>" columns.
+Each row needs "prompt" and the completions field (text, or a list of chat messages); its other
+columns ("answer", "tests", ...) go to the reward functions. A row without a column its reward scores
+against is judged None (and counted); a file where no row has it is refused. Prints the mean of the
+combined reward over the rows it could judge, how many were None, and each function's mean and None
+count. `--out` (not the --data file) writes every row back with "reward" and "reward/<name>" columns.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 HELP = "Score completions in a data file with reward functions: mean, None count, per-function means."
 
@@ -32,23 +33,40 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _check_completions(source: str, rows: list[dict], field: str) -> None:
+    """Every row holds a completion in ``field``: text, or a list of chat messages (a DataError naming the
+    first row that does not, and how many do not)."""
+    from posttrain.data import DataError
+
+    def is_text(value) -> bool:
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value))
+
+    for problem, bad in (("lack the field", lambda r: field not in r),
+                         ("hold no completion text (a string, or a list of messages) in the field",
+                          lambda r: not is_text(r[field]))):
+        rows_bad = [i + 1 for i, r in enumerate(rows) if bad(r)]
+        if rows_bad:
+            raise DataError(source, rows_bad[0], None, f"{len(rows_bad)} rows {problem} {field!r} (the first is "
+                            "this one); name the column holding the completions with --completions-field", "row")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from posttrain import rewards
+    from posttrain.commands._args import FlagError, check_reward_columns, out_file, reward_flag, write_jsonl
     from posttrain.data import load_rows
 
-    from posttrain.commands._args import reward_flag
-    from posttrain.data import DataError
-
     reward = reward_flag("--reward", args.reward)
-    rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
+    if args.out:
+        out_file("--out", args.out)
+        if Path(args.out).expanduser().resolve() == Path(args.data).expanduser().resolve():
+            raise FlagError(f"--out {args.out}: is the --data file, which it would overwrite; write to another file")
     field = args.completions_field
-    missing = [i + 1 for i, r in enumerate(rows) if field not in r]
-    if missing:
-        raise DataError(str(args.data), missing[0], None, f"{len(missing)} rows lack the field {field!r} (the first "
-                        "is this one); name the column holding the completions with --completions-field", "row")
+    rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
+    _check_completions(str(args.data), rows, field)
+    check_reward_columns(args.data, rows, args.reward)
     prompts = [r["prompt"] for r in rows]
     completions = [r[field] for r in rows]
     extras = [{k: v for k, v in r.items() if k != field} for r in rows]
@@ -65,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
     Console(width=max(100, Console().width)).print(table)
 
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for i, row in enumerate(rows):
-                scored = {**row, "reward": totals[i], **{f"reward/{n}": v[i] for n, v in parts.items()}}
-                f.write(json.dumps(scored, ensure_ascii=False) + "\n")
+        write_jsonl(args.out, ({**row, "reward": totals[i], **{f"reward/{n}": v[i] for n, v in parts.items()}}
+                               for i, row in enumerate(rows)))
         print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
     return 0

@@ -61,14 +61,17 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(t.name, ",".join(t.splits), t.reward, ",".join(t.columns), t.description)
         console.print(table)
         return 0
-    from posttrain.commands._args import FlagError, task_flag
+    from posttrain.commands._args import FlagError, out_file, task_flag, write_jsonl
 
     task_flag("TASK", args.name, args.split)
     options = _options(args.opt)
     try:
-        rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **options)
-    except (ValueError, TypeError) as e:  # an option the task does not take, or a value out of its range
-        raise FlagError(f"--opt for task {args.name!r}: {e}") from e
+        tasks.check_options(args.name, options)
+    except tasks.TaskError as e:
+        raise FlagError(f"--opt: {e}") from e
+    if action == "export":
+        out_file("--out", args.out)
+    rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **options)
     if action == "show":
         for i, row in enumerate(rows):
             console.rule(f"{args.name} {args.split} #{i}")
@@ -76,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"[bold]{key}[/bold]: ", end="")
                 console.print(value if isinstance(value, str) else json.dumps(value), markup=False, highlight=False)
         return 0
-    with open(args.out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(args.out, rows)
     err.print(f"wrote {len(rows)} rows of {args.name} ({args.split}, seed {args.seed}) to {args.out}")
     return 0

@@ -75,12 +75,9 @@ def run_auto(args: argparse.Namespace) -> int:
     from posttrain.runtime import config
     from posttrain.doctrine.select import choose_method
 
-    try:
-        method, reasons, fields = choose_method(data=args.data, task=args.task, reward=args.reward, judge=args.judge,
-                                                model=args.model, gpu_memory_gb=args.gpu_memory)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+    # a NoMethodError / DataError / ConfigError is a UserError: cli.main reports it (exit 2)
+    method, reasons, fields = choose_method(data=args.data, task=args.task, reward=args.reward, judge=args.judge,
+                                            model=args.model, gpu_memory_gb=args.gpu_memory)
     print(f"method: {method}")
     for reason in reasons:
         print(f"  - {reason}")
@@ -93,11 +90,7 @@ def run_auto(args: argparse.Namespace) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         values[key.strip().replace("-", "_")] = value
-    try:
-        cfg = config.build(cls, values, source="posttrain train auto")
-    except config.ConfigError as e:
-        print(f"error: {e}")
-        return 2
+    cfg = config.build(cls, values, source="posttrain train auto")
     print(f"config: {config.to_dict(cfg)}")
     if not args.dry_run:
         train(cfg)

@@ -58,6 +58,12 @@ from typing import Any
 
 # measuring a real step (CPU peak RSS growth) lives in posttrain.doctrine.measure; re-exported here
 from posttrain.doctrine.measure import _measure_worker, _reset_peak, _rss_bytes, measure  # noqa: F401
+from posttrain.errors import UserError
+
+
+class EstimateError(UserError, ValueError):
+    """A model, method or setting the estimate cannot use: a size or model spec whose config cannot
+    be read, an unknown method, device, dtype or optimizer, full fine-tuning of quantized weights."""
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0,
@@ -124,7 +130,7 @@ def parse_memory(text: Any) -> float:
         return float(text)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tb|t)?\s*", str(text), re.I)
     if not m:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 24GB, 80GiB, 512MB)")
+        raise EstimateError(f"not a memory size: {text!r} (use e.g. 24GB, 80GiB, 512MB)")
     unit = (m.group(2) or "gb").lower()
     factor = {"gib": 2**30 / GB, "gb": 1, "g": 1, "mib": 2**20 / GB, "mb": 1e-3, "m": 1e-3, "tb": 1e3, "t": 1e3}[unit]
     return float(m.group(1)) * factor
@@ -160,7 +166,11 @@ def shape_from_size(n_params: float) -> ModelShape:
 
 def shape_from_config(cfg: dict[str, Any], source: str = "config") -> ModelShape:
     """Shape of a decoder-only transformer from its HF ``config.json`` fields (text config)."""
-    cfg = cfg.get("text_config", cfg)
+    cfg = cfg.get("text_config") or cfg
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise EstimateError(f"{source}: field '{missing[0]}': missing or not an integer (not the config of a "
+                            "decoder-only transformer?); give a size such as 8B instead")
     h, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     heads = int(cfg.get("num_attention_heads") or h // 64)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -172,6 +182,19 @@ def shape_from_config(cfg: dict[str, Any], source: str = "config") -> ModelShape
     return ModelShape(n, h, layers, heads, kv_heads, head_dim, f, vocab, tied, source)
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """A ``config.json``; one that is not a JSON object is an ``EstimateError`` naming the file and line."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EstimateError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise EstimateError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(cfg, dict):
+        raise EstimateError(f"{path}: expected a JSON object of model config fields")
+    return cfg
+
+
 def _config_of(spec: str) -> tuple[dict[str, Any], str]:
     """A model's config without loading its weights."""
     from posttrain import models
@@ -179,22 +202,24 @@ def _config_of(spec: str) -> tuple[dict[str, Any], str]:
     if spec == models.EMBEDDED:
         path = models.embedded_cache_dir() / "config.json"
         if path.is_file():
-            return json.loads(path.read_text()), f"{spec} (config.json)"
+            return _read_config(path), f"{spec} (config.json)"
         gguf = models.embedded_gguf_path()
         return _gguf_config(gguf), f"{spec} (GGUF header)"
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EstimateError(f"{path}: no such GGUF file")
         return _gguf_config(path), f"{path} (GGUF header)"
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _config_of(models._adapter_base(path))
     if path.is_dir() and (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()), str(path / "config.json")
+        return _read_config(path / "config.json"), str(path / "config.json")
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(spec, local_files_only=True).to_dict(), f"{spec} (HF cache)"
-    except OSError as e:
-        raise ValueError(f"{spec!r}: not a size like 8B, nor a model whose config is on this machine") from e
+    except (OSError, ValueError) as e:  # not in the cache, or not a valid hub id
+        raise EstimateError(f"{spec!r}: not a size like 8B, nor a model whose config is on this machine") from e
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
@@ -344,17 +369,17 @@ def estimate(model: Any = "8B", method: str = "grpo", lora_rank: int | None = 0,
     trainers on CPU). ``beta``: 0 means no reference model (GRPO/DPO without a KL term).
     ``overrides``: any `Assumptions` field (dtype, optimizer, micro_batch, prompt_len, ...)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+        raise EstimateError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
     if device not in PROFILES:
-        raise ValueError(f"device must be one of {', '.join(PROFILES)}")
+        raise EstimateError(f"device must be one of {', '.join(PROFILES)}")
     a = dataclasses.replace(PROFILES[device], **{k: v for k, v in overrides.items() if v is not None})
     if a.dtype not in DTYPE_BYTES or a.optimizer not in OPTIMIZER_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, optimizer one of {sorted(OPTIMIZER_BYTES)}")
+        raise EstimateError(f"dtype must be one of {sorted(DTYPE_BYTES)}, optimizer one of {sorted(OPTIMIZER_BYTES)}")
     shape = model_shape(model)
     kind = {"rloo": "grpo", "reinforce_pp": "grpo", "rlaif": "grpo"}.get(method, method)
     rank = default_lora_rank(kind, shape.n_params) if lora_rank == "auto" else int(lora_rank or 0)
     if rank == 0 and DTYPE_BYTES[a.dtype] < 2:
-        raise ValueError(f"{a.dtype} weights cannot be fully fine-tuned: use LoRA (QLoRA)")
+        raise EstimateError(f"{a.dtype} weights cannot be fully fine-tuned: use LoRA (QLoRA)")
 
     bw, opt = DTYPE_BYTES[a.dtype], OPTIMIZER_BYTES[a.optimizer]
     parts: dict[str, float] = {}

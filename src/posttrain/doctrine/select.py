@@ -19,8 +19,8 @@ group size 8, beta 0.04, the "LoRA for RL" rank (8B -> 8, 70B -> 32), lr 1e-6 fu
 0.95. LoRA is on by default ("LoRA fully matches FullFT for policy gradient algorithms").
 
 `choose_method(...)` is the same walk for `posttrain train --method auto`: it returns the
-`posttrain train` method, the reasons and the config fields to set, or raises ValueError saying why
-no method can run directly.
+`posttrain train` method, the reasons and the config fields to set, or raises `NoMethodError` (a
+user error) saying why no method can run directly.
 """
 
 from __future__ import annotations
@@ -31,16 +31,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from posttrain.doctrine.memory import default_lora_rank, estimate, model_shape, parse_memory, parse_size
+from posttrain.errors import UserError
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 # column -> the reward that checks it (a verifiable reward)
 VERIFIER_COLUMNS = {"answer": "math", "solution": "math", "ground_truth": "math", "tests": "code",
                     "test": "code", "test_list": "code", "target": "countdown"}
 REWARD_NEEDS = {"math": ("answer",), "code": ("tests",), "countdown": ("target", "numbers")}
+"""The columns a built-in reward scores against (a row without them cannot be scored)."""
 VERIFIABLE = ("math", "code", "countdown")
 LEARNED, JUDGE = ("reward_model",), ("judge",)
 FULL_FT_LR = {"dpo": 1e-6, "grpo": 1e-6, "ppo": 1e-6}
 """Doctrine: DPO "1e-5 to 1e-6, lower than SFT"; RL "1e-6 instead of 1e-5". x10 with LoRA."""
+
+
+class NoMethodError(UserError, ValueError):
+    """No method can train directly on the inputs given (``choose_method``); the message lists the reasons."""
 
 
 @dataclasses.dataclass
@@ -121,11 +127,17 @@ def inspect_data(data_path: str | None = None, columns: Sequence[str] | None = N
 
 
 def _reward_names(reward: str | None) -> list[str]:
+    """The reward names in the spec ``reward``; a wrong spec or an unknown name is a ``RewardSpecError``
+    naming --reward (nothing is loaded: a reward model is not read here)."""
     if not reward:
         return []
-    from posttrain.rewards import parse_spec
+    from posttrain.rewards import UnknownRewardError, list_rewards, parse_spec
 
-    return [name for name, _, _ in parse_spec(reward)]
+    names = [name for name, _, _ in parse_spec(reward)]
+    unknown = [n for n in names if n not in list_rewards()]
+    if unknown:
+        raise UnknownRewardError(reward, f"unknown reward {unknown[0]!r}; known: {', '.join(list_rewards())}")
+    return names
 
 
 def _fmt(v: Any) -> str:
@@ -385,9 +397,9 @@ def choose_method(data: str | None = None, task: str | None = None, reward: str 
 
     ``train_method`` is a `posttrain train` method ('dpo', 'grpo', 'ppo'; RLAIF runs as 'grpo' with
     a judge reward); ``config_fields`` are the doctrine defaults to apply where the user set nothing
-    (reward, lora, lora_rank, lr, beta, group_size, ...). Raises ValueError (with the reasons) when no
+    (reward, lora, lora_rank, lr, beta, group_size, ...). Raises NoMethodError (with the reasons) when no
     method can train directly on these inputs."""
     rec = recommend(data or task, None, judge, reward, gpu_memory_gb, model)
     if rec.method is None or rec.needs_pairs:
-        raise ValueError("cannot pick a method to train directly:\n- " + "\n- ".join(rec.reasons))
+        raise NoMethodError("cannot pick a method to train directly:\n- " + "\n- ".join(rec.reasons))
     return rec.train_method, rec.reasons, dict(rec.defaults)

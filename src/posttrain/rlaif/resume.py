@@ -5,7 +5,8 @@ row, whether it gave an output row or was skipped, gets a line in the side file
 ``<out>.progress.jsonl``: ``{"row": i, "status": "pair" | "skipped", "reason": ...}``. Restarting
 the same command skips the rows done already. An output row also names its input row (in its
 metadata field, e.g. ``{"label": {"row": 12, ...}}``), so a crash between the two writes does not
-duplicate a pair, and a half-written last line (a crash mid-write) is cut off on resume.
+duplicate a pair, and a half-written last line (a crash mid-write) is cut off on resume; a bad line
+before the last is damage no crash makes, an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Optional
+
+from posttrain.data import DataError
 
 
 class ResumableJsonl:
@@ -52,7 +55,8 @@ class ResumableJsonl:
         records, good_bytes = [], 0
         with path.open("rb") as f:
             data = f.read()
-        for line in data.splitlines(keepends=True):
+        lines = data.splitlines(keepends=True)
+        for number, line in enumerate(lines, start=1):
             try:
                 if line.strip():
                     obj = json.loads(line)
@@ -61,6 +65,9 @@ class ResumableJsonl:
                 if not line.endswith(b"\n"):
                     raise ValueError("unterminated line")
             except (ValueError, UnicodeDecodeError):
+                if any(rest.strip() for rest in lines[number:]):  # not the last line: damage, not a torn write
+                    raise DataError(str(path), number, None, "not a JSON line, and not the last one (a crash "
+                                    "only tears the last line): repair or remove the file, or pass --overwrite") from None
                 break
             good_bytes += len(line)
         if good_bytes < len(data):

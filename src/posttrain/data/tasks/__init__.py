@@ -14,7 +14,9 @@ seed or size. `test` rows are distinct; `train` rows are drawn independently and
 a `test` split only, loaded lazily from `posttrain.data.tasks.humaneval`.
 
 Each task names the reward that scores it (`TaskInfo.reward`, a spec for
-`posttrain.rewards.from_spec`).
+`posttrain.rewards.from_spec`), and declares the options it takes with their domains
+(`TaskInfo.options`): `get_task` checks a name, split, size or option before generating anything,
+and refuses a wrong one with a `TaskError` (a user error, `posttrain.errors`) saying what is allowed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,38 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from posttrain.errors import UserError
 
 SPLITS = ("train", "test")
 TEST_EVERY = 10  # one problem in TEST_EVERY goes to the test split
+
+
+class TaskError(UserError, ValueError):
+    """A task name, split, size or option that the task cannot give; the message says what it can."""
+
+
+class UnknownTaskError(TaskError, KeyError):
+    """A task name that is not built in (also a ``KeyError``, as registry look-ups were)."""
+
+    def __str__(self) -> str:  # a KeyError would print its message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """An option a generated task takes: its type, the values allowed, and how to say them."""
+
+    name: str
+    kind: type
+    allowed: Callable[[Any], bool]
+    domain: str
+
+
+def _int_option(name: str, low: int, high: int | None = None) -> TaskOption:
+    domain = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+    return TaskOption(name, int, lambda v: low <= v and (high is None or v <= high), domain)
 
 
 @dataclass(frozen=True)
@@ -37,6 +68,7 @@ class TaskInfo:
     splits: tuple[str, ...] = SPLITS
     default_n: tuple[int, int] = (1000, 200)  # train, test
     generated: bool = True  # takes (n, seed, split, **options)
+    options: tuple[TaskOption, ...] = ()
 
 
 _TASKS: dict[str, TaskInfo] = {
@@ -48,6 +80,9 @@ _TASKS: dict[str, TaskInfo] = {
             "posttrain.data.tasks.arithmetic:arithmetic",
             "math",
             ("prompt", "answer"),
+            options=(_int_option("digits", 1, 18),
+                     TaskOption("ops", str, lambda v: bool(v) and set(v) <= set("+-*"),
+                                "a string made of '+', '-', '*' (e.g. '+-')")),
         ),
         TaskInfo(
             "countdown",
@@ -55,6 +90,7 @@ _TASKS: dict[str, TaskInfo] = {
             "posttrain.data.tasks.countdown:countdown",
             "countdown",
             ("prompt", "target", "numbers", "solution"),
+            options=(_int_option("count", 2, 6), _int_option("max_number", 2), _int_option("max_target", 1)),
         ),
         TaskInfo(
             "humaneval",
@@ -85,17 +121,31 @@ def list_tasks() -> list[TaskInfo]:
 
 def task_info(name: str) -> TaskInfo:
     if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
+        raise UnknownTaskError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse (``TaskError``) an option task ``name`` does not take, or a value outside its domain."""
+    info = task_info(name)
+    declared = {o.name: o for o in info.options}
+    for key, value in options.items():
+        takes = f"it takes: {', '.join(declared)}" if declared else "it takes none"
+        if key not in declared:
+            raise TaskError(f"task {name!r} has no option {key!r} ({takes})")
+        option = declared[key]
+        if type(value) is not option.kind or not option.allowed(value):
+            raise TaskError(f"task {name!r} option {key}={value!r}: must be {option.domain}")
 
 
 def get_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, **options) -> list[dict]:
     """Rows of task `name` for `split` ("train" or "test"); see the module docstring."""
     info = task_info(name)
     if split not in info.splits:
-        raise ValueError(f"task {name!r} has no {split!r} split (it has: {', '.join(info.splits)})")
+        raise TaskError(f"task {name!r} has no {split!r} split (it has: {', '.join(info.splits)})")
     if n is not None and n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise TaskError(f"n must be >= 0, got {n}")
+    check_options(name, options)
     module, _, attr = info.loader.partition(":")
     fn = getattr(importlib.import_module(module), attr)
     if not info.generated:
@@ -106,4 +156,5 @@ def get_task(name: str, split: str = "train", n: int | None = None, seed: int = 
     return fn(n, seed, split=split, **options)
 
 
-__all__ = ["TaskInfo", "get_task", "list_tasks", "task_info", "is_test_key", "in_split", "SPLITS"]
+__all__ = ["TaskInfo", "TaskOption", "TaskError", "UnknownTaskError", "check_options", "get_task", "list_tasks",
+           "task_info", "is_test_key", "in_split", "SPLITS"]

@@ -12,7 +12,7 @@
 Splits (see `posttrain.data.tasks`): a problem's key is "a+b" with the operands sorted for + and *;
 a stable hash of the key assigns it to test (1 in 10) or train, so the splits never share a
 problem. Each (split, seed, digits, ops) has its own random stream, and rows are prefix-stable:
-the first k rows for n=100 are the rows for n=k. Test rows are distinct problems (ValueError
+the first k rows for n=100 are the rows for n=k. Test rows are distinct problems (TaskError
 when fewer than n exist); train rows are independent draws and may repeat.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from posttrain.data.tasks import SPLITS, in_split
+from posttrain.data.tasks import SPLITS, TaskError, in_split
 
 PROMPT = "What is {a} {op} {b}? Put the final answer after 'Answer:'."
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -36,11 +36,11 @@ def problem_key(a: int, op: str, b: int) -> str:
 def arithmetic(n: int, seed: int = 0, digits: int = 2, ops: str = "+", split: str = "train") -> list[dict]:
     """`n` rows {"prompt", "answer"} of the given split (rules in the module docstring)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
     if not 1 <= digits <= 18:
-        raise ValueError(f"digits must be in 1..18, got {digits}")
+        raise TaskError(f"digits must be in 1..18, got {digits}")
     if not ops or any(op not in _APPLY for op in ops):
-        raise ValueError(f"ops must be made of '+', '-', '*', got {ops!r}")
+        raise TaskError(f"ops must be made of '+', '-', '*', got {ops!r}")
     ops_list = sorted(set(ops), key=ops.index)
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     rng = random.Random(f"posttrain/arithmetic/{split}/{seed}/{digits}/{''.join(ops_list)}")
@@ -50,7 +50,7 @@ def arithmetic(n: int, seed: int = 0, digits: int = 2, ops: str = "+", split: st
     while len(rows) < n:
         attempts += 1
         if attempts > budget:
-            raise ValueError(f"only {len(rows)} distinct {split} problems found for digits={digits} ops={ops!r}; asked {n}")
+            raise TaskError(f"only {len(rows)} distinct {split} problems found for digits={digits} ops={ops!r}; asked {n}")
         op = rng.choice(ops_list)
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         key = problem_key(a, op, b)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from posttrain.data.tasks import SPLITS, in_split
+from posttrain.data.tasks import SPLITS, TaskError, in_split
 
 PROMPT = (
     "Using the numbers {numbers}, write an expression that equals {target}. "
@@ -78,9 +78,9 @@ def countdown(
 ) -> list[dict]:
     """`n` solvable countdown rows of the given split (rules in the module docstring)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
     if not 2 <= count <= 6 or max_number < 2 or max_target < 1:
-        raise ValueError(f"need 2 <= count <= 6, max_number >= 2, max_target >= 1; got {count}, {max_number}, {max_target}")
+        raise TaskError(f"need 2 <= count <= 6, max_number >= 2, max_target >= 1; got {count}, {max_number}, {max_target}")
     rng = random.Random(f"posttrain/countdown/{split}/{seed}/{count}/{max_number}/{max_target}")
     rows: list[dict] = []
     seen: set[str] = set()
@@ -88,7 +88,7 @@ def countdown(
     while len(rows) < n:
         attempts += 1
         if attempts > budget:
-            raise ValueError(f"only {len(rows)} distinct {split} countdown problems found; asked {n}")
+            raise TaskError(f"only {len(rows)} distinct {split} countdown problems found; asked {n}")
         numbers, target, solution = _one(rng, count, max_number, max_target)
         key = problem_key(numbers, target)
         if not in_split(key, split) or (split == "test" and key in seen):
