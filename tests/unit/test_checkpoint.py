@@ -34,10 +34,13 @@ def test_resume_in_fresh_process_gives_identical_weights(tmp_path, mode):
 
 def test_keep_last_prunes_and_leaves_no_temp_dirs(tmp_path, tiny):
     model, _ = tiny
+    save_checkpoint(tmp_path, 2, model)
+    (tmp_path / "checkpoints" / "step-2").rename(tmp_path / "checkpoints" / ".damaged-step-2")  # set aside on a resume
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, model, keep_last=2)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-3", "step-4"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    # a damaged checkpoint set aside is not a checkpoint: not counted, pruned or overwritten
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".damaged-step-2", "step-3", "step-4"]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, tiny):

@@ -7,11 +7,13 @@ fallback, torn-line reading, the run lock and default run names."""
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -106,10 +108,14 @@ def test_resume_falls_back_repairs_and_applies_what_may_change(run_copy):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     for said in (f"skipped checkpoint {run_copy}/checkpoints/step-2: adapter_model.safetensors has 100 bytes",
+                 f"renamed the damaged checkpoint {run_copy}/checkpoints/step-2 to .damaged-step-2",
                  f"{run_copy}/metrics.jsonl: dropped its incomplete last line", f"removed {stale}",
                  f"resumed {run_copy} at step 1"):
         assert said in out, f"{said!r} not said:\n{out[-3000:]}"
     assert not stale.exists()
+    kept = run_copy / "checkpoints" / ".damaged-step-2" / "adapter_model.safetensors"
+    assert kept.stat().st_size == 100  # kept for inspection: the new step-2 did not overwrite it
+    assert [p.name for p in ckpt.checkpoint_dirs(run_copy)][-2:] == ["step-2", "step-3"]
     history = read_jsonl(run_copy / "metrics.jsonl")
     assert [m["step"] for m in history] == [1, 2, 3]
     assert [m["lr"] for m in history[1:]] == [1e-3, 1e-3]  # the new lr is the one applied
@@ -147,6 +153,41 @@ def test_doctor_and_report_skip_a_torn_last_line_and_name_a_bad_one(run_copy):
     terminal.assert_user_error(terminal.posttrain("doctor", run_copy), f"{run_copy / 'metrics.jsonl'}:2: not a JSON object")
 
 
+def test_a_run_name_of_dots_is_refused(tmp_path, peaked_dir, toy_prompts):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("not a run")
+    before = terminal.snapshot(tmp_path)
+    proc = terminal.posttrain(*train_args(peaked_dir, toy_prompts, out, ".."))
+    terminal.assert_user_error(proc, "--name '..'", "letter, digit")
+    assert terminal.snapshot(tmp_path) == before  # out/.. is tmp_path: nothing made or removed there
+
+
+def test_dpo_run_sized_by_epochs_changes_its_length_on_resume_by_epochs_only(tmp_path, tiny_dir):
+    data = tmp_path / "prefs.jsonl"
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "music", "light"]
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": f"Not {w}."}) + "\n"
+                            for w in words))
+    from posttrain.algorithms.dpo import DPOConfig, train_dpo
+
+    run_dir = train_dpo(DPOConfig(model=tiny_dir, data=str(data), lora=False, batch_size=4, epochs=1, eval_fraction=0,
+                                  checkpoint_every=1, eval_at_start=False, device="cpu", output_dir=str(tmp_path),
+                                  name="dpo")).run_dir  # in-process: the resumes below are the CLI's
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]  # 8 pairs / 4 a step
+    before = terminal.snapshot(run_dir)
+    proc = terminal.posttrain("train", "dpo", "--resume", run_dir, "--max-steps", "5")
+    terminal.assert_user_error(proc, "--max-steps 5 would be ignored", "set by --epochs 1 (now 2 steps)",
+                               "with --epochs alone")
+    assert terminal.snapshot(run_dir) == before
+    proc = terminal.posttrain("train", "dpo", "--resume", run_dir, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "changed on resume: epochs 1.0 -> 2.0" in proc.stderr and "max_steps 2 -> 4" in proc.stderr
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    (record,) = read_jsonl(run_dir / "resumes.jsonl")
+    assert record["changes"] == {"epochs": [1.0, 2.0], "max_steps": [2, 4]}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["max_steps"] == 4
+
+
 # ------------------------------------------------------------------------------- function level
 
 
@@ -166,7 +207,7 @@ def test_resume_table_refuses_fixed_settings_and_returns_the_mutable_ones():
 
 def test_checkpoint_damage_is_found_and_load_latest_falls_back(tmp_path, tiny):
     model, _ = tiny
-    opt = __import__("torch").optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, model, opt)
     step1, step2, step3 = ckpt.checkpoint_dirs(tmp_path)
@@ -177,11 +218,19 @@ def test_checkpoint_damage_is_found_and_load_latest_falls_back(tmp_path, tiny):
     said = []
     path, state = ckpt.load_latest(tmp_path, model, opt, say=said.append)
     assert path == step1 and state["step"] == 1
-    assert [s.split(":")[0] for s in said] == [f"skipped checkpoint {step3}", f"skipped checkpoint {step2}"]
+    assert [s.split(":")[0] for s in said[:2]] == [f"skipped checkpoint {step3}", f"skipped checkpoint {step2}"]
+    assert said[2:] == [f"renamed the damaged checkpoint {step} to .damaged-{step.name} (kept for inspection; it is "
+                        f"not loaded again)" for step in (step3, step2)]
+    assert ckpt.checkpoint_dirs(tmp_path) == [step1] and (tmp_path / "checkpoints" / ".damaged-step-3").is_dir()
+    ckpt.save_checkpoint(tmp_path, 3, model, opt)  # the resumed run saves step 3 again: the damaged one stays
+    assert (tmp_path / "checkpoints" / ".damaged-step-3" / "optimizer.pt").stat().st_size == 10
+    shutil.rmtree(tmp_path / "checkpoints" / "step-3")
     (step1 / "state.json").write_text('{"step": 1, "fil')  # torn
     assert "state.json is unreadable" in ckpt.damage(step1)
-    with pytest.raises(ResumeError, match="no complete checkpoint.*step-3 .*step-2 .*step-1"):
+    before = terminal.snapshot(tmp_path)
+    with pytest.raises(ResumeError, match="no complete checkpoint.*every checkpoint it has is damaged.*step-1"):
         ckpt.load_latest(tmp_path, model, opt, say=said.append)
+    assert terminal.snapshot(tmp_path) == before  # nothing loaded: nothing renamed
     (tmp_path / "checkpoints" / ".tmp-step-4-abc").mkdir()
     assert ckpt.remove_stale_temporaries(tmp_path) == [".tmp-step-4-abc"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -222,3 +271,90 @@ def test_run_lock_names_its_owner_and_default_names_never_collide(tmp_path, monk
     monkeypatch.setattr(tracking, "datetime", Frozen)
     names = [tracking.make_run_dir(tmp_path / "runs", method="grpo").name for _ in range(3)]
     assert names == ["grpo-20260101-120000", "grpo-20260101-120000-2", "grpo-20260101-120000-3"]
+
+
+DAMAGE_FOUND_BY_READING = (  # (file, how it is damaged, what reading it raises): checkpoint.DAMAGE
+    ("model.safetensors", lambda b: bytes(len(b)), "SafetensorError"),  # overwritten, same size
+    ("model.safetensors", lambda b: b[:len(b) // 2], "SafetensorError"),
+    ("optimizer.pt", lambda b: b"", "EOFError"),
+    ("optimizer.pt", lambda b: b[:len(b) // 2], "RuntimeError"),  # PytorchStreamReader: no central directory
+    ("rng.pt", lambda b: b[:len(b) // 2], "OSError"),  # a file under 64 KB cut: [Errno 22] from torch's zip reader
+    ("optimizer.pt", lambda b: bytes(len(b)), "KeyError"),  # overwritten: "filename 'storages' not found"
+    ("scheduler.pt", lambda b: b"garbage!" * 50, "UnpicklingError"),
+    ("scheduler.pt", None, "FileNotFoundError"),  # deleted
+)
+
+
+def test_damage_found_only_by_reading_falls_back_and_is_set_aside(tmp_path, tiny):
+    """Checkpoints whose state.json has no file sizes (written before it kept them) or whose damage
+    keeps a file's size: the error reading it says damage, the older checkpoint loads."""
+    model, _ = tiny
+    for i, (name, spoil, raised) in enumerate(DAMAGE_FOUND_BY_READING):
+        run = tmp_path / f"run{i}"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt.step()  # an optimizer state to save
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        for step in (1, 2):
+            ckpt.save_checkpoint(run, step, model, opt, sched)
+        newest = run / "checkpoints" / "step-2"
+        state = json.loads((newest / "state.json").read_text())
+        del state["files"]
+        (newest / "state.json").write_text(json.dumps(state))
+        target = newest / name
+        if spoil is None:
+            target.unlink()
+        else:
+            target.write_bytes(spoil(target.read_bytes()))
+        assert ckpt.damage(newest) is None, name  # not visible before reading
+        said: list[str] = []
+        path, _ = ckpt.load_latest(run, model, opt, sched, say=said.append)
+        assert path.name == "step-1", name
+        assert f"skipped checkpoint {newest}: reading it failed: {raised}" in said[0], (name, said)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".damaged-step-2", "step-1"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), torch.OutOfMemoryError("CUDA out of memory")],
+                         ids=["bug", "oom"])
+def test_an_error_that_is_not_damage_goes_on_and_nothing_is_renamed(tmp_path, tiny, monkeypatch, error):
+    model, _ = tiny
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model)
+    before = terminal.snapshot(tmp_path)
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ckpt, "load_weights", fails)
+    said: list[str] = []
+    with pytest.raises(type(error), match=str(error)):
+        ckpt.load_latest(tmp_path, model, say=said.append)
+    assert said == [] and terminal.snapshot(tmp_path) == before  # no fallback, nothing renamed or deleted
+
+
+def test_a_run_failing_while_it_opens_gives_back_its_directory_and_lock(tmp_path, monkeypatch):
+    import torch.utils.tensorboard
+
+    from posttrain.algorithms import run as runmod
+    from posttrain.algorithms.grpo import GRPOConfig
+
+    def no_writer(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    released = []
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", no_writer)
+    monkeypatch.setattr(RunLock, "release", lambda self: released.append(self.path))
+    config = GRPOConfig(data="d.jsonl", reward="math", tensorboard=True, output_dir=str(tmp_path), name="tb")
+    with pytest.raises(OSError, match="No space left"):
+        runmod.Run(config, "grpo", total_steps=2)
+    assert not (tmp_path / "tb").exists() and runmod._OPEN == []
+    assert released == [tmp_path / "tb" / tracking.LOCK_FILE]
+
+
+def test_run_names_of_dots_only_are_refused():
+    for name in (".", "..", "..."):
+        with pytest.raises(tracking.RunDirError, match=f"--name '{re.escape(name)}'"):
+            tracking.check_run_name(name)
+    for name in ("a.b", ".hidden", "v1..2", "run_1-x"):
+        tracking.check_run_name(name)
+    with pytest.raises(tracking.RunDirError, match="--name 'a/b': a run name may use letters"):
+        tracking.check_run_name("a/b")

@@ -55,8 +55,9 @@ from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
 from posttrain.data import DataError
+from posttrain.errors import ResumeError
 from posttrain.algorithms.evaluate import greedy_eval_sharded
-from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
+from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure, saved_config
 from posttrain.objectives import losses
 from posttrain.runtime import distributed
 from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
@@ -93,7 +94,8 @@ class DPOConfig(common.TrainConfig):
     """Pairs per forward/backward on each process (gradient accumulation); 0 = all of the process's pairs at
     once. Does not change the result, only memory and speed."""
     epochs: Annotated[float, NonNegative] = 0.0
-    """Passes over the training pairs; when > 0 it sets max_steps = ceil(epochs * pairs / batch_size)."""
+    """Passes over the training pairs; when > 0 it sets max_steps = ceil(epochs * pairs / batch_size) (a resumed
+    run then changes its length with --epochs, not --max-steps)."""
     max_length: Annotated[int, Range(2)] = 1024
     """Longest prompt + completion in tokens; longer pairs are truncated (see truncation)."""
     max_prompt_length: Annotated[int, Positive] = 512
@@ -334,6 +336,19 @@ def enable_activation_checkpointing(model, every_n_layers: int) -> None:
         raise ValueError("activation_checkpointing > 1 needs transformers with activation_checkpointing_enable")
 
 
+def check_resumed_length(config: DPOConfig) -> None:
+    """On resume, a run whose length is set by ``epochs`` (> 0) changes its length with a new
+    ``--epochs`` (recorded in ``resumes.jsonl`` with the ``max_steps`` it gives): a changed
+    ``--max-steps`` would be overwritten by the epochs, so it is refused with the reason."""
+    if not config.resume or config.epochs <= 0:
+        return
+    saved = saved_config(DPOConfig, Path(config.resume))
+    if saved is not None and config.max_steps != saved.max_steps:
+        raise ResumeError(f"--resume {config.resume}: --max-steps {config.max_steps} would be ignored: the run's "
+                          f"length is set by --epochs {config.epochs:g} (now {saved.max_steps} steps); change it "
+                          f"with --epochs alone, or give --epochs 0 with --max-steps")
+
+
 def total_steps(config: DPOConfig, n_train: int) -> int:
     if config.epochs > 0:
         return max(1, math.ceil(config.epochs * n_train / config.batch_size))
@@ -345,6 +360,7 @@ def train_dpo(config: DPOConfig) -> RunResult:
     """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
+    check_resumed_length(config)
     rows, greedy = _read_rows(config)
     policy, tok = common.load_policy(config)
     common.check_max_length(policy, config)

@@ -14,10 +14,11 @@ Resume rules (``--resume RUN_DIR``; ``resume_config`` for the CLI, ``Run`` for e
   and in ``config.yaml``;
 - nothing in the run directory is written before the checkpoint has loaded, except ``run.lock``
   (the run's owner: ``tracking.RunLock``); a damaged newest checkpoint falls back to the newest
-  whole one (``checkpoint.load_latest``); then stale ``.tmp-step-*`` directories are removed and
-  the logs are cut back to the resumed step (a torn last line dropped, with a message).
-A fresh run that fails before it logs its first step removes its directory, unless it holds a
-checkpoint (``Run.close``); a resumed run never removes anything.
+  whole one, and is then set aside as ``.damaged-step-N`` (``checkpoint.load_latest``; an error
+  that is not damage stops the resume with its traceback); then stale ``.tmp-step-*`` directories
+  are removed and the logs are cut back to the resumed step (a torn last line dropped, with a message).
+A fresh run that fails before it logs its first step (also while it opens its directory and logs)
+removes its directory, unless it holds a checkpoint (``Run.close``); a resumed run never removes anything.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 MUTABLE: dict[str, str] = {
     "max_steps": "the run's length",
+    "epochs": "the run's length in passes over the pairs (DPO: it sets max_steps when > 0)",
     "max_minutes": "the time budget",
     "eval_every": "how often to evaluate",
     "eval_at_start": "an evaluation before step 1 (only a run resumed at step 0 has one to do)",
@@ -154,27 +156,18 @@ class Run:
     def __init__(self, config: TrainConfig, method: str, total_steps: int):
         self.config, self.method = config, method
         self.main = distributed.is_main()
+        self.run_dir: Path | None = None
         self.lock: RunLock | None = None
+        self.tracker: Tracker | None = None
         self.changes: dict[str, tuple[Any, Any]] = {}
         self.closed = False
         self.header = f"posttrain train {method}"
-        tracker = dict(enabled=self.main, tensorboard=config.tensorboard, total_steps=total_steps,
-                       print_every=config.log_every)
-        if config.resume:  # nothing is written here: restore() opens the logs once a checkpoint loaded
-            self.run_dir = Path(config.resume)
-            check_resumable(self.run_dir)
-            saved = saved_config(type(config), self.run_dir)
-            self.changes = resume_changes(saved, config, self.run_dir) if saved is not None else {}
-            self.lock = RunLock(self.run_dir) if self.main else None
-            self.resume_from = ckpt.latest_checkpoint(self.run_dir)
-            self.tracker = Tracker(self.run_dir, defer=True, **tracker)
-        else:  # rank 0 names and creates it (the default name has the time in it)
-            self.run_dir = distributed.broadcast(
-                make_run_dir(config.output_dir, config.name, method=method) if self.main else None)
-            self.lock = RunLock(self.run_dir) if self.main else None
-            self.resume_from = None
-            self.tracker = Tracker(self.run_dir, cfgmod.to_dict(config), header=self.header, **tracker)
-        _OPEN.append(self)
+        _OPEN.append(self)  # from here on close() gives back whatever was made, whoever calls it
+        try:
+            self._open(total_steps)
+        except BaseException:
+            self.close(failed=True)
+            raise
         self.evals: list[dict[str, Any]] = []
         self.generators: dict[str, torch.Generator] = {}
         self.started = time.time()
@@ -182,18 +175,42 @@ class Run:
 
         self.doctor = Doctor()
 
+    def _open(self, total_steps: int) -> None:
+        """The run directory, its lock and the tracker: a resumed run's checked (nothing written:
+        restore() opens the logs once a checkpoint loaded), a fresh one's created (rank 0 names it)."""
+        config = self.config
+        tracker = dict(enabled=self.main, tensorboard=config.tensorboard, total_steps=total_steps,
+                       print_every=config.log_every)
+        if config.resume:
+            self.run_dir = Path(config.resume)
+            check_resumable(self.run_dir)
+            saved = saved_config(type(config), self.run_dir)
+            self.changes = resume_changes(saved, config, self.run_dir) if saved is not None else {}
+            self.lock = RunLock(self.run_dir) if self.main else None
+            self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+            self.tracker = Tracker(self.run_dir, defer=True, **tracker)
+        else:  # the default name has the time in it
+            self.run_dir = distributed.broadcast(
+                make_run_dir(config.output_dir, config.name, method=self.method) if self.main else None)
+            self.lock = RunLock(self.run_dir) if self.main else None
+            self.resume_from = None
+            self.tracker = Tracker(self.run_dir, cfgmod.to_dict(config), header=self.header, **tracker)
+
     def close(self, failed: bool = False) -> None:
         """Close the logs and give up the run directory (idempotent). ``failed``: a fresh run that
-        logged no step and saved no checkpoint holds nothing of value, so its directory goes."""
+        logged no step and saved no checkpoint holds nothing of value, so its directory goes (only
+        when this process owned it: a run whose lock was refused removes nothing)."""
         if self.closed:
             return
         self.closed = True
         _OPEN.remove(self)
-        self.tracker.close()
+        if self.tracker is not None:
+            self.tracker.close()
+        owned = self.lock is not None
         if self.lock is not None:
             self.lock.release()
-        if failed and self.main and not self.config.resume and not self.tracker.history \
-                and not ckpt.checkpoint_dirs(self.run_dir):
+        if failed and self.main and owned and not self.config.resume \
+                and not (self.tracker is not None and self.tracker.history) and not ckpt.checkpoint_dirs(self.run_dir):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def log(self, step: int, metrics: dict[str, Any], samples: list[dict] | None = None) -> None:

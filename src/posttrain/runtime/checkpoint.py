@@ -18,23 +18,30 @@ reproduces an uninterrupted one step for step.
 
 A checkpoint damaged afterwards (a file deleted or truncated: a disk, a copy, a hand) is found
 before anything is loaded (:func:`damage`: a file missing or of another size than ``state.json``
-recorded), and :func:`load_latest` falls back to the newest checkpoint that is whole and loads,
-saying which ones it skipped and why.
+recorded) or by the error reading it raises (:data:`DAMAGE`: what safetensors and ``torch.load``
+raise on a truncated or overwritten file), and :func:`load_latest` falls back to the newest
+checkpoint that is whole and loads, saying which ones it skipped and why; once one has loaded, the
+skipped ones are renamed ``checkpoints/.damaged-step-N`` (kept for inspection, never loaded, pruned
+or overwritten again). Any other error while loading (out of memory, a bug) is not damage: it goes
+on with its traceback, and nothing is renamed or removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from posttrain.errors import ResumeError
 from posttrain.models import save_pretrained
@@ -241,32 +248,71 @@ def damage(ckpt_dir: str | Path) -> str | None:
     return None
 
 
+DAMAGE: tuple[tuple[type[BaseException], Callable[[BaseException], bool]], ...] = (
+    (SafetensorError, lambda e: True),  # a cut or overwritten .safetensors: its header does not parse
+    (EOFError, lambda e: True),  # torch.load of an empty file
+    (pickle.UnpicklingError, lambda e: True),  # torch.load of bytes that are not a checkpoint
+    (RuntimeError, lambda e: "PytorchStreamReader failed" in str(e)),  # a .pt cut short: no zip directory
+    (OSError, lambda e: e.errno == errno.EINVAL and not e.filename),  # a .pt cut in half (torch's zip reader)
+    (FileNotFoundError, lambda e: True),  # a file gone (checkpoints written before state.json kept sizes)
+    (KeyError, lambda e: "filename '" in str(e) and "not found" in str(e)),  # a .pt overwritten with zeros
+)
+"""The errors that mean a checkpoint's files are damaged (found by cutting and overwriting files:
+``tests/unit/test_errors_resume.py``), with a check of the error itself; only these make
+:func:`load_latest` fall back to an older checkpoint."""
+
+
+def is_damage(error: BaseException) -> bool:
+    """True when ``error``, raised while loading a checkpoint, says its files are damaged (:data:`DAMAGE`)."""
+    return any(isinstance(error, kind) and check(error) for kind, check in DAMAGE)
+
+
 def load_latest(run_dir: str | Path, model, optimizer=None, scheduler=None,
                 generators: dict[str, torch.Generator] | None = None, rank: int = 0, world_size: int = 1,
                 say=print) -> tuple[Path, dict[str, Any]]:
     """Load the newest checkpoint of ``run_dir`` that is whole and loads; ``say(message)`` for each
-    one skipped (which and why). Returns (its directory, its state). A checkpoint that does not fit
-    this run (another process count, FSDP or not) is not skipped: :class:`ResumeError`."""
-    skipped: list[str] = []
+    one skipped as damaged (which and why), and for its rename to ``.damaged-step-N`` once an older
+    one has loaded (rank 0 renames). Returns (its directory, its state). An error that is not damage
+    (:func:`is_damage`) goes on as it is, and so does a :class:`ResumeError` (a checkpoint that does
+    not fit this run: another process count, FSDP or not)."""
+    skipped: list[tuple[Path, str]] = []
     for ckpt_dir in reversed(checkpoint_dirs(run_dir)):
         reason = damage(ckpt_dir)
         if reason is None:
             try:
-                return ckpt_dir, load_checkpoint(ckpt_dir, model, optimizer, scheduler, generators,
-                                                 rank=rank, world_size=world_size)
-            except ResumeError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure to read it: try the one before
-                reason = f"loading it failed: {type(e).__name__}: {str(e)[:200]}"
-        skipped.append(f"{ckpt_dir.name} ({reason})")
+                state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, generators,
+                                        rank=rank, world_size=world_size)
+            except Exception as e:
+                if not is_damage(e):
+                    raise
+                reason = f"reading it failed: {type(e).__name__}: {str(e)[:200]}"
+            else:
+                if rank == 0:
+                    for old, _ in skipped:
+                        say(f"renamed the damaged checkpoint {old} to {set_aside(old).name} (kept for inspection; "
+                            f"it is not loaded again)")
+                return ckpt_dir, state
+        skipped.append((ckpt_dir, reason))
         say(f"skipped checkpoint {ckpt_dir}: {reason}; trying the one before")
-    raise no_checkpoint(run_dir, skipped)
+    raise no_checkpoint(run_dir, [f"{d.name} ({why})" for d, why in skipped])
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Rename a damaged ``step-N`` to ``.damaged-step-N`` beside it (``-2``, ``-3``... when taken):
+    no longer a checkpoint (:func:`checkpoint_dirs`), so never loaded, pruned or overwritten."""
+    for n in range(1, 10_000):
+        target = ckpt_dir.with_name(f".damaged-{ckpt_dir.name}" + ("" if n == 1 else f"-{n}"))
+        if not target.exists():
+            os.rename(ckpt_dir, target)
+            return target
+    raise FileExistsError(f"{ckpt_dir}: no free .damaged-{ckpt_dir.name}-N name")  # pragma: no cover
 
 
 def no_checkpoint(run_dir: str | Path, skipped: list[str] = ()) -> ResumeError:
-    where = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    why = (f"every checkpoint it has is damaged (skipped: {', '.join(skipped)})" if skipped
+           else "the run stopped before it saved one")
     return ResumeError(f"--resume {run_dir}: no complete checkpoint to resume from (checkpoints/step-N/ with its "
-                       f"state.json){where}; the run stopped before it saved one: start it again instead")
+                       f"state.json); {why}: start it again instead")
 
 
 def load_checkpoint(

@@ -57,6 +57,16 @@ class RunFileError(UserError, ValueError):
     """A run's log file has a line that is not JSON (not a torn last line); names file and line."""
 
 
+def check_run_name(name: str) -> None:
+    """:class:`RunDirError` (naming ``--name``) unless ``name`` can name a run directory: letters,
+    digits, '.', '_' and '-', and not only dots ('.' and '..' are the directory itself and its parent)."""
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise RunDirError(f"--name {name!r}: a run name may use letters, digits, '.', '_' and '-' only")
+    if not name.strip("."):
+        raise RunDirError(f"--name {name!r}: a run name needs a letter, digit, '_' or '-' (a name of dots only "
+                          f"is a directory path, not a new run)")
+
+
 def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str = "run", resume: bool = False) -> Path:
     """Create (or, with ``resume``, find) ``<root>/<name>``; the default name is ``<method>-<time>``,
     created exclusively (a suffix ``-2``, ``-3``... when another run took it in the same second)."""
@@ -65,8 +75,7 @@ def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str
         if resume:
             raise RunDirError("resume needs the run's name or directory")
         return _new_default_dir(root, f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    if not re.fullmatch(r"[\w.\-]+", name):
-        raise RunDirError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only")
+    check_run_name(name)
     run_dir = root / name
     if resume:
         if not run_dir.is_dir():
@@ -240,7 +249,11 @@ class Tracker:
         # file or pipe, so a path in a message ("--resume runs/...") stays whole
         self.console = Console(stderr=True, quiet=not enabled, soft_wrap=True)
         if enabled and not defer:
-            self.open(config, header, resume_step)
+            try:
+                self.open(config, header, resume_step)
+            except BaseException:  # e.g. the TensorBoard writer: give back the logs already opened
+                self.close()
+                raise
 
     def open(self, config: dict[str, Any] | None = None, header: str | None = None,
              resume_step: int | None = None) -> None:
