@@ -27,8 +27,16 @@ def _verbs() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(_commands.__path__) if not m.name.startswith("_"))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the error contract: a bad flag is one line on stderr naming it, then exit 2
+    (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-train language models with RL.")
+    parser = Parser(prog="posttrain", description="Post-train language models with RL.")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of every error (also POSTTRAIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

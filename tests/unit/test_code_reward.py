@@ -231,7 +231,7 @@ def test_humaneval_all_canonical_pass_and_all_stubs_fail():
 
 def test_unrunnable_tests_column_stops_at_load_naming_line_and_field(tmp_path):
     # found when the data is read, before any model is loaded, not as an exception mid-run
-    from posttrain.algorithms.common import load_rows_for
+    from posttrain.algorithms.inputs import load_rows_for
     from posttrain.algorithms.grpo import GRPOConfig
     from posttrain.data import DataError, load_rows
     from posttrain.rewards import row_checks

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.algorithms import common
+from posttrain.algorithms import inputs
 from posttrain.algorithms.dpo import DPOConfig
 from posttrain.algorithms.grpo import GRPOConfig
 from posttrain.algorithms.ppo import PPOConfig
@@ -106,7 +106,7 @@ def test_prompt_longer_than_the_context_names_its_row(tiny_dir, tmp_path):
     from posttrain.models import load_model
 
     model, tok = load_model(tiny_dir)
-    n_ctx = common.context_length(model)
+    n_ctx = inputs.context_length(model)
     assert n_ctx == model.config.max_position_embeddings
     data = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Say {w}."} for w in "abcdefgh"]
@@ -116,13 +116,13 @@ def test_prompt_longer_than_the_context_names_its_row(tiny_dir, tmp_path):
         cfg = GRPOConfig(model=tiny_dir, data=str(data), reward="length", eval_fraction=fraction, max_new_tokens=8)
         with pytest.raises(DataError, match=rf"prompts\.jsonl, row 6: field 'prompt': the prompt is \d+ tokens.*"
                                             rf"context of {n_ctx} tokens: shorten the prompt"):
-            common.check_context(model, tok, common.load_rows_for(cfg, "prompt"), cfg.completion_budgets(), True)
-    fits = common.load_rows_for(dataclasses.replace(cfg, data=None, task="arithmetic"), "prompt")
-    common.check_context(model, tok, fits, cfg.completion_budgets(), True)
+            inputs.check_context(model, tok, inputs.load_rows_for(cfg, "prompt"), cfg.completion_budgets(), True)
+    fits = inputs.load_rows_for(dataclasses.replace(cfg, data=None, task="arithmetic"), "prompt")
+    inputs.check_context(model, tok, fits, cfg.completion_budgets(), True)
     with pytest.raises(ConfigError, match=f"--max-new-tokens {n_ctx} fills the model's context"):
-        common.check_context(model, tok, fits, {"train": ("max_new_tokens", n_ctx)}, True)
+        inputs.check_context(model, tok, fits, {"train": ("max_new_tokens", n_ctx)}, True)
     with pytest.raises(ConfigError, match=f"--max-length {n_ctx + 1} is over the model's context of {n_ctx}"):
-        common.check_max_length(model, DPOConfig(data="p.jsonl", max_length=n_ctx + 1))
+        inputs.check_max_length(model, DPOConfig(data="p.jsonl", max_length=n_ctx + 1))
 
 
 # ------------------------------------------------------------------------------------- through the CLI

@@ -6,6 +6,7 @@ stops a training run at its first step with the reason, keeping a checkpoint to 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,3 +72,54 @@ def test_a_model_spec_that_cannot_load_names_its_flag_before_anything_loads(tmp_
         proc = terminal.posttrain(*args, "--output-dir", str(runs), cwd=tmp_path)
         terminal.assert_user_error(proc, *fragments)
     assert not runs.exists()
+
+
+def test_flags_that_cannot_work_are_refused_before_anything_is_made(tmp_path, tiny_dir):
+    """Each case: exit 2, one message naming the flag, no traceback, and the output directory untouched."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 1}\n'
+                     '{"prompt": "a", "chosen": "b", "rejected": "d", "margin": "big"}\n')
+    (tmp_path / "afile").write_text("x")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "taken").write_text("a file where the run would go")
+    before = terminal.snapshot(tmp_path)
+    grpo = ("train", "grpo", "--model", tiny_dir, "--task", "arithmetic", "--output-dir", str(runs))
+    cases = [
+        (grpo + ("--device", "tpu"), ["--device", "not a device torch knows"]),
+        (grpo + ("--no-lora", "--lora-rank", "8"), ["--lora-rank", "--no-lora"]),
+        (grpo + ("--lora-target", "nosuchmodule"), ["--lora-target nosuchmodule", "not found"]),
+        (grpo[:-1] + (str(tmp_path / "afile" / "sub"),), ["--output-dir", "is a file, not a directory"]),
+        (grpo + ("--name", "taken"), ["taken exists already"]),
+        (("train", "ppo", "--model", tiny_dir, "--task", "arithmetic", "--no-lora", "--value-model", "adapter",
+          "--output-dir", str(runs)), ["--value-model", "needs --lora"]),
+        (("train", "rm", "--model", tiny_dir, "--data", str(pairs), "--output-dir", str(runs)),
+         ["pairs.jsonl:2: field 'margin'", "finite number"]),
+        (("train", "dpo", "--data", str(pairs), "--reward", "math"), ["unrecognized arguments: --reward math"]),
+    ]
+    for args, fragments in cases:
+        err = terminal.assert_user_error(terminal.posttrain(*args, cwd=tmp_path), *fragments)
+        assert "usage:" not in err and err.count("\n") == 1, err  # one line, not argparse's usage block
+    assert terminal.snapshot(tmp_path) == before
+
+
+def test_resume_refuses_what_would_change_or_redo_a_finished_run(tmp_path, tiny_dir, toy_prompts):
+    run = tmp_path / "runs" / "r"
+    args = ("train", "grpo", "--model", tiny_dir, "--data", toy_prompts, "--reward", "format(pattern=[a-m].*)",
+            "--max-steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "4",
+            "--device", "cpu", "--no-eval-at-start", "--output-dir", str(run.parent), "--name", "r")
+    assert terminal.posttrain(*args, cwd=tmp_path).returncode == 0
+    copy = tmp_path / "runs" / "no-config"
+    shutil.copytree(run, copy)
+    (copy / "config.yaml").unlink()
+    before = terminal.snapshot(tmp_path / "runs")
+    cases = [
+        (("train", "grpo", "--resume", str(run)), ["done 2 steps and max_steps is 2", "nothing to do", "--max-steps N > 2"]),
+        (("train", "grpo", "--resume", str(run), "--max-steps", "1"), ["max_steps is 1", "nothing to do"]),
+        (("train", "grpo", "--resume", str(run), "--name", "other", "--max-steps", "3"), ["--name does not apply"]),
+        (("train", "dpo", "--resume", str(run)), ["trained with 'grpo', not 'dpo'", f"train grpo --resume {run}"]),
+        (("train", "grpo", "--resume", str(copy), "--max-steps", "3"), ["config.yaml is missing"]),
+    ]
+    for case, fragments in cases:
+        terminal.assert_user_error(terminal.posttrain(*case, cwd=tmp_path), *fragments)
+    assert terminal.snapshot(tmp_path / "runs") == before

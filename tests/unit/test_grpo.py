@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.algorithms import grpo
+from posttrain.algorithms import inputs
 from posttrain.algorithms.grpo import GRPOConfig, train_grpo
 
 # reward 1 when the completion starts with a letter a-m: about 40% at the start
@@ -69,7 +70,7 @@ def _one_update(peaked_dir, toy_prompts, tmp_path, micro):
     # plain SGD: the weights move by lr * gradient, so they compare the accumulated gradients (Adam's
     # first step is lr * sign(g), which flips on float noise where a gradient is ~0)
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
-    stream = common.PromptStream(common.load_rows_for(cfg, "prompt")[0], 0)
+    stream = common.PromptStream(inputs.load_rows_for(cfg, "prompt")[0], 0)
     from posttrain import rewards as rw
 
     batch, _ = collect(policy, tok, stream, 4, 8, SamplingConfig(max_new_tokens=3), rw.from_spec(TOY_REWARD),
@@ -99,7 +100,7 @@ def test_dynamic_sampling_fills_batch_with_informative_groups(tmp_path, peaked_d
     from posttrain.models import load_model
 
     model, tok = load_model(peaked_dir)
-    rows = common.load_rows_for(toy_config(tmp_path, peaked_dir, toy_prompts), "prompt")[0]
+    rows = inputs.load_rows_for(toy_config(tmp_path, peaked_dir, toy_prompts), "prompt")[0]
     sampling = SamplingConfig(max_new_tokens=2)
     plain, m_plain = collect(model, tok, common.PromptStream(rows, 0), 4, 4, sampling, rw.from_spec(TOY_REWARD),
                              torch.Generator().manual_seed(0))

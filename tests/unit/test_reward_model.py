@@ -94,9 +94,9 @@ def test_save_load_round_trip_and_reward_function(trained, toy_prefs):
         assert (final / f).is_file(), f
     meta = json.loads((final / "value_head.json").read_text())
     assert meta["format"] == "posttrain-reward-model" and meta["eval"]["accuracy"] == trained.evals[-1]["accuracy"]
-    from posttrain.algorithms import common
+    from posttrain.algorithms import inputs
 
-    held = common.load_rows_for(toy_config(".", "m", toy_prefs[0]), "preference")[1]  # the run's held-out pairs
+    held = inputs.load_rows_for(toy_config(".", "m", toy_prefs[0]), "preference")[1]  # the run's held-out pairs
     prompts = [r["prompt"] for r in held]
     rm = load_reward_model(trained.run_dir)  # a run directory resolves to its final/
     chosen, rejected = rm.score(prompts, [r["chosen"] for r in held]), rm.score(prompts, [r["rejected"] for r in held])

@@ -8,7 +8,7 @@ and the reward spec parsed, then the model loads, then the rows are checked agai
 and the model's context, and only then is the run directory created: a setup that fails leaves
 nothing behind.
 
-Prompt-length policy (``check_context``): a prompt whose tokens plus the completion limit
+Prompt-length policy (``inputs.check_context``): a prompt whose tokens plus the completion limit
 (``max_new_tokens``; ``eval_max_new_tokens`` for held-out rows) exceed the model's context
 (``max_position_embeddings`` or equivalent) is an error naming the dataset file (or task split),
 the 1-based row and the numbers, asking to shorten the prompt or lower the limit; it is never
@@ -30,15 +30,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
 
 from posttrain.runtime import cpu_allocator
 from posttrain.runtime import distributed
+from posttrain.runtime.tracking import check_new_run_dir
 from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegative, PerProcess, Positive, Range, Seed,
-                                      flag, refuse)
+                                      refuse)
 from posttrain.sampling.generation import SamplingConfig
 from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, ModelError, add_lora, check_spec, count_parameters,
                               load_model, resolve_device, rl_lora_rank)
@@ -137,6 +138,15 @@ class TrainConfig(Checked):
     def check(self) -> None:
         super().check()
         self.check_inputs()
+        rank_default = next(f.default for f in dataclasses.fields(self) if f.name == "lora_rank")
+        if not self.lora and self.lora_rank != rank_default:  # a rank given for an adapter there is not
+            raise refuse("lora_rank", f"--lora-rank {self.lora_rank} with --no-lora: full fine-tuning has no adapter "
+                         "rank; drop one of them", "lora")
+        check_device(self.device)
+
+    def row_checks(self) -> list:
+        """The method's own checks of each ``--data`` row (``data.RowCheck``), beside its reward's."""
+        return []
 
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     """The fields naming a model to load: checked (``models.check_spec``) before anything loads."""
@@ -147,6 +157,20 @@ class TrainConfig(Checked):
             raise refuse("data", "no training rows: give --data FILE or --task NAME", "task")
         if self.data is not None and self.task is not None:
             raise refuse("task", "give only one of --data FILE and --task NAME", "data")
+
+
+def check_device(device: str) -> None:
+    """``ConfigError`` for a device torch does not know or this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise refuse("device", f"{device!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}
+    if not available.get(kind, lambda: True)():
+        raise refuse("device", f"{device!r}: this machine (or this torch build) has no {kind} device; use auto or cpu")
 
 
 RL_FULL_FT_LR = 1e-6
@@ -172,6 +196,8 @@ def start(config: TrainConfig) -> None:
                 check_spec(spec)
             except ModelError as e:
                 raise ModelError(f"--{field.replace('_', '-')} {spec}: {e}") from None
+    if not config.resume:  # the run directory can be made (name, output dir), before anything loads
+        check_new_run_dir(config.output_dir, config.name)
     distributed.setup(config.device)
     seed_everything(config.seed)
     if config.cpu_memory == "retain" and resolve_device(config.device).type == "cpu":
@@ -191,8 +217,13 @@ def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
         rank = config.lora_rank or lora_rank_for(count_parameters(model))
         targets = config.lora_target if config.lora_target == "all-linear" else [
             t.strip() for t in config.lora_target.split(",") if t.strip()]
-        model = add_lora(model, rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                         target_modules=targets)
+        from peft import NoMatchingPeftModuleError
+
+        try:
+            model = add_lora(model, rank=rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                             target_modules=targets)
+        except NoMatchingPeftModuleError as e:  # no module of the model has one of those names
+            raise ConfigError(f"--lora-target {config.lora_target}: {str(e).splitlines()[0]}", ("lora_target",)) from None
     distributed.sync_params(p for p in model.parameters() if p.requires_grad)
     return model, tok
 
@@ -283,153 +314,6 @@ class PromptStream:
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._perm(self.epoch)
-
-
-class Rows(NamedTuple):
-    """A trainer's rows: train, held out, the task's reward spec (None for --data), and where each
-    part came from, for messages: ``origin[part] = (file or task split, 1-based row numbers)``."""
-
-    train: list[dict]
-    held: list[dict]
-    reward: Optional[str]
-    origin: dict[str, tuple[str, list[int]]]
-
-
-def rows_of(source: str, train: list[dict] = (), held: list[dict] = (), reward: Optional[str] = None) -> Rows:
-    """``Rows`` read whole from one ``source`` (a file, a task's split): each part numbered from 1."""
-    train, held = list(train), list(held)
-    return Rows(train, held, reward, {"train": (source, list(range(1, len(train) + 1))),
-                                      "held": (source, list(range(1, len(held) + 1)))})
-
-
-def load_rows_for(config: TrainConfig, kind: str) -> Rows:
-    """The rows of ``config.data`` or ``config.task`` (the config guarantees exactly one), split
-    into train and held-out rows (``eval_fraction`` of --data, the task's test split)."""
-    from posttrain.data import load_rows
-
-    if config.task is not None:
-        from posttrain.data.tasks import get_task, task_info
-
-        info = task_info(config.task)
-        train = get_task(config.task, "train", n=config.task_size, seed=config.seed) if "train" in info.splits else []
-        test = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
-        split = "train" if train else "test"
-        origin = {"train": (f"task {config.task} ({split} split)", list(range(1, len(train or test) + 1))),
-                  "held": (f"task {config.task} (test split)", list(range(1, len(test) + 1)))}
-        return Rows(train or test, test, info.reward, origin)
-    from posttrain.rewards import row_checks
-
-    rows = load_rows(config.data, kind, checks=row_checks(getattr(config, "reward", None)))
-    held: set[int] = set()
-    n_eval = int(round(len(rows) * config.eval_fraction))
-    if n_eval:
-        rng = random.Random(config.seed)
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        held = set(order[:n_eval])
-    parts = {"train": [i for i in range(len(rows)) if i not in held], "held": sorted(held)}
-    return Rows([rows[i] for i in parts["train"]], [rows[i] for i in parts["held"]], None,
-                {k: (str(config.data), [i + 1 for i in v]) for k, v in parts.items()})
-
-
-def reward_spec(config: "RolloutConfig", task_reward: Optional[str]) -> str:
-    """The run's reward spec: ``--reward``, else the task's; none is an error naming the flag."""
-    spec = config.reward or task_reward
-    if spec is None:
-        raise ConfigError(f"field 'reward': --data {config.data} has no reward of its own: pass --reward (e.g. "
-                          "math, code, 'math,format:0.2', 'reward_model(runs/rm/final)')", ("reward",))
-    return spec
-
-
-# ------------------------------------------------------------------------------ prompt-length policy
-
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-"""Where a model's config states its context length, in the order looked up."""
-TEMPLATE_SLACK = 16
-"""Tokens a tokenizer may add beyond one per UTF-8 byte of the text (BOS/EOS, a SentencePiece prefix)."""
-
-
-def context_length(model) -> Optional[int]:
-    """The model's context length in tokens (None when its config states none)."""
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for name in CONTEXT_FIELDS:
-        n = getattr(cfg, name, None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
-
-
-class RolloutSetup(NamedTuple):
-    """What GRPO and PPO set up before their run directory (``rollout_setup``)."""
-
-    rows: Rows
-    reward_fn: Any
-    eval_reward: Any
-    """The evaluation reward: a spec, re-read at each evaluation so that evaluation never shares the
-    training reward's state (a judge's counters), or a function built from ``--eval-reward``."""
-    policy: Any
-    tok: Any
-
-
-def rollout_setup(config: "RolloutConfig") -> RolloutSetup:
-    """The set-up of the trainers that sample (GRPO, PPO), in the order of the module docstring:
-    start, the rows, the reward and evaluation reward (a bad ``--eval-reward`` is an error now,
-    not at the first evaluation), the policy, then the prompts against its context."""
-    from posttrain import rewards
-
-    start(config)
-    distributed.check_divisible("prompts_per_step", config.prompts_per_step)
-    rows = load_rows_for(config, "prompt")
-    spec = reward_spec(config, rows.reward)
-    reward_fn = rewards.from_spec(spec)
-    eval_spec = config.eval_reward or rows.reward or spec
-    eval_reward = eval_spec if eval_spec == spec else rewards.from_spec(eval_spec, flag="--eval-reward")
-    policy, tok = load_policy(config)
-    check_context(policy, tok, rows, config.completion_budgets(), config.chat_template)
-    return RolloutSetup(rows, reward_fn, eval_reward, policy, tok)
-
-
-def check_context(model, tok, rows: Rows, budgets: dict[str, tuple[str, int]], chat_template: bool) -> None:
-    """The prompt-length policy of the trainers that sample (GRPO, PPO; DPO's greedy evaluation):
-    a prompt whose tokens plus the completion budget exceed the model's context is an error naming
-    its file (or task split) and 1-based row, never truncated silently nor left to allocate a cache
-    past the context. ``budgets[part] = (field, tokens)``: the completion limit of the train and
-    held-out rows. A completion budget that fills the context on its own is refused first.
-
-    Byte-level BPE and SentencePiece with byte fallback make at most one token per UTF-8 byte, so
-    only prompts whose rendered text is long enough to overflow are tokenized."""
-    from posttrain.data import DataError, encode_prompt, prompt_text
-
-    n_ctx = context_length(model)
-    if n_ctx is None:
-        return
-    for part, (field, budget) in budgets.items():
-        if budget >= n_ctx:
-            raise ConfigError(f"field '{field}': {flag(field)} {budget} fills the model's context of {n_ctx} tokens "
-                              f"and leaves no room for a prompt: lower {flag(field)}", (field,))
-        source, numbers = rows.origin[part]
-        for number, row in zip(numbers, getattr(rows, part)):
-            try:
-                if len(prompt_text(tok, row["prompt"], chat_template).encode()) + TEMPLATE_SLACK + budget <= n_ctx:
-                    continue
-                n = len(encode_prompt(tok, row["prompt"], chat_template))
-            except ValueError as e:  # e.g. a conversational prompt and a tokenizer without a chat template
-                raise DataError(source, number, "prompt", str(e), unit="row") from None
-            if n + budget > n_ctx:
-                fixes = f"shorten the prompt to at most {n_ctx - budget} tokens" + (
-                    f" or lower {flag(field)} to at most {n_ctx - n}" if n < n_ctx else "")
-                raise DataError(source, number, "prompt", f"the prompt is {n} tokens, and with {field} {budget} "
-                                f"that is {n + budget}, over the model's context of {n_ctx} tokens: {fixes}",
-                                unit="row")
-
-
-def check_max_length(model, config) -> None:
-    """DPO and the reward model truncate pairs to ``max_length``: it must fit the model's context."""
-    n_ctx = context_length(model)
-    if n_ctx is not None and config.max_length > n_ctx:
-        raise ConfigError(f"field 'max_length': {flag('max_length')} {config.max_length} is over the model's context "
-                          f"of {n_ctx} tokens: lower it to at most {n_ctx}", ("max_length",))
 
 
 ClipRange = Range(0, 1, low_open=True, high_open=True)

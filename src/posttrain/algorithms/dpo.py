@@ -23,7 +23,7 @@ Choices and departures from the paper and from TRL:
 - Over-long pairs are truncated by the stated policy in ``dpo_data`` (or dropped), counted,
   printed and written to ``data.json``; ``max_length`` itself must fit the model's context (checked
   when the model has loaded, before the run directory is made), and so must the greedy evaluation's
-  prompts plus ``eval_max_new_tokens`` (``common.check_context``).
+  prompts plus ``eval_max_new_tokens`` (``inputs.check_context``).
 - Defaults from the doctrine: beta 0.1, LoRA rank 32 (SFT-like: DPO learns more per example than
   RL), learning rate 1e-6 for full fine-tuning and 10x that with LoRA ("LoRA Without Regret").
 - Evaluation every ``eval_every`` steps (and before/after): preference metrics on the held-out
@@ -50,7 +50,7 @@ from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 
-from posttrain.algorithms import common, loop
+from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
@@ -290,18 +290,18 @@ def preference_eval(policy, examples, ref: ReferenceLogps, config: DPOConfig, pa
 # --------------------------------------------------------------------------------------- train
 
 
-def _read_rows(config: DPOConfig) -> tuple[list[dict], common.Rows]:
+def _read_rows(config: DPOConfig) -> tuple[list[dict], inputs.Rows]:
     """The preference rows of --data, and the greedy evaluation's rows of --task (as ``Rows``
     held-out rows, for the prompt-length check): read and checked before the model loads."""
     from posttrain.data import load_rows
 
     rows = load_rows(config.data, "preference")
-    greedy = common.rows_of("")
+    greedy = inputs.rows_of("")
     if config.task:
         from posttrain.data.tasks import get_task, task_info
 
         test = get_task(config.task, "test", n=config.eval_size, seed=config.seed)
-        greedy = common.rows_of(f"task {config.task} (test split)", held=test,
+        greedy = inputs.rows_of(f"task {config.task} (test split)", held=test,
                                 reward=config.eval_reward or task_info(config.task).reward)
     return rows, greedy
 
@@ -363,9 +363,9 @@ def train_dpo(config: DPOConfig) -> RunResult:
     check_resumed_length(config)
     rows, greedy = _read_rows(config)
     policy, tok = common.load_policy(config)
-    common.check_max_length(policy, config)
+    inputs.check_max_length(policy, config)
     if config.task:
-        common.check_context(policy, tok, greedy, {"held": ("eval_max_new_tokens", config.eval_max_new_tokens)},
+        inputs.check_context(policy, tok, greedy, {"held": ("eval_max_new_tokens", config.eval_max_new_tokens)},
                              config.chat_template)
     if config.activation_checkpointing > 0:  # before sharding: FSDP's hooks then run inside the recomputation
         enable_activation_checkpointing(policy, config.activation_checkpointing)

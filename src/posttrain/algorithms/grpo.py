@@ -27,7 +27,7 @@ No value model: the group's mean reward is the baseline. Choices and departures 
   equals one big batch.
 - A prompt whose tokens plus ``max_new_tokens`` exceed the model's context is refused, naming its
   file and row, after the model loads and before the run directory is made
-  (``common.check_context``: the prompt-length policy of every trainer that samples).
+  (``inputs.check_context``: the prompt-length policy of every trainer that samples).
 - A completion no reward function could judge (None) is masked out of the loss; a non-finite loss
   or gradient skips the update (counted in ``nonfinite_steps``) instead of training on it: the rule
   of ``optim.py``, the same in every trainer.
@@ -50,7 +50,7 @@ from typing import Annotated, Literal, Optional
 
 import torch
 
-from posttrain.algorithms import common, loop
+from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
@@ -231,7 +231,7 @@ def update(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch, 
 @closes_runs_on_failure
 def train_grpo(config: GRPOConfig) -> RunResult:
     """Train with GRPO (or Dr. GRPO / REINFORCE++ / RLOO); returns the run directory and metrics."""
-    rows, reward_fn, eval_fn, policy, tok = common.rollout_setup(config)
+    rows, reward_fn, eval_fn, policy, tok = inputs.rollout_setup(config)
     train_rows, eval_rows = rows.train, rows.held
     run = Run(config, "grpo", total_steps=config.max_steps)
     # before restore: a frozen copy must hold the initial weights

@@ -34,7 +34,7 @@ Choices and departures:
   of both losses; a non-finite loss or gradient skips that minibatch's update (``nonfinite_steps``;
   the rule of ``optim.py``, the same in every trainer).
 - Prompts longer than the model's context with ``max_new_tokens`` are refused by row before the
-  run starts, as in GRPO (``common.check_context``).
+  run starts, as in GRPO (``inputs.check_context``).
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
 - Under several processes each takes 1/N of the prompts; every process splits its part into
@@ -66,7 +66,7 @@ from typing import Annotated, Literal, Optional
 import torch
 
 from posttrain.objectives import advantages as advmod
-from posttrain.algorithms import common, loop
+from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
 from posttrain.algorithms.optim import OptimizerStep
@@ -141,6 +141,9 @@ class PPOConfig(common.RolloutConfig):
 
     def check(self) -> None:
         super().check()
+        if self.value_model == "adapter" and not self.lora:
+            raise refuse("value_model", "value_model=adapter puts the critic's LoRA adapter on the policy's frozen "
+                         "base: it needs --lora (or use --value-model separate)", "lora")
         per_process = self.prompts_per_step // processes()
         if self.minibatches > per_process:
             raise refuse("minibatches", f"{self.minibatches} minibatches, but each process has only {per_process} "
@@ -245,7 +248,7 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
 def train_ppo(config: PPOConfig) -> RunResult:
     """Train with PPO; returns the run directory and metrics. ``final/`` holds the policy and
     ``final/value/`` the critic (trunk + ``value_head.safetensors``)."""
-    rows, reward_fn, eval_fn, policy, tok = common.rollout_setup(config)
+    rows, reward_fn, eval_fn, policy, tok = inputs.rollout_setup(config)
     train_rows, eval_rows = rows.train, rows.held
     run = Run(config, "ppo", total_steps=config.max_steps)
     use_ref = config.kl_coef > 0 or config.kl_target is not None

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Annotated, Sequence
 
 import torch
@@ -47,7 +48,7 @@ from torch import nn
 
 from posttrain.runtime import distributed
 from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
-from posttrain.algorithms import common, loop
+from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms.dpo_data import check_lengths
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
@@ -97,6 +98,18 @@ class RewardModelConfig(common.TrainConfig):
     def method(self) -> str:
         return "rm"
 
+    def row_checks(self) -> list:
+        column = self.margin_column
+
+        def margin_is_a_number(row: dict):
+            value = row.get(column)
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and math.isfinite(value)):
+                return None
+            return column, f"the margin must be a finite number, got {value!r} (see --margin-column)"
+
+        return [margin_is_a_number]
+
     def check(self) -> None:
         super().check()
         check_lengths(self)
@@ -142,7 +155,7 @@ def _rows(config: RewardModelConfig) -> tuple[list[dict], list[dict]]:
     if config.task is not None:
         make = PREFERENCE_TASKS[config.task]()
         return make(config.task_size, config.seed, "train"), make(config.eval_size, config.seed, "test")
-    rows = common.load_rows_for(config, "preference")
+    rows = inputs.load_rows_for(config, "preference")
     return rows.train, rows.held
 
 
@@ -155,7 +168,7 @@ def train_reward_model(config: RewardModelConfig) -> RunResult:
     distributed.check_divisible("batch_size", config.batch_size)
     train_rows, eval_rows = _rows(config)
     model, tok = common.load_policy(config, lora_rank_for=sft_lora_rank)
-    common.check_max_length(model, config)
+    inputs.check_max_length(model, config)
     encode = functools.partial(encode_pairs, tok, chat_template=config.chat_template, max_length=config.max_length,
                                max_prompt_length=config.max_prompt_length)
     examples, stats = encode(train_rows, source=config.data or "task")

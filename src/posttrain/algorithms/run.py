@@ -102,12 +102,27 @@ def saved_config(cls: type, run_dir: Path):
 
 
 def resume_config(cls: type, run_dir: str | Path, config_file: str | Path | None = None,
-                  flags: dict[str, Any] | None = None):
+                  flags: dict[str, Any] | None = None, method: str | None = None):
     """The config to resume ``run_dir`` with (the CLI's ``--resume``): its ``config.yaml`` with the
     given ``--config`` file and flags over it, refused (``ResumeError``) when they change a setting
-    that cannot change mid-run. Checked before any model loads; nothing is written."""
+    that cannot change mid-run, when the run was trained with another ``method``, when its
+    config.yaml is gone (resuming on defaults would change the run), when ``--name`` or
+    ``--output-dir`` is given (the run is where ``--resume`` says) and when the run has already
+    done ``max_steps``. Checked before any model loads; nothing is written."""
     run_dir = Path(run_dir)
     check_resumable(run_dir)
+    moved = [cfgmod.flag(f) for f in NOT_COMPARED if f != "resume" and f in (flags or {})]
+    if moved:
+        raise ResumeError(f"--resume {run_dir}: {' and '.join(moved)} {'does' if len(moved) == 1 else 'do'} not "
+                          "apply: the run is the directory "
+                          "--resume names (copy or move the directory to put it elsewhere)")
+    if not (run_dir / "config.yaml").is_file():
+        raise ResumeError(f"--resume {run_dir}: its config.yaml is missing, so the run's settings are unknown and "
+                          "resuming on defaults would change the run; put config.yaml back, or start a new run")
+    trained_with = _method_of(run_dir)
+    if method is not None and trained_with is not None and trained_with != method:
+        raise ResumeError(f"--resume {run_dir}: the run was trained with '{trained_with}', not '{method}'; "
+                          f"resume it with posttrain train {trained_with} --resume {run_dir}")
     saved = saved_config(cls, run_dir)
     base = cfgmod.to_dict(saved) if saved is not None else {}
     given: dict[str, Any] = {}
@@ -121,7 +136,22 @@ def resume_config(cls: type, run_dir: str | Path, config_file: str | Path | None
         return cfgmod.from_sources(cls, None, given)
     config = cfgmod.from_sources(cls, run_dir / "config.yaml", given)
     resume_changes(saved, config, run_dir)
+    done = int(ckpt.latest_checkpoint(run_dir).name.split("-")[1])
+    max_steps = getattr(config, "max_steps", None)
+    # report.html is the last thing a finished run writes: without it (a kill while saving final/)
+    # the resume completes the run's final evaluation and save
+    if max_steps is not None and done >= max_steps and (run_dir / "report.html").is_file():
+        raise ResumeError(f"--resume {run_dir}: the run has done {done} steps and max_steps is {max_steps}: "
+                          f"nothing to do (its model is in {run_dir / 'final'}); pass --max-steps N > {done} to "
+                          "train further")
     return config
+
+
+def _method_of(run_dir: Path) -> str | None:
+    """The method in config.yaml's header line (``# posttrain train grpo``), if it has one."""
+    with open(run_dir / "config.yaml", encoding="utf-8", errors="replace") as f:
+        first = f.readline().split()
+    return first[3] if first[:3] == ["#", "posttrain", "train"] and len(first) > 3 else None
 
 
 def _apply_lr(scheduler, new_base: list[float]) -> None:

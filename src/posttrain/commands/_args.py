@@ -10,7 +10,7 @@
   rules as a table of :class:`Rule`.
 - ``check_model_flag(flag, spec)`` / ``load_model_flag(flag, spec)``: a bad model spec becomes a
   ``ModelError`` naming the flag and the path, checked before any output is written.
-- ``reward_flag``, ``check_reward_columns``, ``task_flag``, ``out_file``, ``resumable_out``: a reward spec, the
+- ``reward_flag``, ``task_flag``, ``out_file``, ``resumable_out``: a reward spec, the
   columns its rewards read, a task name and split, an output path; each refusal names the flag (or file and line).
   ``write_jsonl`` writes an ``out_file``.
 
@@ -178,23 +178,6 @@ def reward_flag(flag_name: str, spec: str):
     from posttrain import rewards
 
     return rewards.from_spec(spec, flag=flag_name)
-
-
-def check_reward_columns(source: str, rows: Sequence[dict], spec: str) -> None:
-    """Refuse data that the rewards in ``spec`` could never score: a column a built-in reward scores
-    against (``doctrine.select.REWARD_NEEDS``: math needs ``answer``...) that no row holds, unless the
-    spec passes it as an option. A ``DataError`` naming the file and field, before any model loads
-    (eval printed nan and exited 0; pairs sampled every prompt and made no pair). Rows that lack it
-    here and there are scored None and counted, as before."""
-    from posttrain.data import DataError
-    from posttrain.doctrine.select import REWARD_NEEDS
-    from posttrain.rewards import parse_spec
-
-    for name, _, options in parse_spec(spec):
-        for column in REWARD_NEEDS.get(name, ()):
-            if column not in options and all(row.get(column) is None for row in rows):
-                raise DataError(str(source), None, column, f"no row holds it, and the reward {name!r} scores each "
-                                "completion against it: add the column, or use a reward that does not need it")
 
 
 def task_flag(flag_name: str, name: str, split: str | None = None):

@@ -41,7 +41,8 @@ def _rules():
 
 def _rows(args):
     """(rows, reward spec) of --task or --data, checked before any model loads."""
-    from posttrain.commands._args import FlagError, check_reward_columns, reward_flag, task_flag
+    from posttrain.commands._args import FlagError, reward_flag, task_flag
+    from posttrain.doctrine.select import check_reward_columns
     from posttrain.data import load_rows
     from posttrain.data.tasks import get_task
 

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from posttrain import rewards
-    from posttrain.commands._args import FlagError, check_reward_columns, out_file, reward_flag, write_jsonl
+    from posttrain.commands._args import FlagError, out_file, reward_flag, write_jsonl
+    from posttrain.doctrine.select import check_reward_columns
     from posttrain.data import load_rows
 
     reward = reward_flag("--reward", args.reward)

@@ -105,7 +105,7 @@ def build_config(method: str, args: argparse.Namespace):
     if args._resume:
         from posttrain.algorithms.run import resume_config
 
-        return resume_config(cls, Path(args._resume), args._config, overrides)
+        return resume_config(cls, Path(args._resume), args._config, overrides, method=method)
     return config.from_sources(cls, args._config, overrides)
 
 

@@ -403,3 +403,19 @@ def choose_method(data: str | None = None, task: str | None = None, reward: str 
     if rec.method is None or rec.needs_pairs:
         raise NoMethodError("cannot pick a method to train directly:\n- " + "\n- ".join(rec.reasons))
     return rec.train_method, rec.reasons, dict(rec.defaults)
+
+
+def check_reward_columns(source: str, rows: Sequence[dict], spec: str) -> None:
+    """Refuse data that the rewards in ``spec`` could never score: a column a built-in reward scores
+    against (``doctrine.select.REWARD_NEEDS``: math needs ``answer``...) that no row holds, unless the
+    spec passes it as an option. A ``DataError`` naming the file and field, before any model loads
+    (eval printed nan and exited 0; pairs sampled every prompt and made no pair). Rows that lack it
+    here and there are scored None and counted, as before."""
+    from posttrain.data import DataError
+    from posttrain.rewards import parse_spec
+
+    for name, _, options in parse_spec(spec):
+        for column in REWARD_NEEDS.get(name, ()):
+            if column not in options and all(row.get(column) is None for row in rows):
+                raise DataError(str(source), None, column, f"no row holds it, and the reward {name!r} scores each "
+                                "completion against it: add the column, or use a reward that does not need it")

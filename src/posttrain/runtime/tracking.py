@@ -67,10 +67,36 @@ def check_run_name(name: str) -> None:
                           f"is a directory path, not a new run)")
 
 
+def check_new_run_dir(root: str | Path, name: str | None) -> None:
+    """:class:`RunDirError` when a new run could not be made as ``<root>/<name>``: a bad name, a
+    run or file of that name there already, an output directory that is a file or that cannot be
+    written. Makes nothing: the trainers call it before any model loads."""
+    if name is not None:
+        check_run_name(name)
+    root = Path(root)
+    for existing in (root, *root.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise RunDirError(f"--output-dir {root}: {existing} is a file, not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise RunDirError(f"--output-dir {root}: {existing} is not writable")
+            break
+    run_dir = root / name if name is not None else None
+    if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunDirError(f"{run_dir} exists already: pass --resume {run_dir} to continue it, or another --name")
+
+
 def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str = "run", resume: bool = False) -> Path:
     """Create (or, with ``resume``, find) ``<root>/<name>``; the default name is ``<method>-<time>``,
-    created exclusively (a suffix ``-2``, ``-3``... when another run took it in the same second)."""
-    root = Path(root)
+    created exclusively (a suffix ``-2``, ``-3``... when another run took it in the same second).
+    A directory the system refuses to make is a :class:`RunDirError` naming ``--output-dir``."""
+    try:
+        return _make_run_dir(Path(root), name, method, resume)
+    except (NotADirectoryError, FileExistsError, PermissionError, FileNotFoundError) as e:
+        raise RunDirError(f"--output-dir {root}: cannot make the run directory there ({e.strerror}: {e.filename})") from None
+
+
+def _make_run_dir(root: Path, name: str | None, method: str, resume: bool) -> Path:
     if name is None:
         if resume:
             raise RunDirError("resume needs the run's name or directory")
@@ -81,8 +107,7 @@ def make_run_dir(root: str | Path = "runs", name: str | None = None, method: str
         if not run_dir.is_dir():
             raise RunDirError(f"{run_dir}: no such run to resume")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} exists already: pass --resume {run_dir} to continue it, or another --name")
+    check_new_run_dir(root, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
