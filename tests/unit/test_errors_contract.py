@@ -96,6 +96,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_made(tmp_path, ti
         (("train", "rm", "--model", tiny_dir, "--data", str(pairs), "--output-dir", str(runs)),
          ["pairs.jsonl:2: field 'margin'", "finite number"]),
         (("train", "dpo", "--data", str(pairs), "--reward", "math"), ["unrecognized arguments: --reward math"]),
+        (("generate", "--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", "99999999"),
+         ["--max-new-tokens 99999999", "over the model's context"]),
     ]
     for args, fragments in cases:
         err = terminal.assert_user_error(terminal.posttrain(*args, cwd=tmp_path), *fragments)

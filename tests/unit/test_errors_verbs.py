@@ -455,3 +455,19 @@ def test_a_labeling_output_damaged_before_its_last_line_is_an_error_not_a_silent
     out.write_text(good + '{"prompt": "torn')  # a crash mid-write tears only the last line: cut on resume
     store = ResumableJsonl(out, "label")
     assert store.done == {0} and out.read_text() == good
+
+
+def test_score_and_tasks_export_never_replace_a_users_file_unasked(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "q", "completion": "Answer: 4", "answer": "4"}\n')
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("my notes\n")
+    for args in (("score", "--reward", "math", "--data", str(data), "--out", str(precious)),
+                 ("tasks", "export", "arithmetic", "--n", "2", "--out", str(precious))):
+        terminal.assert_user_error(terminal.posttrain(*args, cwd=tmp_path), f"--out {precious}",
+                                   "exists and is not empty", "--overwrite")
+        assert precious.read_text() == "my notes\n"
+    proc = terminal.posttrain("tasks", "export", "arithmetic", "--n", "2", "--out", str(precious), "--overwrite",
+                              cwd=tmp_path)
+    assert proc.returncode == 0 and len(precious.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.jsonl", "rows.jsonl"]  # no temporary left

@@ -193,12 +193,17 @@ def task_flag(flag_name: str, name: str, split: str | None = None):
     return info
 
 
-def out_file(flag_name: str, path: str) -> str:
-    """An output file flag's value, refused when it names a directory (checked before anything loads)."""
+def out_file(flag_name: str, path: str, overwrite: bool = False) -> str:
+    """An output file flag's value, refused when it names a directory, or a file that is not empty
+    unless ``overwrite`` (a user's file is never replaced unasked); checked before anything loads."""
     from pathlib import Path
 
-    if Path(path).expanduser().is_dir():
+    out = Path(path).expanduser()
+    if out.is_dir():
         raise FlagError(f"{flag_name} {path}: is a directory; give a file path, e.g. {Path(path) / 'out.jsonl'}")
+    if out.is_file() and out.stat().st_size > 0 and not overwrite:
+        raise FlagError(f"{flag_name} {path}: the file exists and is not empty; give a new path, or pass "
+                        "--overwrite to replace it")
     return path
 
 
@@ -209,9 +214,11 @@ def write_jsonl(path: str, rows) -> None:
 
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a failure leaves the old file
+    with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
 
 
 def resumable_out(flag_name: str, path: str, verb: str, overwrite: bool) -> str:
@@ -220,7 +227,7 @@ def resumable_out(flag_name: str, path: str, verb: str, overwrite: bool) -> str:
     would append to it, or cut it at its first line that is not JSON)."""
     from pathlib import Path
 
-    out = Path(out_file(flag_name, path)).expanduser()
+    out = Path(out_file(flag_name, path, overwrite=True)).expanduser()
     progress = out.with_name(out.name + ".progress.jsonl")  # ResumableJsonl's progress log
     if not overwrite and out.is_file() and out.stat().st_size and not progress.is_file():
         raise FlagError(f"{flag_name} {path}: exists without {progress.name}, so `posttrain {verb}` did not make "

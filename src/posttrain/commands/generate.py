@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from posttrain.algorithms.inputs import context_length
     from posttrain.commands._args import FlagError, load_model_flag, refuse_inapplicable
 
     refuse_inapplicable(args, _rules())
@@ -46,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in args.prompt]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n_ctx = context_length(model)  # the trainers' prompt-length policy: never sample past the context
+    if n_ctx is not None and batch["input_ids"].shape[1] + args.max_new_tokens > n_ctx:
+        raise FlagError(f"--max-new-tokens {args.max_new_tokens}: with the {batch['input_ids'].shape[1]}-token prompt "
+                        f"this is over the model's context of {n_ctx} tokens; lower it to at most "
+                        f"{n_ctx - batch['input_ids'].shape[1]}")
     sample = args.temperature > 0
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=sample,

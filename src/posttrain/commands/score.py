@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--completions-field", default="completion", help="column holding the completion (default: completion)")
     parser.add_argument("--workers", type=positive_int, default=None, help="processes for parallel rewards (code); default: core count")
     parser.add_argument("--out", default=None, help="write rows with their rewards to this .jsonl file")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out file")
 
 
 def _fmt(value: float | None) -> str:
@@ -61,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
     reward = reward_flag("--reward", args.reward)
     if args.out:
-        out_file("--out", args.out)
         if Path(args.out).expanduser().resolve() == Path(args.data).expanduser().resolve():
             raise FlagError(f"--out {args.out}: is the --data file, which it would overwrite; write to another file")
+        out_file("--out", args.out, args.overwrite)
     field = args.completions_field
     rows = load_rows(args.data, "prompt", checks=rewards.row_checks(args.reward))
     _check_completions(str(args.data), rows, field)

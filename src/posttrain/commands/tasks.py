@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help="write a split of a task to a jsonl file")
     _common(export, None)
     export.add_argument("--out", required=True, help="output .jsonl path")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out file")
 
 
 def _options(pairs: list[str]) -> dict:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except tasks.TaskError as e:
         raise FlagError(f"--opt: {e}") from e
     if action == "export":
-        out_file("--out", args.out)
+        out_file("--out", args.out, args.overwrite)
     rows = tasks.get_task(args.name, split=args.split, n=args.n, seed=args.seed, **options)
     if action == "show":
         for i, row in enumerate(rows):
