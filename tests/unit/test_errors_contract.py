@@ -89,6 +89,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_made(tmp_path, ti
         (grpo + ("--device", "tpu"), ["--device", "not a device torch knows"]),
         (grpo + ("--no-lora", "--lora-rank", "8"), ["--lora-rank", "--no-lora"]),
         (grpo + ("--lora-target", "nosuchmodule"), ["--lora-target nosuchmodule", "not found"]),
+        (grpo + ("--max-sampling-rounds", "5"), ["--max-sampling-rounds applies only with --dynamic-sampling"]),
+        (grpo + ("--eval-fraction", "0.1"), ["--eval-fraction applies only with --data"]),
         (grpo[:-1] + (str(tmp_path / "afile" / "sub"),), ["--output-dir", "is a file, not a directory"]),
         (grpo + ("--name", "taken"), ["taken exists already"]),
         (("train", "ppo", "--model", tiny_dir, "--task", "arithmetic", "--no-lora", "--value-model", "adapter",

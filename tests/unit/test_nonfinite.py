@@ -2,7 +2,7 @@
 is skipped (no weight moves), counted in ``nonfinite_steps``, its data is consumed and the
 learning-rate schedule advances as if it had been taken. Each trainer meets a real non-finite
 loss: GRPO and PPO an infinite reward, DPO a beta that overflows float32, the reward model a pair
-whose required margin is infinite."""
+whose required margin overflows float32."""
 
 import json
 
@@ -25,8 +25,9 @@ def files(tmp_path_factory):
     prompts.write_text("".join(json.dumps({"prompt": f"Say a word like {w}."}) + "\n" for w in WORDS))
     rows = [{"prompt": f"Say the word {w}.", "chosen": w, "rejected": f"No, {WORDS[i - 1]}."} for i, w in enumerate(WORDS)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # a required score gap of +inf: -logsigmoid(r_c - r_r - inf) is +inf (JSON's Infinity, read by Python's json)
-    margins.write_text("".join(json.dumps({**r, "margin": float("inf")}) + "\n" for r in rows))
+    # a required score gap of 1e39: a finite number in the file (an infinite one is refused as bad data), over
+    # float32's range once a tensor, so -logsigmoid(r_c - r_r - m) is +inf, as DPO's beta=1e39 overflows
+    margins.write_text("".join(json.dumps({**r, "margin": 1e39}) + "\n" for r in rows))
     return {"prompts": str(prompts), "pairs": str(pairs), "margins": str(margins)}
 
 

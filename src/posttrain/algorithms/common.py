@@ -148,6 +148,15 @@ class TrainConfig(Checked):
         """The method's own checks of each ``--data`` row (``data.RowCheck``), beside its reward's."""
         return []
 
+    APPLIES_WHEN: ClassVar[dict] = {
+        "task_size": ("with --task (it sizes the task's train split)", lambda c: c.task is not None),
+        "eval_fraction": ("with --data (a task has its own test split)", lambda c: c.data is not None),
+        "lora_alpha": ("with --lora", lambda c: c.lora),
+        "lora_dropout": ("with --lora", lambda c: c.lora),
+        "lora_target": ("with --lora", lambda c: c.lora),
+    }
+    """Fields that do something only with others (``config.inapplicable``: refused when given alone)."""
+
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     """The fields naming a model to load: checked (``models.check_spec``) before anything loads."""
 

@@ -118,6 +118,11 @@ class DPOConfig(common.TrainConfig):
     """Reward for the greedy evaluation on --task (default: the task's reward)."""
     eval_max_new_tokens: Annotated[int, Positive] = 128
     """Completion limit of the greedy evaluation."""
+    APPLIES_WHEN: ClassVar[dict] = {
+        "eval_max_new_tokens": ("with --task (the greedy evaluation on its test split)", lambda c: c.task is not None),
+        "task_size": ("never in DPO (it trains on --data; --task only evaluates)", lambda c: False),
+        "eval_fraction": ("with --data", lambda c: c.data is not None),
+    }
     activation_checkpointing: Annotated[int, NonNegative] = 0
     """Recompute the activations of every N-th decoder layer in backward instead of storing them (1 = all
     layers: the least memory, about a third more compute; 0 = off, the fastest; TRL's default is on)."""

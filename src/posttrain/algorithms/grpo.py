@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 
@@ -96,6 +96,11 @@ class GRPOConfig(common.RolloutConfig):
     """DAPO dynamic sampling: draw more prompts until the batch holds informative groups."""
     max_sampling_rounds: Annotated[int, Positive] = 3
     """Bound on sampling rounds per step with dynamic_sampling."""
+
+    APPLIES_WHEN: ClassVar[dict] = {
+        "max_sampling_rounds": ("with --dynamic-sampling", lambda c: c.dynamic_sampling),
+        "scale_rewards": ("with --advantage grpo (the estimator that divides by a std)", lambda c: c.advantage == "grpo"),
+    }
 
     @property
     def method(self) -> str:

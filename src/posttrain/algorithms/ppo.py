@@ -61,7 +61,7 @@ Choices and departures:
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 
@@ -111,6 +111,9 @@ class PPOConfig(common.RolloutConfig):
     """Adaptive KL (Ziegler et al. 2019): target KL per sequence in nats (they used 6); None = fixed kl_coef."""
     kl_horizon: Annotated[float, Positive] = 10000.0
     """Adaptive KL horizon in sequences: beta changes by at most 20% per horizon sequences."""
+    APPLIES_WHEN: ClassVar[dict] = {
+        "kl_horizon": ("with --kl-target (the adaptive KL controller)", lambda c: c.kl_target is not None),
+    }
     value_coef: Annotated[float, NonNegative] = 0.5
     """Weight of the value loss (doctrine 0.5)."""
     value_clip: Optional[Annotated[float, Positive]] = 0.2

@@ -135,9 +135,10 @@ def resume_config(cls: type, run_dir: str | Path, config_file: str | Path | None
     if saved is None:  # no config.yaml (an old run): the flags are the whole config
         return cfgmod.from_sources(cls, None, given)
     config = cfgmod.from_sources(cls, run_dir / "config.yaml", given)
-    resume_changes(saved, config, run_dir)
+    changes = resume_changes(saved, config, run_dir)
     done = int(ckpt.latest_checkpoint(run_dir).name.split("-")[1])
-    max_steps = getattr(config, "max_steps", None)
+    # a new --epochs (DPO) sets the length anew when the trainer starts: not judged here
+    max_steps = None if "epochs" in changes else getattr(config, "max_steps", None)
     # report.html is the last thing a finished run writes: without it (a kill while saving final/)
     # the resume completes the run's final evaluation and save
     if max_steps is not None and done >= max_steps and (run_dir / "report.html").is_file():

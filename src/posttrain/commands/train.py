@@ -105,8 +105,14 @@ def build_config(method: str, args: argparse.Namespace):
     if args._resume:
         from posttrain.algorithms.run import resume_config
 
-        return resume_config(cls, Path(args._resume), args._config, overrides, method=method)
-    return config.from_sources(cls, args._config, overrides)
+        cfg = resume_config(cls, Path(args._resume), args._config, overrides, method=method)
+    else:
+        cfg = config.from_sources(cls, args._config, overrides)
+    # what the user gave (not the run's saved config.yaml): a field that would do nothing is refused
+    given: dict = {k: f"{args._config}:{n}" for k, n in (config.read_yaml(args._config)[1] if args._config else {}).items()}
+    given.update(dict.fromkeys(overrides))  # flags: the message names the flag
+    config.inapplicable(cfg, given)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

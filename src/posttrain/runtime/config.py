@@ -447,6 +447,20 @@ def from_sources(cls: type, config_file: str | Path | None = None, overrides: di
     return build(cls, values, source, lines, flags=set(flags))
 
 
+def inapplicable(config, given: dict[str, str | None]) -> None:
+    """``ConfigError`` for a field the user gave (``given``: field -> the file line it came from,
+    e.g. ``run.yaml:3``, or None for a flag) that does nothing with the rest of ``config``: the classes' ``APPLIES_WHEN``
+    tables (field -> (when, predicate on the config)), merged along the class hierarchy. A value
+    that would be ignored is refused with the reason, not accepted silently."""
+    rules: dict[str, tuple[str, Any]] = {}
+    for klass in reversed(type(config).__mro__):
+        rules.update(vars(klass).get("APPLIES_WHEN", {}))
+    for field, where in given.items():
+        if field in rules and not rules[field][1](config):
+            what = f"{where}: field '{field}'" if where else flag(field)
+            raise ConfigError(f"{what} applies only {rules[field][0]}; drop it, or give that too", (field,))
+
+
 def to_dict(config) -> dict[str, Any]:
     """A YAML-safe dict of a config (paths as strings, tuples as lists)."""
     out = {}
