@@ -39,9 +39,9 @@ from posttrain.runtime import cpu_allocator
 from posttrain.runtime import distributed
 from posttrain.runtime.tracking import check_new_run_dir
 from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegative, PerProcess, Positive, Range, Seed,
-                                      refuse)
+                                      flag, refuse)
 from posttrain.sampling.generation import SamplingConfig
-from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, ModelError, add_lora, check_spec, count_parameters,
+from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, add_lora, check_model_flag, count_parameters,
                               load_model, resolve_device, rl_lora_rank)
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class TrainConfig(Checked):
     """Fields that do something only with others (``config.inapplicable``: refused when given alone)."""
 
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
-    """The fields naming a model to load: checked (``models.check_spec``) before anything loads."""
+    """The fields naming a model to load: checked (``models.check_model_flag``) before anything loads."""
 
     def check_inputs(self) -> None:
         """Where the rows come from: exactly one of ``data`` and ``task`` (DPO: ``data``)."""
@@ -201,10 +201,7 @@ def start(config: TrainConfig) -> None:
     for field in config.MODEL_FIELDS:
         spec = getattr(config, field)
         if spec is not None:
-            try:
-                check_spec(spec)
-            except ModelError as e:
-                raise ModelError(f"--{field.replace('_', '-')} {spec}: {e}") from None
+            check_model_flag(flag(field), spec)
     if not config.resume:  # the run directory can be made (name, output dir), before anything loads
         check_new_run_dir(config.output_dir, config.name)
     distributed.setup(config.device)

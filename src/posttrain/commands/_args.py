@@ -8,7 +8,7 @@
   ``refuse_inapplicable(args, rules)`` in its ``run``: a flag given (its value differs from its
   default) where a rule says it does not apply is refused with the rule's reason. Each verb states its
   rules as a table of :class:`Rule`.
-- ``check_model_flag(flag, spec)`` / ``load_model_flag(flag, spec)``: a bad model spec becomes a
+- ``load_model_flag(flag, spec)`` (``models.check_model_flag`` checks without loading): a bad model spec becomes a
   ``ModelError`` naming the flag and the path, checked before any output is written.
 - ``reward_flag``, ``task_flag``, ``out_file``, ``resumable_out``: a reward spec, the
   columns its rewards read, a task name and split, an output path; each refusal names the flag (or file and line).
@@ -143,23 +143,6 @@ def exactly_one(args: argparse.Namespace, *dests: str) -> str:
 # ------------------------------------------------------------------ model specs
 
 
-def _with_flag(flag_name: str, spec: str, error: Exception):
-    from posttrain.models import ModelError
-
-    return ModelError(f"{flag_name} {spec}: {error}")
-
-
-def check_model_flag(flag_name: str, spec: str) -> None:
-    """Refuse a model spec that cannot load (missing path, not a model directory, not a GGUF file),
-    naming the flag, before anything is loaded or written."""
-    from posttrain.models import ModelError, check_spec
-
-    try:
-        check_spec(spec)
-    except ModelError as e:
-        raise _with_flag(flag_name, spec, e) from e
-
-
 def load_model_flag(flag_name: str, spec: str, **kwargs):
     """``load_model(spec, **kwargs)`` with a failure naming the flag."""
     from posttrain.models import ModelError, load_model
@@ -167,7 +150,7 @@ def load_model_flag(flag_name: str, spec: str, **kwargs):
     try:
         return load_model(spec, **kwargs)
     except ModelError as e:
-        raise _with_flag(flag_name, spec, e) from e
+        raise ModelError.of_flag(flag_name, spec, e) from e
 
 
 # ------------------------------------------------------------------ reward specs and tasks

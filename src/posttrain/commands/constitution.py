@@ -96,7 +96,8 @@ def _failed(processed: int, reasons: collections.Counter, args, written: int) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.commands._args import check_model_flag, load_model_flag, refuse_inapplicable, resumable_out
+    from posttrain.commands._args import load_model_flag, refuse_inapplicable, resumable_out
+    from posttrain.models import check_model_flag
     from posttrain.data import load_rows
     from posttrain.models import resolve_device
     from posttrain.rlaif.backends import LocalBackend

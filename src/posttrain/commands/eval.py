@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from posttrain.commands._args import check_model_flag, exactly_one, refuse_inapplicable
+    from posttrain.commands._args import exactly_one, refuse_inapplicable
+    from posttrain.models import check_model_flag
 
     exactly_one(args, "task", "data", "suite")
     refuse_inapplicable(args, _rules())

@@ -108,7 +108,8 @@ def _write_swapped(out: Path, write) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.commands._args import check_model_flag, load_model_flag
+    from posttrain.commands._args import load_model_flag
+    from posttrain.models import check_model_flag
     from posttrain.models import save_pretrained
 
     check_model_flag("RUN", args.run)

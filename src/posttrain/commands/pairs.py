@@ -72,9 +72,10 @@ def load_prompts(args) -> tuple[list[dict], str | None]:
 
 def _check(args):
     """Everything checked before the model loads: flags, prompts, reward. Returns (rows, spec, reward_fn)."""
-    from posttrain.commands._args import (FlagError, check_model_flag, refuse_inapplicable,
+    from posttrain.commands._args import (FlagError, refuse_inapplicable,
                                           reward_flag)
     from posttrain.doctrine.select import check_reward_columns
+    from posttrain.models import check_model_flag
 
     refuse_inapplicable(args, _rules())
     check_model_flag("--model", args.model)

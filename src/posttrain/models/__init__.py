@@ -36,6 +36,11 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class ModelError(UserError, RuntimeError):
     """A model spec could not be resolved or loaded; the message says what to do."""
 
+    @classmethod
+    def of_flag(cls, flag: str, spec, error: Exception) -> "ModelError":
+        """``error`` about ``spec``, prefixed with the flag (or config field) that gave it."""
+        return cls(f"{flag} {spec}: {error}")
+
 
 def posttrain_home() -> Path:
     """Root of posttrain's caches: ``$POSTTRAIN_HOME`` or ``~/.cache/posttrain``."""
@@ -191,6 +196,14 @@ def _not_found(spec: str) -> str:
 
 
 _GGUF_MAGIC = b"GGUF"
+
+
+def check_model_flag(flag: str, spec: str) -> None:
+    """:func:`check_spec`, its error naming the flag that gave ``spec`` (the CLI verbs and the trainers)."""
+    try:
+        check_spec(spec)
+    except ModelError as e:
+        raise ModelError.of_flag(flag, spec, e) from None
 
 
 def check_spec(spec: str) -> None:

@@ -228,9 +228,7 @@ def _truncate_after(path: Path, step: int) -> bool:
         return False
     records, torn = read_lines(path)
     kept = [line for line, record in records if record.get("step", 0) <= step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(line + "\n" for line in kept))
     return torn
 
 
