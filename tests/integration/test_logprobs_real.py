@@ -77,7 +77,8 @@ def compare(model, batch, with_entropy=False, rtol=1e-5):
 
 def test_real_model_splits_into_trunk_and_linear_head(real):
     model, _ = real
-    trunk, head = split_model(model)
+    trunk, head, transform = split_model(model)
+    assert transform is None
     assert trunk is model.model and head is model.lm_head and isinstance(head, torch.nn.Linear)
     assert model.config.vocab_size == 49152
 

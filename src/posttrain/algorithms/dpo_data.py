@@ -310,10 +310,11 @@ def pair_logprobs(model, batch: Packed, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
         logits = model(**kw).logits
         logp_N = selective_log_softmax(logits[batch.row_N, batch.pred_N], batch.token_N)
     else:
-        trunk, head = split
+        trunk, head, transform = split
         out = trunk(**kw)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        logp_N, _ = head_logprobs(head, hidden[batch.row_N, batch.pred_N], batch.token_N, chunk_size)
+        logp_N, _ = head_logprobs(head, hidden[batch.row_N, batch.pred_N], batch.token_N, chunk_size,
+                                  transform=transform)
     sums = logp_N.new_zeros(2 * batch.n_pairs).index_add(0, batch.seq_N, logp_N)
     return sums.view(-1, 2)
 

@@ -9,8 +9,11 @@ or backward (the gradient of the shared prompt is the sum over its K completions
 gives through the repeat). The result equals the plain full-sequence computation to float
 tolerance; ``tests/unit/test_grouped.py`` checks value and gradient.
 
-The sampling temperature T is applied as softmax(logits / T) by scaling the hidden state fed to a
-bias-free head (W h / T = W (h / T)), so the loss sees the distribution the tokens were drawn from.
+The sampling temperature T is applied as softmax(transform(W h) / T), the distribution the sampler
+draws from (it divides the model's returned logits, the model's own soft-capping or scaling already
+applied, by T): 1 / T is appended to the model's logit transform (``split_model``) as a last scale,
+after the soft-cap, never before it. For a bias-free head with no nonlinear transform the whole
+scale is folded into the hidden state, W (h a) (``logprobs.head_logprobs``), as before.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from posttrain.runtime import distributed
 from posttrain.sampling.generation import Rollouts, positions
-from posttrain.models.split import split_model
+from posttrain.models.split import split_model, then_scale
 from posttrain.objectives.logprobs import DEFAULT_CHUNK_SIZE, completion_logprobs, head_logprobs
 
 
@@ -84,16 +87,15 @@ def rollout_logprobs(
     where the completion mask is 0. Differentiable when grad is enabled."""
     T = temperature if temperature > 0 else 1.0
     split = split_model(model)
-    if isinstance(split, str) or getattr(split[1], "bias", None) is not None:
+    if isinstance(split, str):
         return _unshared(model, *_select(rollouts, rows), rollouts.group_size, T, with_entropy, chunk_size)
-    trunk, head = split
+    trunk, head, transform = split
     comp_BC, cmask_BC = _select(rollouts, rows)[2:]
     h_BCH = rollout_hidden(trunk, rollouts, rows)
     b_N, t_N = cmask_BC.bool().nonzero(as_tuple=True)
     h_NH = h_BCH[b_N, t_N]
-    if T != 1.0:
-        h_NH = h_NH / T
-    logp_N, ent_N = head_logprobs(head, h_NH, comp_BC[b_N, t_N], chunk_size, with_entropy)
+    transform = then_scale(transform, 1.0 / T)  # after the model's own transform, as the sampler does
+    logp_N, ent_N = head_logprobs(head, h_NH, comp_BC[b_N, t_N], chunk_size, with_entropy, transform)
     B, C = comp_BC.shape
     logp_BC = logp_N.new_zeros((B, C)).index_put((b_N, t_N), logp_N)
     if not with_entropy:
@@ -102,9 +104,10 @@ def rollout_logprobs(
 
 
 def _unshared(model, prompt_PL, pmask_PL, comp_BC, cmask_BC, G, T, with_entropy, chunk_size):
-    """Fallback for models that cannot be split (or whose head has a bias): full sequences."""
+    """Fallback for models that cannot be split (see ``split_model``): full sequences."""
     if T != 1.0:
-        raise ValueError("temperature != 1 needs a model whose output head can be split off (bias-free)")
+        raise ValueError(f"temperature != 1 needs a model whose output head can be split off; this one "
+                         f"cannot: {split_model(model)}")
     prompt_BL = prompt_PL.repeat_interleave(G, dim=0)
     pmask_BL = pmask_PL.repeat_interleave(G, dim=0)
     ids = torch.cat([prompt_BL, comp_BC], dim=1)

@@ -22,9 +22,17 @@ gradient) in backward: for B=8, T=512, V=49,152 that is 0.8 GB each, more than t
 
 A head that is not a plain ``nn.Linear`` (a PEFT LoRA layer on ``lm_head``, a ``modules_to_save``
 wrapper, a sharded/ZeRO-3 weight) is called as a module per chunk under activation checkpointing:
-still chunked, still exact, a little slower. Models whose logits are not ``head(trunk(x))`` (logit
-soft-capping, logit scaling, a final bias, PEFT prompt learning) and models without a separable
-head use the naive path, with a one-time warning.
+still chunked, still exact, a little slower.
+
+Models whose logits are ``transform(head(trunk(x)))`` (Gemma-2's soft-capping c * tanh(z / c),
+Granite's and Cohere's logit scaling: ``models.split.LogitTransform``, and the sampling temperature
+as a last z / T) get the transform per chunk too: a pure scale on a bias-free linear head is folded
+into h (W (a h) = a W h: the plain path, nothing added); otherwise each chunk's logits z become
+u = transform(z) and the gradient dL/du is multiplied by the transform's slope du/dz (for the
+soft-cap 1 - tanh(z / c)^2) before the matmuls, in forward (frozen head) or in the recomputing
+backward. With no transform nothing changes. Models whose logits are not that (a final bias, PEFT
+prompt learning, a transform `split_model` does not know) and models without a separable head use
+the naive path, with a one-time warning.
 
 The chunked head is the technique of Liger-Kernel's fused linear cross-entropy and of torchtune's
 ``chunked_output`` (here on CPU-friendly plain torch ops, and for log-probs + entropy rather than a
@@ -40,7 +48,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.models.split import split_model
+from posttrain.models.split import LogitTransform, split_model
 
 DEFAULT_CHUNK_SIZE = 512
 KEEP_PROBS_MAX_BYTES = 256 * 2**20
@@ -121,7 +129,7 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False):
+def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None):
     """Chunked forward: returns logp_N, entropy_N, lse_N, m_N, ezs_N, dh_NH, probs (None when not
     computed).
 
@@ -130,7 +138,9 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
     ``entropy = lse - ezs``: two non-negative terms, accurate in float32. Without it, lse is
     ``logsumexp(z)`` and m_N is None.
     ``dh_NH`` = d logp / d h = (onehot(y) - softmax(z)) @ W, only when `precompute` (frozen head).
-    ``probs``: the list of softmax(z) chunks, only when `keep_probs`."""
+    ``probs``: the list of softmax(z) chunks, only when `keep_probs`.
+    With a logit transform `tf` (`models.split.LogitTransform`), z above is tf(W h + b), and
+    ``dh_NH`` is ((onehot(y) - softmax(z)) * tf'(W h + b)) @ W."""
     N = h_NH.shape[0]
     dt = _out_dtype(h_NH.dtype)
     logp_N = torch.empty(N, dtype=dt, device=h_NH.device)
@@ -142,6 +152,9 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
     probs = [] if keep_probs else None
     for s, e in _chunks(N, chunk_size):
         z_CV = nn.functional.linear(h_NH[s:e], W_VH, b_V).to(dt)
+        slope = None
+        if tf is not None:
+            z_CV, slope = tf.value_and_slope(z_CV)
         if with_entropy:
             m_C1 = z_CV.max(dim=-1, keepdim=True).values
             m_N[s:e] = m_C1.squeeze(1)
@@ -160,6 +173,8 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
                 probs.append(p_CV)
             if precompute:  # (onehot - p) @ W, not W[y] - p @ W: that cancels when p_y is near 1
                 d_CV = p_CV.neg_().scatter_add_(1, tok_N[s:e, None], torch.ones_like(p_CV[:, :1]))
+                if slope is not None:
+                    d_CV = d_CV.mul_(slope)
                 dh_NH[s:e] = d_CV.to(W_VH.dtype) @ W_VH
     return logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH, probs
 
@@ -175,13 +190,16 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
     d logp / dh, and backward only recomputes chunks if the entropy's gradient is needed. With
     `keep_probs` forward kept p chunk by chunk, and backward forms dz from it for logp's gradient
     (the entropy's still recomputes; the kept chunks are consumed, a second backward recomputes).
+    With a logit transform `tf` the logits are u = tf(z): the formulas above hold for u, and
+    dL/dz = dL/du * tf'(z) (recomputed with z; `keep_probs` is not used then).
     """
 
     @staticmethod
-    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False):
+    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None):
         logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH, probs = _linear_forward(
-            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs
+            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs, tf
         )
+        ctx.tf = tf
         ctx.probs = probs
         if ent_N is None:
             ent_N = logp_N.new_zeros(0)
@@ -203,7 +221,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             grad_h = g_logp_N[:, None].to(dh_NH.dtype) * dh_NH
             g_logp_N = None  # its part of the gradient is done
         if g_logp_N is None and g_ent_N is None:
-            return grad_h, None, None, None, None, None, None, None
+            return grad_h, None, None, None, None, None, None, None, None
         if need_h and grad_h is None:
             grad_h = torch.zeros_like(h_NH)
         if need_W:
@@ -223,6 +241,9 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 _accumulate(dz_CV.to(W_VH.dtype), h_CH, W_VH, grad_h, grad_W, grad_b, s, e)
                 continue
             z_CV = nn.functional.linear(h_CH, W_VH, b_V).to(dt)
+            slope = None
+            if ctx.tf is not None:
+                z_CV, slope = ctx.tf.value_and_slope(z_CV)
             if m_N is not None:
                 z_CV.sub_(m_N[s:e, None])  # the same shifted logits as in forward
             lse_C1 = lse_N[s:e, None]
@@ -238,8 +259,11 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 dz_CV = z_CV.sub_(lse_C1).exp_().mul_(-g_logp_N[s:e, None].to(dt))  # -g_logp * p
             if g_logp_N is not None:  # + g_logp * onehot(y)
                 dz_CV.scatter_add_(1, tok_N[s:e, None], g_logp_N[s:e, None].to(dt))
+            if slope is not None:  # dL/dz = dL/du * du/dz
+                dz_CV = dz_CV.mul_(slope)
+                del slope
             _accumulate(dz_CV.to(W_VH.dtype), h_CH, W_VH, grad_h, grad_W, grad_b, s, e)
-        return grad_h, grad_W, grad_b, None, None, None, None, None
+        return grad_h, grad_W, grad_b, None, None, None, None, None, None
 
 
 def _accumulate(dz_CV, h_CH, W_VH, grad_h, grad_W, grad_b, s, e) -> None:
@@ -267,16 +291,17 @@ def _logp_entropy(z_CV: torch.Tensor, tok_C: torch.Tensor, with_entropy: bool):
     return logp_C, lse_C - (torch.softmax(z_CV, dim=-1) * z_CV).sum(-1)
 
 
-def _module_chunk(head, h_CH, tok_C, with_entropy):
-    return _logp_entropy(head(h_CH), tok_C, with_entropy)
+def _module_chunk(head, h_CH, tok_C, with_entropy, tf=None):
+    z_CV = head(h_CH)
+    return _logp_entropy(z_CV if tf is None else tf(z_CV.to(_out_dtype(z_CV.dtype))), tok_C, with_entropy)
 
 
-def _module_head(head, h_NH, tok_N, chunk_size, with_entropy, grad):
+def _module_head(head, h_NH, tok_N, chunk_size, with_entropy, grad, tf=None):
     """Call `head` on chunks of rows; with `grad`, each chunk under non-reentrant activation
     checkpointing (its logits are recomputed in backward, RNG state included for dropout)."""
     logps, ents = [], []
     for s, e in _chunks(h_NH.shape[0], chunk_size):
-        args = (head, h_NH[s:e], tok_N[s:e], with_entropy)
+        args = (head, h_NH[s:e], tok_N[s:e], with_entropy, tf)
         if grad:
             lp, en = checkpoint(_module_chunk, *args, use_reentrant=False)
         else:
@@ -300,29 +325,36 @@ def head_logprobs(
     tok_N: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
+    transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``log softmax(head(h))[tok]`` (and the entropy) for each row of `h_NH`, chunked over rows.
+    """``log softmax(transform(head(h)))[tok]`` (and the entropy) for each row of `h_NH`, chunked
+    over rows (`transform`: the model's logit transform from `split_model`, then the temperature;
+    None: the identity).
 
     Plain ``nn.Linear`` heads go through `_ChunkedLinearLogprob`; other modules are called per chunk
     under activation checkpointing. Returns ``(logp_N, entropy_N or None)`` in float32 (float64 for
     float64 inputs)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    tf = transform
     if type(head) is nn.Linear and _is_plain_weight(head.weight):
         W, b = head.weight, head.bias
+        if tf is not None and b is None and tf.factor is not None:  # a W h = W (a h): the plain path
+            h_NH, tf = h_NH * tf.factor, None
         grad = torch.is_grad_enabled() and (
             h_NH.requires_grad or W.requires_grad or (b is not None and b.requires_grad)
         )
         if not grad:
             with torch.no_grad():
-                logp, ent = _linear_forward(h_NH, W, b, tok_N, chunk_size, with_entropy, False)[:2]
+                logp, ent = _linear_forward(h_NH, W, b, tok_N, chunk_size, with_entropy, False, tf=tf)[:2]
             return logp, ent
         precompute = h_NH.requires_grad and not W.requires_grad and (b is None or not b.requires_grad)
-        keep = not precompute and h_NH.shape[0] * W.shape[0] * _out_dtype(h_NH.dtype).itemsize <= KEEP_PROBS_MAX_BYTES
-        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute, keep)
+        probs_bytes = h_NH.shape[0] * W.shape[0] * _out_dtype(h_NH.dtype).itemsize
+        keep = not precompute and tf is None and probs_bytes <= KEEP_PROBS_MAX_BYTES  # (tf: the slope needs z)
+        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute, keep, tf)
         return logp, (ent if with_entropy else None)
     # a module may use tensors that are not its parameters: checkpoint whenever grad mode is on
-    return _module_head(head, h_NH, tok_N, chunk_size, with_entropy, torch.is_grad_enabled())
+    return _module_head(head, h_NH, tok_N, chunk_size, with_entropy, torch.is_grad_enabled(), tf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +365,7 @@ def _is_ddp(model) -> bool:
     return type(model).__name__ == "DistributedDataParallel" and isinstance(getattr(model, "module", None), nn.Module)
 
 
-def _hidden_through_forward(model, kw, head, T):
+def _hidden_through_forward(model, kw, head, T, tf=None):
     """Final hidden states from the wrapper's own forward (DDP must see the forward to sync
     gradients): ``output_hidden_states=True`` with the logits of one position only. Returns None
     unless the model's logits there equal ``head(hidden)``, i.e. the last hidden state is the head's
@@ -345,6 +377,7 @@ def _hidden_through_forward(model, kw, head, T):
     hidden_BTH = out.hidden_states[-1][:, -T:]
     with torch.no_grad():
         mine = head(hidden_BTH[:, -1:].detach()).float()
+        mine = mine if tf is None else tf(mine)
         ok = mine.shape == out.logits.shape and torch.allclose(mine, out.logits.float(), rtol=1e-3, atol=1e-3)
     return hidden_BTH if ok else None
 
@@ -418,9 +451,9 @@ def completion_logprobs(
     kw = _forward_kwargs(input_ids_BT, attention_mask_BT, position_ids_BT)
     hidden_BTH = None
     if not isinstance(split, str):
-        trunk, head = split
+        trunk, head, tf = split
         if ddp:
-            hidden_BTH = _hidden_through_forward(model, kw, head, input_ids_BT.shape[1])
+            hidden_BTH = _hidden_through_forward(model, kw, head, input_ids_BT.shape[1], tf)
             if hidden_BTH is None:
                 split = "the DDP-wrapped model's last hidden state is not its head's input"
         else:
@@ -436,7 +469,7 @@ def completion_logprobs(
     b_N, t_N = target_BT.nonzero(as_tuple=True)
     h_NH = hidden_BTH[b_N, t_N - 1]  # the hidden state at t-1 predicts the token at t
     tok_N = input_ids_BT[b_N, t_N]
-    logp_N, ent_N = head_logprobs(head, h_NH, tok_N, chunk_size, with_entropy)
+    logp_N, ent_N = head_logprobs(head, h_NH, tok_N, chunk_size, with_entropy, tf)
 
     logp_BT = logp_N.new_zeros(target_BT.shape).index_put((b_N, t_N), logp_N)
     if not with_entropy:
