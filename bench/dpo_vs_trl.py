@@ -88,7 +88,8 @@ def child_ours(spec: dict) -> dict:
                         batch_size=BATCH, max_length=spec["max_length"], max_prompt_length=spec["max_length"] // 2,
                         max_steps=spec["warmup"] + spec["steps"], eval_fraction=0.0, eval_at_start=False,
                         checkpoint_every=10_000, output_dir=out, name="b", log_every=10_000, device="cpu",
-                        activation_checkpointing=1 if spec["checkpointing"] else 0)
+                        activation_checkpointing=1 if spec["checkpointing"] else 0,
+                        loss_type=spec.get("loss_type", "sigmoid"))  # bench/preference_memory.py: other losses
     state: dict = {"cpu": []}
     load, accumulate, step = common.load_policy, dpo.accumulate, dpo.step_optimizer
 

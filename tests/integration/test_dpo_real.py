@@ -12,11 +12,8 @@ from posttrain.data import load_rows
 pytestmark = pytest.mark.integration
 
 
-def test_pairs_then_dpo_on_arithmetic(tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    code = main(["pairs", "--task", "arithmetic", "--task-size", "96", "--n", "8", "--max-new-tokens", "32",
-                 "--temperature", "0.7", "--batch-prompts", "16", "--out", str(pairs)])
-    assert code == 0
+def test_pairs_then_dpo_on_arithmetic(tmp_path, arithmetic_pairs):
+    pairs = arithmetic_pairs  # `posttrain pairs` (tests/integration/conftest.py), shared with test_preference_real
     rows = load_rows(pairs, "preference")
     # temperature 0.7 (as in the demo): more prompts have both a right and a wrong sample than at 1.0
     # (float32 sampling, 96 prompts: 36 pairs at 0.7, 21 at 1.0), so 11 pairs are held out, not 6

@@ -162,3 +162,27 @@ def test_a_prompt_longer_than_the_context_through_the_cli(tiny_dir, tmp_path):
     terminal.assert_user_error(proc, f"{data}, row 2: field 'prompt'", "context of 2048 tokens",
                                "shorten the prompt")
     assert_nothing_left(out)
+
+
+def test_policy_loss_and_rollout_correction_refusals_through_the_cli(tiny_dir, toy_prompts, tmp_path):
+    # issue 17: the new flags' domains, the cross-field rules and the flags that would do nothing
+    out = tmp_path / "runs"
+    base = ["train", "grpo", "--model", tiny_dir, "--data", toy_prompts, "--reward", "length", "--output-dir", out]
+    cases = [
+        (["--rollout-correction-cap", "0"], ["--rollout-correction-cap", "must be > 0"]),
+        (["--rollout-correction", "token_mask", "--rollout-correction-low", "1.5"],
+         ["--rollout-correction-low", "must be in (0, 1)"]),
+        (["--rollout-correction", "seq_mask", "--rollout-correction-high", "0.9"],
+         ["--rollout-correction-high", "must be > 1"]),
+        (["--rollout-correction", "none", "--rollout-correction-cap", "3"],
+         ["--rollout-correction-cap", "applies only with --rollout-correction tis or seq_tis"]),
+        (["--rollout-correction-low", "0.8"], ["--rollout-correction-low", "applies only with --rollout-correction "
+                                                "token_mask or seq_mask"]),
+        (["--clip-ratio-c", "1"], ["--clip-ratio-c", "must be > 1"]),
+        (["--policy-loss", "cispo", "--clip-ratio-c", "3"], ["--clip-ratio-c", "dual-clip bounds the PPO clip loss"]),
+        (["--policy-loss", "gspo", "--advantage", "reinforce_pp"], ["--policy-loss", "use --policy-loss gspo_token"]),
+        (["--policy-loss", "nope"], ["--policy-loss", "gspo"]),
+    ]
+    for flags, fragments in cases:
+        terminal.assert_user_error(terminal.posttrain(*base, *flags, cwd=tmp_path), *fragments)
+        assert_nothing_left(out)

@@ -91,6 +91,30 @@ def test_training_refuses_a_bad_file_before_loading_a_model(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+BAD_KTO = [  # KTO's unpaired rows (posttrain train dpo --loss-type kto): (rows, what the message names)
+    ([{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": "d"}],
+     ["bad.jsonl:2:", "field 'label': missing"]),
+    ([{"prompt": "a", "completion": "b", "label": "yes"}], ["bad.jsonl:1:", "field 'label'", "true (desirable)"]),
+    ([{"prompt": "a", "completion": "b", "label": 1}], ["bad.jsonl:1:", "field 'label'", "got 1"]),
+    ([{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": " ", "label": False}],
+     ["bad.jsonl:2:", "field 'completion': empty text"]),
+    ([{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "chosen": "d", "rejected": "e"}],
+     ["bad.jsonl:2:", "mixed formats", "first row is unpaired"]),
+    ([{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "label": True}],
+     ["bad.jsonl:1:", "field 'completion'", "must both be strings or both message lists"]),
+]
+
+
+@pytest.mark.parametrize("rows,fragments", BAD_KTO, ids=["no-label", "label-text", "label-int", "empty", "mixed-rows",
+                                                          "mixed-fields"])
+def test_training_refuses_a_malformed_kto_row_before_loading_a_model(tmp_path, rows, fragments):
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = terminal.posttrain("train", "dpo", "--loss-type", "kto", "--data", "bad.jsonl", "--max-steps", "1",
+                              "--output-dir", "runs", cwd=tmp_path)
+    terminal.assert_user_error(proc, *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
 BAD_SPECS = [
     ("mth", ["--reward 'mth'", "unknown reward 'mth'", "did you mean 'math'", "known: code, countdown, format"]),
     ("math,frmat:0.2", ["--reward 'math,frmat:0.2'", "unknown reward 'frmat'"]),

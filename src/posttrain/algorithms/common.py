@@ -41,6 +41,7 @@ from posttrain.runtime.tracking import check_new_run_dir
 from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegative, PerProcess, Positive, Range, Seed,
                                       flag, refuse)
 from posttrain.sampling.generation import SamplingConfig
+from posttrain.objectives.losses import MASK_BAND, POLICY_LOSSES, ROLLOUT_CORRECTIONS, TIS_CAP, rollout_correction
 from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, add_lora, check_model_flag, count_parameters,
                               load_model, resolve_device, rl_lora_rank)
 
@@ -322,6 +323,8 @@ class PromptStream:
         self._order = self._perm(self.epoch)
 
 
+MISMATCH_MAX = ("mismatch/ratio_max",)
+"""Mismatch metrics reduced by max over the step (micro-batches and processes), not by mean."""
 ClipRange = Range(0, 1, low_open=True, high_open=True)
 """A PPO clip range: the ratio is kept within [1 - clip, 1 + clip]."""
 NO_SIGNAL_AT_T0 = ("the sampling trainers divide the logits by the temperature, and at 0 every completion of a "
@@ -345,7 +348,9 @@ class RolloutConfig(TrainConfig):
     max_new_tokens: Annotated[int, Positive] = 256
     """Completion length limit."""
     min_new_tokens: Annotated[int, NonNegative] = 0
-    """Forbid EOS before this many tokens (for benchmarks that force equal lengths)."""
+    """Forbid EOS before this many tokens (for benchmarks that force equal lengths). The sampler
+    bans EOS before it takes the token's log-prob, so its distribution truly differs from the
+    trainer's there: such runs show a rollout mismatch (``mismatch/kl`` > 0) even in float32."""
     temperature: Annotated[float, Range(0, low_open=True, why=NO_SIGNAL_AT_T0)] = 1.0
     """Sampling temperature."""
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
@@ -358,15 +363,62 @@ class RolloutConfig(TrainConfig):
     """Groups per step written to samples.jsonl for human review."""
     eval_max_new_tokens: Annotated[int, NonNegative] = 0
     """Completion limit during evaluation (0 = max_new_tokens)."""
-    policy_loss: Literal["ppo_clip"] = "ppo_clip"
-    """Policy loss, an entry of ``losses.POLICY_LOSSES``: ppo_clip = PPO's clipped surrogate (GRPO
-    and PPO papers; DAPO's clip-higher through clip_high)."""
+    policy_loss: Literal[tuple(POLICY_LOSSES)] = "ppo_clip"
+    """Policy loss, an entry of ``losses.POLICY_LOSSES``: ppo_clip (PPO's clipped token surrogate),
+    gspo / gspo_token (sequence-level ratio, Zheng et al. 2025), cispo (clipped stop-gradient IS
+    weight times REINFORCE, MiniMax-M1). Each has its own default clip range, used when the run
+    gives none (``losses.clip_range``: ppo_clip 0.2/0.2, gspo 3e-4/4e-4, cispo no lower bound and
+    a weight cap of 5)."""
+    clip_ratio_c: Optional[Annotated[float, Range(1, low_open=True)]] = None
+    """Dual-clip bound for negative advantages (Ye et al. 2020; verl uses 3.0): the per-token loss
+    of a token with A < 0 is at most -A * c. None = off. ppo_clip only."""
+    rollout_correction: Literal[tuple(ROLLOUT_CORRECTIONS)] = "tis"
+    """Correction of the sampler/trainer mismatch (``losses.correction``): tis (token weight
+    min(r, cap), Yao et al. 2025), seq_tis, token_mask, seq_mask (drop tokens/sequences whose ratio
+    leaves the band: one extra no-grad pass per step for the start-of-update log-probs), none.
+    The mismatch metrics (``mismatch/kl``, ``mismatch/ratio_max``, ...) are logged whatever it is."""
+    rollout_correction_cap: Annotated[float, Positive] = TIS_CAP
+    """Truncation C of tis / seq_tis (Yao et al. 2025's 2; TRL's default is 3)."""
+    rollout_correction_low: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = MASK_BAND[0]
+    """Lower end of the ratio band kept by token_mask / seq_mask."""
+    rollout_correction_high: Annotated[float, Range(1, low_open=True)] = MASK_BAND[1]
+    """Upper end of the ratio band kept by token_mask / seq_mask."""
+
+    APPLIES_WHEN: ClassVar[dict] = {
+        "rollout_correction_cap": ("with --rollout-correction tis or seq_tis (the truncating kinds)",
+                                   lambda c: c.rollout_correction in ("tis", "seq_tis")),
+        "rollout_correction_low": ("with --rollout-correction token_mask or seq_mask (the masking kinds)",
+                                   lambda c: ROLLOUT_CORRECTIONS[c.rollout_correction].masks),
+        "rollout_correction_high": ("with --rollout-correction token_mask or seq_mask (the masking kinds)",
+                                    lambda c: ROLLOUT_CORRECTIONS[c.rollout_correction].masks),
+    }
 
     def check(self) -> None:
         super().check()
+        if self.clip_ratio_c is not None and not POLICY_LOSSES[self.policy_loss].dual_clip:
+            raise refuse("clip_ratio_c", f"dual-clip bounds the PPO clip loss; --policy-loss {self.policy_loss} has "
+                         "no such bound: drop --clip-ratio-c or use --policy-loss ppo_clip", "policy_loss")
+        self.check_policy_loss()
         if self.min_new_tokens > self.max_new_tokens:
             raise refuse("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
                          f"({self.max_new_tokens})", "max_new_tokens")
+
+    def correction(self, train_logp_BC: torch.Tensor, sample_logp_BC: torch.Tensor, mask_BC: torch.Tensor):
+        """``losses.rollout_correction`` with the run's kind, cap and band: ``(weight_BC, keep_BC,
+        metrics)`` from the trainer's log-probs at the start of the update and the sampler's."""
+        return rollout_correction(train_logp_BC, sample_logp_BC, mask_BC, self.rollout_correction,
+                                  self.rollout_correction_cap, (self.rollout_correction_low, self.rollout_correction_high))
+
+    def per_token_advantages(self) -> bool:
+        """Whether the trainer's advantages are per token (``adv_BT``)."""
+        return True
+
+    def check_policy_loss(self) -> None:
+        """A loss that takes one advantage per sequence (gspo) refused where they are per token."""
+        if self.per_token_advantages() and not POLICY_LOSSES[self.policy_loss].per_token_adv:
+            raise refuse("policy_loss", f"{self.policy_loss} clips one ratio per sequence with one advantage per "
+                         "sequence, but this run's advantages are per token; use --policy-loss gspo_token",
+                         *(("advantage",) if hasattr(self, "advantage") else ()))
 
     def completion_budgets(self) -> dict[str, tuple[str, int]]:
         """The completion limit of the train and held-out rows, with the field that sets it

@@ -1,4 +1,6 @@
-"""DPO (Rafailov et al. 2023) with the IPO, hinge (SLiC) and robust (rDPO) losses.
+"""DPO (Rafailov et al. 2023) with the IPO, hinge (SLiC) and robust (rDPO) losses, and the
+reference-free SimPO and ORPO, and KTO on unpaired examples (``--loss-type``; what each loss needs
+is its entry in ``dpo_losses.LOSS_TYPES``: a reference or not, length-normalised log-probs, KTO's data).
 
 The doctrine's first recommendation: no reward model and no sampling during training; the policy
 is pushed to raise the log-ratio to a frozen reference of the chosen completion over the
@@ -6,7 +8,7 @@ rejected one (``losses.dpo_loss``). Each step (the loop, checkpoints and evaluat
 
     batch   = stream.take(batch_size)                          # tokenized pairs, seeded order
     logps   = pair_logprobs(policy, pack(batch))               # chosen + rejected, one forward
-    loss    = dpo_loss(logps, reference[batch], beta, ...)     # pure tensors; backward per micro-batch
+    loss    = LOSS_TYPES[loss_type].compute(logps, reference[batch], ...)  # pure tensors; backward per micro-batch
     metrics = rule.step()                                      # reduce, clip, check, AdamW (optim.py)
 
 Choices and departures from the paper and from TRL:
@@ -15,11 +17,17 @@ Choices and departures from the paper and from TRL:
   with LoRA (no second model in memory), the initial weights with full fine-tuning (no frozen
   copy kept either), or ``ref_model`` when given (loaded, used, freed). The table is saved in the
   run directory (``reference_logps.pt``, keyed by a hash of the token ids) and reused on resume.
+  The reference-free losses (simpo, orpo) skip all of it: no reference is loaded, run or stored.
+- KTO (``kto_data``): each example is packed as a "pair" of its completion and the completion of
+  its fixed KL partner, so the same forward, reference table and resume serve it; its held-out
+  ``rewards/accuracy`` is the share of examples on their side of the reference point, and
+  ``rewards/pair_accuracy`` (for examples split from pairs) the share of pairs ranked right.
 - Chosen and rejected of a pair share one copy of their prompt in the forward (prefix sharing
   with a custom attention mask; ``dpo_data``), pairs are packed into rows without padding, and the
   output head is applied to completion positions only, in chunks: no [B, T, V] logits.
-- Sequence log-probs are sums over completion tokens (paper); for ``ipo`` they are divided by the
-  completion length (the IPO authors' and TRL's choice) so beta means the same across lengths.
+- Sequence log-probs are sums over completion tokens (paper); for ``ipo``, ``simpo`` and ``orpo``
+  they are divided by the completion length (the IPO authors' and TRL's choice; SimPO's and ORPO's
+  definition) so beta means the same across lengths.
 - Over-long pairs are truncated by the stated policy in ``dpo_data`` (or dropped), counted,
   printed and written to ``data.json``; ``max_length`` itself must fit the model's context (checked
   when the model has loaded, before the run directory is made), and so must the greedy evaluation's
@@ -52,13 +60,14 @@ import torch
 
 from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms import dpo_data as dd
+from posttrain.algorithms import dpo_losses, kto_data
+from posttrain.algorithms.dpo_losses import LOSS_TYPES
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
 from posttrain.data import DataError
 from posttrain.errors import ResumeError
 from posttrain.algorithms.evaluate import greedy_eval_sharded
 from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure, saved_config
-from posttrain.objectives import losses
 from posttrain.runtime import distributed
 from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
 
@@ -69,7 +78,8 @@ REFERENCE_FILE = "reference_logps.pt"
 
 @dataclasses.dataclass
 class DPOConfig(common.TrainConfig):
-    """DPO (and IPO, hinge, robust) on preference pairs {prompt, chosen, rejected}."""
+    """DPO (and IPO, hinge, robust, SimPO, ORPO) on preference pairs {prompt, chosen, rejected}; KTO on
+    unpaired examples {prompt, completion, label} or pairs."""
 
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model", "ref_model")
 
@@ -80,14 +90,27 @@ class DPOConfig(common.TrainConfig):
     """Fraction of the pairs held out for preference evaluation (rewards/accuracy, margin, loss); 0 = none."""
     lora_rank: Optional[Annotated[int, Positive]] = 32
     """LoRA rank (the doctrine's DPO default: 32)."""
-    beta: Annotated[float, Positive] = 0.1
-    """Strength of the pull towards the reference. 0.05: aggressive learning, may overfit to preferences;
-    0.1: standard, good balance; 0.5: conservative, preserves reference behaviour; 1.0+: very
-    conservative, minimal change from the reference."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """sigmoid (DPO), ipo (length-normalised log-probs), hinge (SLiC), robust (rDPO, noisy labels)."""
+    beta: Optional[Annotated[float, Positive]] = None
+    """Strength of the pull towards the reference; default by loss type: 0.1 (DPO family, KTO), 2.0 (SimPO,
+    the scale of its length-normalised reward); orpo has none (--orpo-lambda). For DPO, 0.05: aggressive
+    learning, may overfit to preferences; 0.1: standard, good balance; 0.5: conservative, preserves reference
+    behaviour; 1.0+: very conservative, minimal change from the reference."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid (DPO), ipo (length-normalised log-probs), hinge (SLiC), robust (rDPO, noisy labels); without a
+    reference model: simpo (length-normalised margin), orpo (chosen NLL + odds ratio); kto (unpaired
+    {prompt, completion, label} rows, or pairs split in two)."""
+    simpo_gamma: Annotated[float, NonNegative] = 1.0
+    """SimPO's target reward margin gamma (paper: gamma / beta = 0.5 with beta 2.0; TRL's CPOConfig simpo_gamma)."""
+    orpo_lambda: Annotated[float, NonNegative] = 0.1
+    """ORPO's weight of the odds-ratio term against the chosen NLL (paper and TRL's ORPOConfig, which calls it beta)."""
+    kto_desirable_weight: Annotated[float, Positive] = 1.0
+    """KTO's weight of desirable examples (TRL's KTOConfig desirable_weight; the paper advises
+    weight x count of desirable / undesirable in [1, 4/3] when the classes are unbalanced)."""
+    kto_undesirable_weight: Annotated[float, Positive] = 1.0
+    """KTO's weight of undesirable examples (TRL's KTOConfig undesirable_weight)."""
     label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
-    """Assumed fraction of flipped preference labels, in [0, 0.5) (sigmoid: conservative DPO; robust: rDPO)."""
+    """Assumed fraction of flipped preference labels, in [0, 0.5) (sigmoid: conservative DPO; robust: rDPO;
+    simpo: as TRL's CPOTrainer)."""
     batch_size: Annotated[int, Positive, PerProcess] = 8
     """Pairs per optimizer step, over all processes (a multiple of their number; each trains on batch_size / N)."""
     micro_batch_size: Annotated[int, NonNegative] = 0
@@ -122,6 +145,10 @@ class DPOConfig(common.TrainConfig):
         "eval_max_new_tokens": ("with --task (the greedy evaluation on its test split)", lambda c: c.task is not None),
         "task_size": ("never in DPO (it trains on --data; --task only evaluates)", lambda c: False),
         "eval_fraction": ("with --data", lambda c: c.data is not None),
+        "beta": ("with a loss type that has one (not orpo: --orpo-lambda)", lambda c: LOSS_TYPES[c.loss_type].beta is not None),
+        "ref_model": ("with a loss type that uses a reference (not simpo or orpo)", lambda c: LOSS_TYPES[c.loss_type].reference),
+        **{f: (f"with --loss-type {name}", lambda c, n=name: c.loss_type == n)
+           for name, entry in LOSS_TYPES.items() for f in entry.fields},
     }
     activation_checkpointing: Annotated[int, NonNegative] = 0
     """Recompute the activations of every N-th decoder layer in backward instead of storing them (1 = all
@@ -133,6 +160,11 @@ class DPOConfig(common.TrainConfig):
     def method(self) -> str:
         return "dpo"
 
+    @property
+    def beta_value(self) -> float:
+        """``beta``, or the loss type's default."""
+        return self.beta if self.beta is not None else LOSS_TYPES[self.loss_type].beta
+
     def check_inputs(self) -> None:
         """DPO trains on ``data`` (pairs); ``task`` only names the greedy evaluation's task."""
         if self.data is None:
@@ -142,11 +174,9 @@ class DPOConfig(common.TrainConfig):
     def check(self) -> None:
         super().check()
         dd.check_lengths(self)
-        try:  # the loss's own rule on loss_type x label_smoothing
-            losses.dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), self.beta,
-                            self.loss_type, self.label_smoothing)
-        except ValueError as e:
-            raise refuse("label_smoothing", str(e).removeprefix("dpo_loss: "), "loss_type") from None
+        problem = dpo_losses.check(self)
+        if problem is not None:
+            raise refuse(problem[0], problem[1], "loss_type")
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -218,17 +248,24 @@ def _read_table(path: Path, console) -> dict | None:
 # --------------------------------------------------------------------------------------- loss
 
 
-def batch_loss(policy, batch: list[dd.PairExample], ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool):
+def _loss(config: DPOConfig, logps_P2, ref_P2, lengths_P2, batch):
+    """The loss type's table entry on [P, 2] sequence log-probs (per-token means when it says so)."""
+    entry = LOSS_TYPES[config.loss_type]
+    if entry.normalise:  # module docstring
+        n = lengths_P2.to(logps_P2.dtype)
+        logps_P2, ref_P2 = logps_P2 / n, (None if ref_P2 is None else ref_P2 / n)
+    labels = kto_data.labels_of(batch).to(logps_P2.device) if entry.unpaired else None
+    return entry.compute(logps_P2, ref_P2, labels, config)
+
+
+def batch_loss(policy, batch: list[dd.PairExample], ref: ReferenceLogps | None, config: DPOConfig, pad_id: int,
+               share: bool):
     """(loss, metrics, tokens fed) of one micro-batch; differentiable when grad is enabled."""
     device = next(policy.parameters()).device
     packed = dd.pack(batch, pad_id, share, config.row_tokens, device)
     logps_P2 = dd.pair_logprobs(policy, packed, config.chunk_size)
-    ref_P2 = ref.of(batch).to(device=device, dtype=logps_P2.dtype)
-    if config.loss_type == "ipo":  # length-normalised (module docstring)
-        n = packed.lengths_P2.to(logps_P2.dtype)
-        logps_P2, ref_P2 = logps_P2 / n, ref_P2 / n
-    loss, metrics = losses.dpo_loss(logps_P2[:, 0], logps_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], config.beta,
-                                    config.loss_type, config.label_smoothing)
+    ref_P2 = None if ref is None else ref.of(batch).to(device=device, dtype=logps_P2.dtype)
+    loss, metrics = _loss(config, logps_P2, ref_P2, packed.lengths_P2, batch)
     return loss, {k: float(v) for k, v in metrics.items()}, packed.n_tokens
 
 
@@ -237,7 +274,7 @@ def _micro(batch: list, size: int) -> list[list]:
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
-def accumulate(policy, rule: OptimizerStep, batch, ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool,
+def accumulate(policy, rule: OptimizerStep, batch, ref: ReferenceLogps | None, config: DPOConfig, pad_id: int, share: bool,
                total: int | None = None) -> tuple[dict, int]:
     """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
     ``total`` pairs of the step (default: this batch; under several processes, the global batch),
@@ -268,9 +305,9 @@ def step_optimizer(rule: OptimizerStep) -> dict:
 
 
 @torch.no_grad()
-def preference_eval(policy, examples, ref: ReferenceLogps, config: DPOConfig, pad_id: int, share: bool) -> dict:
-    """Loss and rewards/* over held-out pairs (one dpo_loss over all of them; the processes score
-    a part each)."""
+def preference_eval(policy, examples, ref: ReferenceLogps | None, config: DPOConfig, pad_id: int, share: bool) -> dict:
+    """Loss and rewards/* over held-out pairs (one loss over all of them; the processes score a part
+    each). ``rewards/accuracy`` is under the loss type's own implicit reward (``dpo_losses``)."""
     training = getattr(policy, "training", False)
     policy.eval()
     device = next(policy.parameters()).device
@@ -284,12 +321,14 @@ def preference_eval(policy, examples, ref: ReferenceLogps, config: DPOConfig, pa
     finally:
         policy.train(training)
     pol_P2, n_P2 = distributed.gather_cat(torch.cat(pol)), distributed.gather_cat(torch.cat(n))
-    ref_P2 = ref.of(examples).double()
-    if config.loss_type == "ipo":
-        pol_P2, ref_P2 = pol_P2 / n_P2, ref_P2 / n_P2
-    loss, metrics = losses.dpo_loss(pol_P2[:, 0], pol_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], config.beta,
-                                    config.loss_type, config.label_smoothing)
-    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "pairs": len(examples)}
+    ref_P2 = None if ref is None else ref.of(examples).double()
+    loss, metrics = _loss(config, pol_P2, ref_P2, n_P2, examples)
+    out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "pairs": len(examples)}
+    if LOSS_TYPES[config.loss_type].unpaired:  # KTO: examples split from pairs are also ranked pairwise
+        paired = kto_data.pair_accuracy(pol_P2[:, 0] - ref_P2[:, 0], examples)
+        if paired is not None:
+            out["rewards/pair_accuracy"] = paired
+    return out
 
 
 # --------------------------------------------------------------------------------------- train
@@ -300,7 +339,7 @@ def _read_rows(config: DPOConfig) -> tuple[list[dict], inputs.Rows]:
     held-out rows, for the prompt-length check): read and checked before the model loads."""
     from posttrain.data import load_rows
 
-    rows = load_rows(config.data, "preference")
+    rows = load_rows(config.data, "kto" if LOSS_TYPES[config.loss_type].unpaired else "preference")
     greedy = inputs.rows_of("")
     if config.task:
         from posttrain.data.tasks import get_task, task_info
@@ -318,12 +357,17 @@ def _encode(config: DPOConfig, tok, rows: list[dict], console):
         n_eval = max(1, int(round(len(rows) * config.eval_fraction)))
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
         held = set(order[:n_eval])
-    examples, stats = dd.encode_pairs(tok, rows, config.chat_template, config.max_length, config.max_prompt_length,
-                                      config.truncation, source=str(config.data))
+    if LOSS_TYPES[config.loss_type].unpaired:
+        examples, stats = kto_data.encode_kto(tok, rows, config.chat_template, config.max_length,
+                                              config.max_prompt_length, config.truncation, str(config.data), config.seed)
+    else:
+        examples, stats = dd.encode_pairs(tok, rows, config.chat_template, config.max_length, config.max_prompt_length,
+                                          config.truncation, source=str(config.data))
     if stats.over_length or stats.dropped_identical:
         console.print(f"[yellow]truncation:[/yellow] {stats.summary()}")
-    train = [e for e in examples if e.index not in held]
-    evals = [e for e in examples if e.index in held]
+    row = lambda e: getattr(e, "row", e.index)  # noqa: E731 - KTO examples: held out by their source row
+    train = [e for e in examples if row(e) not in held]
+    evals = [e for e in examples if row(e) in held]
     if not train:
         raise DataError(str(config.data), None, None, f"no training pairs left ({stats.summary()}): lower "
                         "--eval-fraction, raise --max-length, or use --truncation truncate")
@@ -362,7 +406,7 @@ def total_steps(config: DPOConfig, n_train: int) -> int:
 
 @closes_runs_on_failure
 def train_dpo(config: DPOConfig) -> RunResult:
-    """Train with DPO (or IPO / hinge / robust); returns the run directory and metrics."""
+    """Train with DPO (or IPO / hinge / robust / SimPO / ORPO / KTO); returns the run directory and metrics."""
     common.start(config)
     distributed.check_divisible("batch_size", config.batch_size)
     check_resumed_length(config)
@@ -384,8 +428,11 @@ def train_dpo(config: DPOConfig) -> RunResult:
     run = Run(config, "dpo", total_steps=config.max_steps)
     console = run.tracker.console
     share = config.share_prompt and dd.supports_shared_prompt(policy)
-    ref, ref_seconds = ReferenceLogps.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
-    run.tracker.write_json("data.json", {"truncation": stats.as_dict(), "train_pairs": len(train),
+    ref, ref_seconds = None, 0.0  # reference-free losses: nothing loaded, run or stored
+    if LOSS_TYPES[config.loss_type].reference:
+        ref, ref_seconds = ReferenceLogps.prepare(run.run_dir, policy, tok, train + evals, config, share, console)
+    run.tracker.write_json("data.json", {"loss_type": config.loss_type, "reference": ref is not None,
+                                         "truncation": stats.as_dict(), "train_pairs": len(train),
                                          "eval_pairs": len(evals), "reference_seconds": ref_seconds,
                                          "share_prompt": share})
     optimizer = common.build_optimizer(policy, config, common.resolve_lr(config, FULL_FT_LR))

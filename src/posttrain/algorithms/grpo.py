@@ -22,6 +22,14 @@ No value model: the group's mean reward is the baseline. Choices and departures 
   so the ratio is 1 and no extra forward pass is made. With more, they are computed once per batch.
 - Log-probs are taken under the sampling temperature (softmax(logits / T)), the distribution the
   tokens were drawn from.
+- Rollout mismatch (``losses.correction``): the sampler's log-probs (``sample_logp_BC``, from the
+  bfloat16 rollout copy when there is one) are compared every step with the trainer's at the start
+  of the update: with ``num_iterations=1`` the training pass's own, detached, inside each
+  micro-batch (no extra pass); else the old log-probs. ``mismatch/*`` metrics always;
+  ``rollout_correction`` (default ``tis``, cap 2) weights the policy loss (not the KL or entropy
+  terms, as verl). A masking kind (``token_mask``, ``seq_mask``) needs the corrected mask before
+  the first micro-batch (the global normalisers are its): one extra no-grad pass when there are
+  no old log-probs. The policy loss's own ratio stays on-policy (exactly 1) either way.
 - Micro-batches hold whole groups, so each prompt is computed once per group in the training
   forward too (``posttrain.objectives.grouped``); gradient accumulation weights micro-batches so the result
   equals one big batch.
@@ -80,10 +88,12 @@ class GRPOConfig(common.RolloutConfig):
     activation memory is one group's, whatever prompts_per_step is."""
     beta: Annotated[float, NonNegative] = 0.04
     """KL coefficient (k3 estimator in the loss; in the reward for reinforce_pp); 0 = no reference."""
-    clip_low: Annotated[float, common.ClipRange] = 0.2
-    """PPO clip: the ratio is kept within [1 - clip_low, 1 + clip_high]."""
+    clip_low: Optional[Annotated[float, common.ClipRange]] = None
+    """Clip: the ratio is kept within [1 - clip_low, 1 + clip_high]. None = the policy loss's
+    default (``losses.clip_range``: 0.2 for ppo_clip, 3e-4 for gspo, no lower bound for cispo)."""
     clip_high: Optional[Annotated[float, Positive]] = None
-    """Upper clip (None = clip_low; DAPO's clip-higher uses 0.28)."""
+    """Upper clip (None = clip_low when that is given, else the policy loss's default: 0.2 for
+    ppo_clip, 4e-4 for gspo, 4 for cispo (a weight cap of 5); DAPO's clip-higher uses 0.28)."""
     num_iterations: Annotated[int, Positive] = 1
     """Optimizer updates per generated batch (1 = on-policy, no old-log-prob pass)."""
     reduce: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -105,6 +115,9 @@ class GRPOConfig(common.RolloutConfig):
     @property
     def method(self) -> str:
         return "grpo"
+
+    def per_token_advantages(self) -> bool:
+        return self.advantage == "reinforce_pp"  # the estimator that puts the KL in the per-token reward
 
     def check(self) -> None:
         super().check()
@@ -130,6 +143,11 @@ class Prepared:
     old_BC: Optional[torch.Tensor]
     adv: torch.Tensor
     """adv_B or adv_BC."""
+    weight_BC: Optional[torch.Tensor] = None
+    """The rollout correction's per-token weights when taken before the update (None: each
+    micro-batch takes them from its own detached log-probs, no extra pass)."""
+    mismatch: Optional[dict] = None
+    """The mismatch metrics of the whole batch when taken before the update."""
 
 
 def _in_batch_order(parts_BC: list[torch.Tensor], order_B: torch.Tensor, shape) -> torch.Tensor:
@@ -161,8 +179,20 @@ def advantages(policy, reference: Reference | None, config: GRPOConfig, batch: S
     kl_BC = losses.kl_estimate(old_BC, ref_BC, "k1") * mask_BC if kl_in_reward else None
     adv = estimator.compute(advmod.AdvantageInputs(batch.rewards_PG(), mask_BC, kl_BC, config.beta,
                                                    config.scale_rewards, distributed.all_sum))
+    # The rollout correction from the trainer's log-probs at the start of the update: the old ones
+    # when they exist; a masking kind needs them before the first micro-batch (the normalisers are
+    # of the corrected mask), so it pays one no-grad pass when they do not; otherwise each
+    # micro-batch takes them from its own detached log-probs (``micro_loss``), for free.
+    start_BC = old_BC
+    if start_BC is None and losses.ROLLOUT_CORRECTIONS[config.rollout_correction].masks:
+        start_BC = _in_batch_order([rollout_logprobs(policy, r, T, rows=mb) for mb, _ in micro], order, mask_BC.shape)
+    weight_BC = mismatch = None
+    if start_BC is not None:
+        weight_BC, keep_BC, mm = config.correction(start_BC, r.sample_logp_BC, mask_BC)
+        mask_BC = mask_BC * keep_BC.to(mask_BC.dtype)
+        mismatch = {k: float(v) for k, v in mm.items()}
     whole = distributed.all_sum(losses.reduction_counts(mask_BC))  # the global batch's normalisers
-    return Prepared(mask_BC, whole, micro, ref_BC, old_BC, adv)
+    return Prepared(mask_BC, whole, micro, ref_BC, old_BC, adv, weight_BC, mismatch)
 
 
 # ------------------------------------------------------------------------------------- 3. optimise
@@ -175,11 +205,19 @@ def micro_loss(policy, config: GRPOConfig, batch: ScoredBatch, p: Prepared, kl_i
     logp, ent = rollout_logprobs(policy, batch.rollouts, config.temperature, with_entropy=True, rows=mb)
     m = p.mask_BC[b]
     old = logp.detach() if p.old_BC is None else p.old_BC[b]
-    policy_loss = losses.POLICY_LOSSES[config.policy_loss]
-    loss, pm = policy_loss.compute(logp, old, p.adv[b], m, config.clip_low, config.clip_high, config.reduce,
-                                   max_len=config.max_new_tokens)
+    mismatch = {}
+    if p.weight_BC is None:  # on-policy: the trainer's log-prob at the start of the update is this pass's
+        weight, keep, mm = config.correction(logp.detach(), batch.rollouts.sample_logp_BC[b], m)
+        mismatch = {k: float(v) for k, v in mm.items()}
+    else:
+        weight = p.weight_BC[b]
+    name = config.policy_loss
+    loss, pm = losses.POLICY_LOSSES[name].compute(
+        logp, old, p.adv[b], m, *losses.clip_range(name, config.clip_low, config.clip_high), config.reduce,
+        max_len=config.max_new_tokens, weight_BT=weight, clip_ratio_c=config.clip_ratio_c)
     ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
-    stats = {"pg_loss": float(loss.detach()), "clip_frac": float(pm["clip_frac"]), "entropy": float(em["entropy"])}
+    stats = {"pg_loss": float(loss.detach()), "clip_frac": float(pm["clip_frac"]), "entropy": float(em["entropy"]),
+             **mismatch}
     if p.ref_BC is not None:
         kl_loss, km = losses.kl_penalty(logp, p.ref_BC[b], m, config.beta, "k3", config.reduce, config.max_new_tokens)
         stats["kl"] = float(km["kl"])
@@ -212,7 +250,10 @@ def optimise(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch
             if rule.backward(loss, w, last) and it == 0:
                 tok_w = float(m.sum()) / max(1.0, float(p.whole[0]))
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v * (w if k in ("loss", "pg_loss") else tok_w)
+                    if k in common.MISMATCH_MAX:
+                        sums[k] = max(sums.get(k, v), v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * (w if k in ("loss", "pg_loss") else tok_w)
         (norm,), ok = rule.step()
         if ok:
             grad_norms.append(norm)
@@ -221,8 +262,9 @@ def optimise(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch
     metrics = {**sums, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                "nonfinite_steps": nonfinite, "len/mean": float(lengths.mean()),
                "len/clipped_frac": float(batch.rollouts.clipped_B.float().mean()),
-               "adv/abs_mean": float(p.adv.abs().mean())}
-    return distributed.reduce_metrics(metrics, sum_keys=sums)
+               "adv/abs_mean": float(p.adv.abs().mean()), **(p.mismatch or {})}
+    return distributed.reduce_metrics(metrics, sum_keys=[k for k in sums if k not in common.MISMATCH_MAX],
+                                      max_keys=common.MISMATCH_MAX)
 
 
 def update(policy, rule: OptimizerStep, config: GRPOConfig, batch: ScoredBatch, reference: Reference | None) -> dict:

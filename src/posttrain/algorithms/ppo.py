@@ -35,6 +35,11 @@ Choices and departures:
   the rule of ``optim.py``, the same in every trainer).
 - Prompts longer than the model's context with ``max_new_tokens`` are refused by row before the
   run starts, as in GRPO (``inputs.check_context``).
+- Rollout mismatch: the old log-probs (the trainer's at the start of the update) against the
+  sampler's (``sample_logp_BC``) give the ``mismatch/*`` metrics and the ``rollout_correction``
+  weights of the policy loss; a masking kind narrows the policy loss's mask (and its normalisers),
+  the critic still fits every token. ``policy_loss`` picks the loss (``gspo`` is refused: GAE's
+  advantages are per token; ``gspo_token`` takes them); ``clip_ratio`` None = the loss's range.
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
 - Under several processes each takes 1/N of the prompts; every process splits its part into
@@ -102,8 +107,10 @@ class PPOConfig(common.RolloutConfig):
 
     group_size: Annotated[int, Positive] = 1
     """Completions sampled per prompt (1 = classic PPO; the critic is the baseline either way)."""
-    clip_ratio: Annotated[float, common.ClipRange] = 0.2
-    """PPO clip: the probability ratio is kept within [1 - clip_ratio, 1 + clip_ratio] (doctrine 0.2)."""
+    clip_ratio: Optional[Annotated[float, common.ClipRange]] = None
+    """Clip: the probability ratio is kept within [1 - clip_ratio, 1 + clip_ratio]. None = the policy
+    loss's default (``losses.clip_range``: 0.2 for ppo_clip, the doctrine's; gspo_token 3e-4/4e-4;
+    cispo no lower bound and a weight cap of 5)."""
     kl_coef: Annotated[float, NonNegative] = 0.1
     """KL penalty beta in the per-token reward -beta * (logp - logp_ref) (doctrine 0.1; 0 = no reference);
     the initial value when kl_target is set."""
@@ -179,6 +186,10 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     if config.whiten_advantages:
         adv_BC = advmod.whiten(adv_BC, mask_BC, all_sum=distributed.all_sum)
     has_B = mask_BC.sum(1) > 0
+    # the rollout correction from the old log-probs (the trainer's at the start of the update):
+    # its weights multiply the policy loss; a masking kind narrows the policy loss's mask (the
+    # critic still fits every token)
+    weight_BC, keep_BC, mismatch = config.correction(old_BC, r.sample_logp_BC, mask_BC)
     stats = {"returns/mean": float(losses.masked_mean(returns_BC, mask_BC)),
              "value/mean": float(losses.masked_mean(v_BC, mask_BC)),
              "explained_variance": explained_variance(v_BC, returns_BC, mask_BC),
@@ -189,8 +200,10 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
         kl_n = distributed.all_sum(torch.stack([kl_BC.sum(1)[has_B].sum().double(), has_B.sum().double()]))
         stats["kl/seq"] = float(kl_n[0] / kl_n[1]) if float(kl_n[1]) > 0 else float("nan")  # every process's
         stats["non_score_reward"] = -kl_coef * stats["kl/seq"]
-    stats = distributed.reduce_metrics(stats)
-    return {"mask": mask_BC, "old": old_BC, "values": v_BC, "adv": adv_BC, "returns": returns_BC, "stats": stats}
+    stats.update({k: float(v) for k, v in mismatch.items()})
+    stats = distributed.reduce_metrics(stats, max_keys=common.MISMATCH_MAX)
+    return {"mask": mask_BC, "old": old_BC, "values": v_BC, "adv": adv_BC, "returns": returns_BC, "stats": stats,
+            "pg_mask": mask_BC * keep_BC.to(mask_BC.dtype), "weight": weight_BC}
 
 
 def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, batch: ScoredBatch, ro: dict,
@@ -202,6 +215,8 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
     P, G = r.num_prompts, r.group_size
     size = -(-P // config.minibatches)
     mask_BC, old_BC, v_old_BC, adv_BC, ret_BC = ro["mask"], ro["old"], ro["values"], ro["adv"], ro["returns"]
+    pg_mask_BC, weight_BC = ro["pg_mask"], ro["weight"]
+    clip = losses.clip_range(config.policy_loss, config.clip_ratio, config.clip_ratio)
     sums: dict[str, float] = {}
     n_steps, nonfinite = 0, 0
     policy.train()
@@ -209,16 +224,17 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
 
     def minibatch_loss(mb: torch.Tensor, b: torch.Tensor):
         """The minibatch's weighted loss and its parts (through DDP's forward in data-parallel runs)."""
-        m = mask_BC[b]
+        m, pm_BC = mask_BC[b], pg_mask_BC[b]  # the critic's mask, the policy loss's (corrected)
         logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
         pg, pm = losses.POLICY_LOSSES[config.policy_loss].compute(
-            logp, old_BC[b], adv_BC[b], m, config.clip_ratio, config.clip_ratio, config.reduce,
-            max_len=config.max_new_tokens)
-        ent_loss, em = losses.entropy_bonus(ent, m, config.entropy_coef, config.reduce, config.max_new_tokens)
+            logp, old_BC[b], adv_BC[b], pm_BC, *clip, config.reduce, max_len=config.max_new_tokens,
+            weight_BT=weight_BC[b], clip_ratio_c=config.clip_ratio_c)
+        ent_loss, em = losses.entropy_bonus(ent, pm_BC, config.entropy_coef, config.reduce, config.max_new_tokens)
         v = critic.values(r, rows=mb)
         vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
-        whole = distributed.all_sum(losses.reduction_counts(m))  # the global minibatch's normalisers
-        w_pg = losses.reduction_share(config.reduce, m, whole)
+        # the global minibatch's normalisers, of each loss's mask
+        whole, whole_pg = (distributed.all_sum(losses.reduction_counts(x)) for x in (m, pm_BC))
+        w_pg = losses.reduction_share(config.reduce, pm_BC, whole_pg)
         w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
         return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
 

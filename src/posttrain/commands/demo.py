@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default=None)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
+    from posttrain.objectives.losses import POLICY_LOSSES
+
+    parser.add_argument("--policy-loss", choices=tuple(POLICY_LOSSES), default="ppo_clip",
+                        help="policy loss (" + "; ".join(f"{k}: {v.help}" for k, v in POLICY_LOSSES.items()) + ")")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     cfg = GRPOConfig(**{**PRESET, "max_steps": args.steps, "max_minutes": args.minutes,
-                        "eval_size": args.eval_size, "output_dir": args.output_dir, "name": args.name, "seed": args.seed})
-    console.print(f"[bold]posttrain demo[/bold]: GRPO on {cfg.model}, task {cfg.task}, {cfg.prompts_per_step} prompts x "
+                        "eval_size": args.eval_size, "output_dir": args.output_dir, "name": args.name, "seed": args.seed,
+                        "policy_loss": args.policy_loss})
+    console.print(f"[bold]posttrain demo[/bold]: GRPO ({cfg.policy_loss}) on {cfg.model}, task {cfg.task}, "
+                  f"{cfg.prompts_per_step} prompts x "
                   f"{cfg.group_size} completions per step, LoRA r{cfg.lora_rank}, lr {cfg.lr}, "
                   f"up to {cfg.max_steps} steps / {cfg.max_minutes:g} min")
     t0 = time.time()

@@ -10,6 +10,10 @@ Kinds:
 - ``preference``: ``{"prompt", "chosen", "rejected"}``. Each is a string, or a conversational
   list of messages ``[{"role": ..., "content": ...}]``. As in TRL, conversational pairs may leave
   out ``prompt`` ("implicit prompt"): the messages ``chosen`` and ``rejected`` share become it.
+- ``unpaired`` (KTO, TRL's unpaired preference format): ``{"prompt", "completion", "label"}``,
+  ``label`` true (desirable) or false (undesirable); prompt and completion both strings or both
+  message lists. ``kto`` reads either that or ``preference`` (each pair then gives one desirable
+  and one undesirable example: ``algorithms/kto_data``), one format per file.
 - ``prompt``: ``{"prompt", ...}`` with any extra columns (``answer``, ``tests``, ...), which are
   passed to reward functions.
 
@@ -40,9 +44,11 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 from posttrain.errors import UserError
 
-Kind = Literal["preference", "prompt"]
+Kind = Literal["preference", "prompt", "unpaired", "kto"]
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-_FIELDS: dict[str, tuple[str, ...]] = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+_FIELDS: dict[str, tuple[str, ...]] = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",),
+                                       "unpaired": ("prompt", "completion", "label"),
+                                       "kto": ("prompt", "completion", "label")}
 
 
 class DataError(UserError, ValueError):
@@ -71,6 +77,10 @@ def load_rows(source: str | Path, kind: Kind = "prompt", split: str | None = Non
     out = []
     for number, row in rows:
         row = validate_row(row, kind, name, number, unit)
+        if kind == "kto" and out and ("chosen" in row) != ("chosen" in out[0]):
+            form = "paired (prompt, chosen, rejected)" if "chosen" in out[0] else "unpaired (prompt, completion, label)"
+            raise DataError(name, number, None, f"mixed formats: the first row is {form}, this one is not; "
+                            "use one format per file", unit)
         for check in checks:
             problem = check(row)
             if problem is not None:
@@ -287,12 +297,20 @@ def validate_row(row: Any, kind: Kind, source: str = "<rows>", number: int | Non
     if not isinstance(row, dict):
         fail(None, f"expected an object with fields {', '.join(_FIELDS[kind])}, got {type(row).__name__}")
     row = dict(row)
+    if kind == "kto":  # KTO reads pairs too: a row with 'chosen' or 'rejected' is one
+        kind = "preference" if "chosen" in row or "rejected" in row else "unpaired"
     if kind == "preference" and "prompt" not in row and _is_messages(row.get("chosen")) and _is_messages(row.get("rejected")):
         row = _implicit_prompt(row, fail)
     for field in _FIELDS[kind]:
         if field not in row or row[field] is None:
             fail(field, "missing")
+        if field == "label":
+            if not isinstance(row[field], bool):
+                fail(field, f"expected true (desirable) or false (undesirable), got {row[field]!r}")
+            continue
         check_text(row[field], field, fail)
+    if kind == "unpaired" and isinstance(row["prompt"], str) != isinstance(row["completion"], str):
+        fail("completion", "mixed formats: 'prompt' and 'completion' must both be strings or both message lists")
     if kind == "preference" and row["chosen"] == row["rejected"]:
         fail("rejected", "identical to 'chosen': a pair must differ")
     return row

@@ -19,6 +19,8 @@ log no KL, lengths or samples) stays silent. The rules and where they come from 
     clip_frac_high       PPO objective: clip ratio 0.2              clip_frac
     nonfinite            Training Tips: "RL can be unstable"        nonfinite_steps, loss, grad_norm
     judge_failures       RLAIF: "Strong AI labeler"                 judge/failure_rate, judge/failures
+    rollout_mismatch     (none: Yao et al. 2025, off-policy RL      mismatch/kl, mismatch/ratio_max,
+                         from the sampler-trainer gap)              mismatch/masked_frac
 
 `Doctor.check(history, samples)` returns only NEW events: a rule that keeps firing is reported once,
 and again only after it has cleared (quiet for a window of steps, so a metric hovering at a threshold
@@ -37,9 +39,9 @@ own recent-window rate, else from the cumulative ``judge/failures`` / ``judge/re
 
 The package: ``events`` (Event), ``thresholds`` (Thresholds), ``stats`` (reading metric streams),
 ``context`` (Context: what a rule reads), ``rules/`` (``reward``, ``kl``, ``length``, ``format``,
-``health``; RULES by name) and ``core`` (Doctor, diagnose, diagnose_run, run_events). Every name is
-importable from ``posttrain.doctrine.doctor``. The doctor writes the report (posttrain.doctrine.report)
-and passes it the events; the report never imports the doctor.
+``health``, ``mismatch``; RULES by name) and ``core`` (Doctor, diagnose, diagnose_run, run_events).
+Every name is importable from ``posttrain.doctrine.doctor``. The doctor writes the report
+(posttrain.doctrine.report) and passes it the events; the report never imports the doctor.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from posttrain.doctrine.doctor.events import Event
 from posttrain.doctrine.doctor.rules import (
     POINT_RULES, RULES, STOCK_PHRASES, clip_frac_high, entropy_collapse, format_hacking, judge_failures,
     kl_above_target, kl_exploding, length_clipped, length_hacking, nonfinite, reward_crash, reward_none,
-    reward_plateau)
+    reward_plateau, rollout_mismatch)
 from posttrain.doctrine.doctor.stats import series
 from posttrain.doctrine.doctor.thresholds import Thresholds
 
@@ -58,4 +60,4 @@ __all__ = [
     "Context", "Doctor", "Event", "POINT_RULES", "RULES", "STOCK_PHRASES", "Thresholds", "clip_frac_high",
     "diagnose", "diagnose_run", "entropy_collapse", "format_hacking", "judge_failures", "kl_above_target",
     "kl_exploding", "length_clipped", "length_hacking", "nonfinite", "reward_crash", "reward_key",
-    "reward_none", "reward_plateau", "run_events", "series"]
+    "reward_none", "reward_plateau", "rollout_mismatch", "run_events", "series"]

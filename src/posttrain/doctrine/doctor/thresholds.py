@@ -53,3 +53,13 @@ class Thresholds:
     """Share of failed judge calls that is too high."""
     none_frac: float = 0.5
     """Share of samples the reward could not judge (None) that is too high."""
+    mismatch_growth: float = 4.0
+    """The sampler-trainer mismatch (``mismatch/kl``) is growing when the median of its last
+    ``recent`` steps is this many times the median of its first ``recent`` steps. bfloat16 rounding
+    gives a mismatch that is roughly constant: on the embedded SmolLM2, bfloat16 sampling measured
+    1.5e-3 to 2.1e-3 nats per token over 7 batches of 24 completions (T = 1, same weights), within
+    1.5x of each other, so a median of 5 steps moves far less than 4x by noise alone..."""
+    mismatch_floor: float = 1e-3
+    """...and it is above this many nats per token (k3 estimate of KL(sampler || trainer)). float32
+    sampling measures ~1e-11 (rounding), whose relative swings are large: the floor keeps them (and
+    any mismatch far below bfloat16's own level) from firing."""

@@ -12,7 +12,9 @@ With ``h = (pc - rc) - (pr - rr)`` (policy/reference, chosen/rejected sequence l
 - ``robust`` (rDPO, Chowdhury et al. 2024, eq. 9; e = assumed label-flip rate < 0.5):
       (-(1 - e) * logsigmoid(beta * h) + e * logsigmoid(-beta * h)) / (1 - 2e)
 
-The loss is the mean over pairs.
+The loss is the mean over pairs. Each loss type is one entry of ``DPO_LOSSES`` (per-pair loss of
+``z = beta * h``, ``h`` and ``e``); the reference-free SimPO and ORPO are in ``ref_free.py`` and KTO
+in ``kto.py``; the trainer's table of all of them (what each needs) is ``algorithms/dpo_losses.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+def _sigmoid(z, h, beta, e):
+    return -(1.0 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
+
+
+def _ipo(z, h, beta, e):
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def _hinge(z, h, beta, e):
+    return torch.relu(1.0 - z)
+
+
+def _robust(z, h, beta, e):
+    return (-(1.0 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1.0 - 2.0 * e)
+
+
+DPO_LOSSES = {"sigmoid": _sigmoid, "ipo": _ipo, "hinge": _hinge, "robust": _robust}
+"""Per-pair loss of each DPO loss type: ``f(z = beta * h, h, beta, e) -> losses_B``."""
+SMOOTHED = ("sigmoid", "robust")
+"""The loss types that take ``label_smoothing``."""
+DPO_LOSS_TYPES = tuple(DPO_LOSSES)
 
 
 def dpo_loss(
@@ -43,7 +66,7 @@ def dpo_loss(
     if beta <= 0:
         raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
     e = float(label_smoothing)
-    if loss_type in ("sigmoid", "robust"):
+    if loss_type in SMOOTHED:
         if not 0.0 <= e < 0.5:
             raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {e}")
     elif e != 0.0:
@@ -55,14 +78,7 @@ def dpo_loss(
     rejected_logratio_B = policy_rejected_logps - ref_rejected_logps
     h_B = chosen_logratio_B - rejected_logratio_B
 
-    if loss_type == "sigmoid":
-        losses_B = -(1.0 - e) * F.logsigmoid(beta * h_B) - e * F.logsigmoid(-beta * h_B)
-    elif loss_type == "ipo":
-        losses_B = (h_B - 1.0 / (2.0 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses_B = torch.relu(1.0 - beta * h_B)
-    else:  # robust
-        losses_B = (-(1.0 - e) * F.logsigmoid(beta * h_B) + e * F.logsigmoid(-beta * h_B)) / (1.0 - 2.0 * e)
+    losses_B = DPO_LOSSES[loss_type](beta * h_B, h_B, beta, e)
     loss = losses_B.mean()
 
     with torch.no_grad():

@@ -147,13 +147,15 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.to(x.device) for t in gather(x.detach().cpu())])
 
 
-def reduce_metrics(local: dict[str, float], sum_keys: Iterable[str] = ()) -> dict[str, float]:
+def reduce_metrics(local: dict[str, float], sum_keys: Iterable[str] = (),
+                   max_keys: Iterable[str] = ()) -> dict[str, float]:
     """Metrics of the whole step from each rank's: keys in ``sum_keys`` (already weighted by the
-    rank's share of the global batch) are summed, every other number is averaged over the ranks
-    that report it (equal shards: the global mean). Non-numbers are rank 0's."""
+    rank's share of the global batch) are summed, keys in ``max_keys`` take the largest rank's
+    value, every other number is averaged over the ranks that report it (equal shards: the global
+    mean). Non-numbers are rank 0's."""
     if not active():
         return dict(local)
-    sums = set(sum_keys)
+    sums, maxes = set(sum_keys), set(max_keys)
     every = gather(local)
     out: dict[str, Any] = {}
     for k in dict.fromkeys(k for d in every for k in d):
@@ -162,6 +164,8 @@ def reduce_metrics(local: dict[str, float], sum_keys: Iterable[str] = ()) -> dic
             out[k] = every[0].get(k, vals[0])
         elif k in sums:
             out[k] = float(sum(vals))
+        elif k in maxes:
+            out[k] = float(max(vals))
         else:
             out[k] = float(sum(vals) / len(vals))
     return out

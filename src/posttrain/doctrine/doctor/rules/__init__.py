@@ -10,6 +10,7 @@ from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, format_hacking
 from posttrain.doctrine.doctor.rules.health import clip_frac_high, entropy_collapse, judge_failures, nonfinite
 from posttrain.doctrine.doctor.rules.kl import kl_above_target, kl_exploding
 from posttrain.doctrine.doctor.rules.length import length_clipped, length_hacking
+from posttrain.doctrine.doctor.rules.mismatch import rollout_mismatch
 from posttrain.doctrine.doctor.rules.reward import reward_crash, reward_none, reward_plateau
 
 POINT_RULES = {"nonfinite"}
@@ -17,6 +18,6 @@ POINT_RULES = {"nonfinite"}
 
 RULES: dict[str, Callable[[Context], Event | None]] = {f.__name__: f for f in (
     reward_plateau, reward_none, reward_crash, kl_above_target, kl_exploding, length_hacking, length_clipped,
-    format_hacking, entropy_collapse, clip_frac_high, nonfinite, judge_failures)}
+    format_hacking, entropy_collapse, clip_frac_high, nonfinite, judge_failures, rollout_mismatch)}
 
 __all__ = ["POINT_RULES", "RULES", "STOCK_PHRASES", *RULES]
