@@ -50,7 +50,6 @@ Choices and departures from the paper and from TRL:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
@@ -58,16 +57,17 @@ from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
 
-from posttrain.algorithms import common, inputs, loop
+from posttrain.algorithms import common, inputs, loop, offline
 from posttrain.algorithms import dpo_data as dd
 from posttrain.algorithms import dpo_losses, kto_data
 from posttrain.algorithms.dpo_losses import LOSS_TYPES
-from posttrain.algorithms.optim import OptimizerStep, trainable_params
+from posttrain.algorithms.offline import (check_resumed_length, enable_activation_checkpointing, step_optimizer,
+                                          total_steps)
+from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.reference import Reference
 from posttrain.data import DataError
-from posttrain.errors import ResumeError
 from posttrain.algorithms.evaluate import greedy_eval_sharded
-from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure, saved_config
+from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
 from posttrain.runtime import distributed
 from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
 
@@ -269,39 +269,13 @@ def batch_loss(policy, batch: list[dd.PairExample], ref: ReferenceLogps | None, 
     return loss, {k: float(v) for k, v in metrics.items()}, packed.n_tokens
 
 
-def _micro(batch: list, size: int) -> list[list]:
-    size = size or len(batch)
-    return [batch[i:i + size] for i in range(0, len(batch), size)]
-
-
 def accumulate(policy, rule: OptimizerStep, batch, ref: ReferenceLogps | None, config: DPOConfig, pad_id: int, share: bool,
                total: int | None = None) -> tuple[dict, int]:
-    """Forward/backward of a batch of pairs in micro-batches, each weighted by its share of the
-    ``total`` pairs of the step (default: this batch; under several processes, the global batch),
-    so the gradient (summed over processes) equals one batch's. Returns (metrics weighted the same
-    way, tokens fed); a non-finite loss stops it on a single process (``optim.py``'s rule)."""
-    policy.train()
-    sums: dict[str, float] = {}
-    tokens = 0
-    micro = _micro(batch, config.micro_batch_size)
-    for k, mb in enumerate(micro):
-        w = len(mb) / (total or len(batch))
-        last = k == len(micro) - 1
-        out = rule.forward(batch_loss, policy, mb, ref, config, pad_id, share, last=last)
-        if out is None:
-            break
-        loss, metrics, n = out
-        tokens += n
-        if rule.backward(loss, w, last):
-            for key, v in {"loss": float(loss.detach()), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + w * v
-    return sums, tokens
-
-
-def step_optimizer(rule: OptimizerStep) -> dict:
-    """The optimizer update (skipped, gradients dropped, when a loss or the gradient is not finite)."""
-    (norm,), ok = rule.step()
-    return {"grad_norm": norm, "nonfinite_steps": 0 if ok else 1}
+    """``offline.accumulate`` of a batch of pairs, each micro-batch weighted by its share of the
+    ``total`` pairs of the step (default: this batch; under several processes, the global batch)."""
+    micro = offline.micro_batches(batch, config.micro_batch_size)
+    weights = [len(mb) / (total or len(batch)) for mb in micro]
+    return offline.accumulate(rule, batch_loss, policy, micro, weights, ref, config, pad_id, share)
 
 
 @torch.no_grad()
@@ -374,36 +348,6 @@ def _encode(config: DPOConfig, tok, rows: list[dict], console):
     return train, evals, stats
 
 
-def enable_activation_checkpointing(model, every_n_layers: int) -> None:
-    """Non-reentrant activation checkpointing of the decoder layers (through a PEFT wrapper)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
-        inner.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
-    elif every_n_layers == 1:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise ValueError("activation_checkpointing > 1 needs transformers with activation_checkpointing_enable")
-
-
-def check_resumed_length(config: DPOConfig) -> None:
-    """On resume, a run whose length is set by ``epochs`` (> 0) changes its length with a new
-    ``--epochs`` (recorded in ``resumes.jsonl`` with the ``max_steps`` it gives): a changed
-    ``--max-steps`` would be overwritten by the epochs, so it is refused with the reason."""
-    if not config.resume or config.epochs <= 0:
-        return
-    saved = saved_config(DPOConfig, Path(config.resume))
-    if saved is not None and config.max_steps != saved.max_steps:
-        raise ResumeError(f"--resume {config.resume}: --max-steps {config.max_steps} would be ignored: the run's "
-                          f"length is set by --epochs {config.epochs:g} (now {saved.max_steps} steps); change it "
-                          f"with --epochs alone, or give --epochs 0 with --max-steps")
-
-
-def total_steps(config: DPOConfig, n_train: int) -> int:
-    if config.epochs > 0:
-        return max(1, math.ceil(config.epochs * n_train / config.batch_size))
-    return config.max_steps
-
-
 @closes_runs_on_failure
 def train_dpo(config: DPOConfig) -> RunResult:
     """Train with DPO (or IPO / hinge / robust / SimPO / ORPO / KTO); returns the run directory and metrics."""
@@ -435,12 +379,7 @@ def train_dpo(config: DPOConfig) -> RunResult:
                                          "truncation": stats.as_dict(), "train_pairs": len(train),
                                          "eval_pairs": len(evals), "reference_seconds": ref_seconds,
                                          "share_prompt": share})
-    optimizer = common.build_optimizer(policy, config, common.resolve_lr(config, FULL_FT_LR))
-    scheduler = common.build_scheduler(optimizer, config)
-    stream = common.PromptStream(train, config.seed)
-    start, _ = run.restore(policy, optimizer, scheduler, stream)
-    dp = distributed.data_parallel(policy)  # data-parallel runs: DDP reduces the gradients
-    rule = OptimizerStep(optimizer, [trainable_params(policy)], config.max_grad_norm, [policy], dp)
+    optimizer, scheduler, stream, start, rule = offline.prepare(run, policy, config, train, FULL_FT_LR)
     pad = tok.pad_token_id
 
     def evaluate(step: int):

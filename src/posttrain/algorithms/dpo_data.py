@@ -299,22 +299,34 @@ def _model_mask(model, mask_RLL: torch.Tensor | None, dtype: torch.dtype):
     return torch.where(mask, zero, torch.finfo(dtype).min)  # eager adds the mask to the scores
 
 
+def scored_logprobs(model, input_ids_RL: torch.Tensor, position_ids_RL: torch.Tensor, attention_mask,
+                    row_N: torch.Tensor, pred_N: torch.Tensor, token_N: torch.Tensor,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Log-prob of each scored token ``token_N[n]``, predicted from the hidden state at (``row_N[n]``,
+    ``pred_N[n]``) of packed rows: the trunk's forward, then the chunked output head at those
+    positions only (no [R, L, V] logits); differentiable when grad is enabled. ``attention_mask``
+    is given to the model as it is (``_model_mask``'s 4D mask, a 2D padding mask, or None)."""
+    split = split_model(model)
+    kw = {"input_ids": input_ids_RL, "position_ids": position_ids_RL, "use_cache": False,
+          "attention_mask": attention_mask}
+    if isinstance(split, str):  # no separable head: full logits, then the scored rows only
+        logits = model(**kw).logits
+        return selective_log_softmax(logits[row_N, pred_N], token_N)
+    trunk, head, transform = split
+    out = trunk(**kw)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    logp_N, _ = head_logprobs(head, hidden[row_N, pred_N], token_N, chunk_size, transform=transform)
+    return logp_N
+
+
 def pair_logprobs(model, batch: Packed, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Summed log-probs of each pair's chosen and rejected completion, [P, 2] (differentiable when
     grad is enabled)."""
     split = split_model(model)
     dtype = next(model.parameters()).dtype
-    kw = {"input_ids": batch.input_ids_RL, "position_ids": batch.position_ids_RL, "use_cache": False,
-          "attention_mask": _model_mask(model if isinstance(split, str) else split[0], batch.mask_RLL, dtype)}
-    if isinstance(split, str):  # no separable head: full logits, then the scored rows only
-        logits = model(**kw).logits
-        logp_N = selective_log_softmax(logits[batch.row_N, batch.pred_N], batch.token_N)
-    else:
-        trunk, head, transform = split
-        out = trunk(**kw)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        logp_N, _ = head_logprobs(head, hidden[batch.row_N, batch.pred_N], batch.token_N, chunk_size,
-                                  transform=transform)
+    mask = _model_mask(model if isinstance(split, str) else split[0], batch.mask_RLL, dtype)
+    logp_N = scored_logprobs(model, batch.input_ids_RL, batch.position_ids_RL, mask, batch.row_N, batch.pred_N,
+                             batch.token_N, chunk_size)
     sums = logp_N.new_zeros(2 * batch.n_pairs).index_add(0, batch.seq_N, logp_N)
     return sums.view(-1, 2)
 

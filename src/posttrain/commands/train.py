@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-HELP = "Train with a method: grpo, dpo, rm, ppo, or auto (the doctrine's decision tree picks)."
+HELP = "Train with a method: sft, grpo, dpo, rm, ppo, or auto (the doctrine's decision tree picks)."
 
 METHODS: dict[str, tuple[type, Callable]] = {}
 """Methods added at run time (a plugin's or a test's): name -> (config class, train function)."""
@@ -29,8 +29,10 @@ def methods() -> dict[str, tuple[type, Callable]]:
     from posttrain.algorithms.grpo import GRPOConfig, train_grpo
     from posttrain.algorithms.ppo import PPOConfig, train_ppo
     from posttrain.algorithms.reward_model import RewardModelConfig, train_reward_model
+    from posttrain.algorithms.sft import SFTConfig, train_sft
 
     return {
+        "sft": (SFTConfig, train_sft),
         "grpo": (GRPOConfig, train_grpo),
         "dpo": (DPOConfig, train_dpo),
         "rm": (RewardModelConfig, train_reward_model),

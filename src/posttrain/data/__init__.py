@@ -14,6 +14,10 @@ Kinds:
   ``label`` true (desirable) or false (undesirable); prompt and completion both strings or both
   message lists. ``kto`` reads either that or ``preference`` (each pair then gives one desirable
   and one undesirable example: ``algorithms/kto_data``), one format per file.
+- ``sft`` (TRL's SFT formats): ``{"messages": [...]}`` (conversational, at least one assistant
+  message), ``{"prompt", "completion"}`` (both strings or both message lists), or ``{"text"}``;
+  extra columns are kept (``answer``, ...: the greedy evaluation's reward reads them); one format
+  per file.
 - ``prompt``: ``{"prompt", ...}`` with any extra columns (``answer``, ``tests``, ...), which are
   passed to reward functions.
 
@@ -44,11 +48,16 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 from posttrain.errors import UserError
 
-Kind = Literal["preference", "prompt", "unpaired", "kto"]
+Kind = Literal["preference", "prompt", "unpaired", "kto", "sft"]
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _FIELDS: dict[str, tuple[str, ...]] = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",),
                                        "unpaired": ("prompt", "completion", "label"),
-                                       "kto": ("prompt", "completion", "label")}
+                                       "kto": ("prompt", "completion", "label"),
+                                       "sft": ("messages",), "sft_pc": ("prompt", "completion"), "sft_text": ("text",)}
+SFT_FORMS = {"messages": "sft", "prompt": "sft_pc", "completion": "sft_pc", "text": "sft_text"}
+"""An SFT row's format, by the first of these fields it has (TRL's order of precedence)."""
+_FORM_NAMES = {"preference": "paired (prompt, chosen, rejected)", "unpaired": "unpaired (prompt, completion, label)",
+               "sft": "conversational (messages)", "sft_pc": "prompt-completion", "sft_text": "language modelling (text)"}
 
 
 class DataError(UserError, ValueError):
@@ -70,17 +79,16 @@ def load_rows(source: str | Path, kind: Kind = "prompt", split: str | None = Non
     """Read and validate every row of ``source``; return them as dicts (values as given, plus an
     implicit ``prompt`` where TRL would derive one). ``checks`` run on each row after its own
     validation; a problem raises ``DataError`` at that row's line."""
-    if kind not in _FIELDS:
+    if kind not in _FIELDS or kind.startswith("sft_"):
         raise ValueError(f"kind must be one of {sorted(_FIELDS)}, got {kind!r}")
     name = str(source)
     rows, unit = _read(Path(source).expanduser(), name, split)
     out = []
     for number, row in rows:
         row = validate_row(row, kind, name, number, unit)
-        if kind == "kto" and out and ("chosen" in row) != ("chosen" in out[0]):
-            form = "paired (prompt, chosen, rejected)" if "chosen" in out[0] else "unpaired (prompt, completion, label)"
-            raise DataError(name, number, None, f"mixed formats: the first row is {form}, this one is not; "
-                            "use one format per file", unit)
+        if out and row_form(row, kind) != row_form(out[0], kind):
+            raise DataError(name, number, None, f"mixed formats: the first row is {_FORM_NAMES[row_form(out[0], kind)]}, "
+                            f"this one is {_FORM_NAMES[row_form(row, kind)]}; use one format per file", unit)
         for check in checks:
             problem = check(row)
             if problem is not None:
@@ -295,10 +303,13 @@ def validate_row(row: Any, kind: Kind, source: str = "<rows>", number: int | Non
         raise DataError(source, number, field, problem, unit)
 
     if not isinstance(row, dict):
-        fail(None, f"expected an object with fields {', '.join(_FIELDS[kind])}, got {type(row).__name__}")
+        fields = "messages; or prompt, completion; or text" if kind == "sft" else ", ".join(_FIELDS[kind])
+        fail(None, f"expected an object with fields {fields}, got {type(row).__name__}")
     row = dict(row)
-    if kind == "kto":  # KTO reads pairs too: a row with 'chosen' or 'rejected' is one
-        kind = "preference" if "chosen" in row or "rejected" in row else "unpaired"
+    kind = row_form(row, kind)
+    if kind is None:
+        fail(None, "not one of TRL's SFT formats: expected the field 'messages', or 'prompt' and 'completion', "
+             "or 'text'")
     if kind == "preference" and "prompt" not in row and _is_messages(row.get("chosen")) and _is_messages(row.get("rejected")):
         row = _implicit_prompt(row, fail)
     for field in _FIELDS[kind]:
@@ -309,11 +320,27 @@ def validate_row(row: Any, kind: Kind, source: str = "<rows>", number: int | Non
                 fail(field, f"expected true (desirable) or false (undesirable), got {row[field]!r}")
             continue
         check_text(row[field], field, fail)
-    if kind == "unpaired" and isinstance(row["prompt"], str) != isinstance(row["completion"], str):
+    if kind in ("unpaired", "sft_pc") and isinstance(row["prompt"], str) != isinstance(row["completion"], str):
         fail("completion", "mixed formats: 'prompt' and 'completion' must both be strings or both message lists")
     if kind == "preference" and row["chosen"] == row["rejected"]:
         fail("rejected", "identical to 'chosen': a pair must differ")
+    if kind == "sft" and isinstance(row["messages"], str):
+        fail("messages", "wrong type: expected a list of messages, got a string")
+    if kind == "sft" and not any(m["role"] == "assistant" and m["content"].strip() for m in row["messages"]):
+        fail("messages", "no assistant message with text: nothing to train on")
+    if kind == "sft_text" and not isinstance(row["text"], str):
+        fail("text", f"wrong type: expected a string, got {type(row['text']).__name__}")
     return row
+
+
+def row_form(row: dict, kind: Kind) -> str | None:
+    """The format a row of ``kind`` is in: KTO reads unpaired rows or pairs (a row with 'chosen' or
+    'rejected' is one), SFT one of its three forms (``SFT_FORMS``); other kinds are themselves."""
+    if kind == "kto":
+        return "preference" if "chosen" in row or "rejected" in row else "unpaired"
+    if kind == "sft":
+        return next((SFT_FORMS[f] for f in SFT_FORMS if f in row), None)
+    return kind
 
 
 def check_text(value: Any, field: str, fail) -> None:
