@@ -31,24 +31,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
+from children import run_child, touch, trl_timer  # bench/children.py
 from peak_memory import peak_kb, reset_peak, status_kb  # bench/peak_memory.py
 
 BATCH = 8
-
-
-def _touch(model) -> None:
-    """Read every weight once: safetensors are memory-mapped, and pages first read during the
-    first step would otherwise count as that trainer's memory."""
-    import torch
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -95,7 +84,7 @@ def child_ours(spec: dict) -> dict:
 
     def load_and_reset(*a, **k):  # the baseline: the model loaded (and paged in), nothing else
         model, tok = load(*a, **k)
-        _touch(model)
+        touch(model)
         state["base"], state["method"] = status_kb("VmRSS"), reset_peak()
         return model, tok
 
@@ -121,13 +110,12 @@ def child_ours(spec: dict) -> dict:
 
 def child_trl(spec: dict) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.models import load_model
 
     model, tok = load_model()
-    _touch(model)
+    touch(model)
     base, method = status_kb("VmRSS"), reset_peak()
     rows = [json.loads(line) for line in open(spec["data"])]
     ds = Dataset.from_list([_as_conversational(r) for r in rows])
@@ -140,15 +128,6 @@ def child_trl(spec: dict) -> dict:
         peft_config = LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     times: list[float] = []
     cpu: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            cpu.append(time.process_time() - self.c0)
-
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=BATCH,
                      max_length=spec["max_length"], learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"],
                      max_steps=spec["warmup"] + spec["steps"], logging_steps=10_000, save_strategy="no",
@@ -157,7 +136,7 @@ def child_trl(spec: dict) -> dict:
                      gradient_checkpointing=spec["checkpointing"])
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok,
                          peft_config=peft_config,
-                         callbacks=[Timer()])
+                         callbacks=[trl_timer(times, cpu)])
     trainer.train()
     peak = peak_kb(method)
     w = spec["warmup"]
@@ -165,16 +144,6 @@ def child_trl(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------- parent
-
-
-def run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MALLOC_MMAP_THRESHOLD_="131072",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {spec['impl']}/{spec['mode']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -215,7 +184,7 @@ def main() -> None:
                 spec = {"impl": impl, "mode": mode, "data": data, "steps": args.steps, "warmup": args.warmup,
                         "max_length": args.max_length, "threads": args.threads,
                         "checkpointing": not args.no_checkpointing}
-                r = run_child(spec)
+                r = run_child(__file__, spec)
                 results.setdefault((impl, mode), []).append(r)
                 print(f"  round {rnd + 1} {impl:4s} {mode:4s}: steps {', '.join(f'{t:.2f}' for t in r['times'])} s "
                       f"(CPU {', '.join(f'{t:.2f}' for t in r['cpu'])} s); "

@@ -24,12 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 import dpo_vs_trl as base  # bench/dpo_vs_trl.py: synthetic pairs, our child, TRL's DPO child
+from children import run_child, touch, trl_timer  # bench/children.py
 from peak_memory import peak_kb, reset_peak, status_kb
 
 TRL_LOSSES = ("dpo", "simpo", "orpo", "kto")
@@ -38,12 +36,11 @@ TRL_LOSSES = ("dpo", "simpo", "orpo", "kto")
 def child_trl_other(spec: dict) -> dict:
     """TRL's CPO (SimPO), ORPO or KTO trainer: the same model, data and settings as its DPO child."""
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from posttrain.models import load_model
 
     model, tok = load_model()
-    base._touch(model)
+    touch(model)
     rss0, method = status_kb("VmRSS"), reset_peak()
     rows = [base._as_conversational(json.loads(line)) for line in open(spec["data"])]
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=base.BATCH,
@@ -74,16 +71,8 @@ def child_trl_other(spec: dict) -> dict:
 
         peft_config = LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                      peft_config=peft_config, callbacks=[Timer()], **extra)
+                      peft_config=peft_config, callbacks=[trl_timer(times, [])], **extra)
     trainer.train()
     peak = peak_kb(method)
     return {"times": times[spec["warmup"]:], "peak_mb": (peak - rss0) / 1024, "method": method}
@@ -93,16 +82,6 @@ def child(spec: dict) -> dict:
     if spec["impl"] == "ours":
         return base.child_ours(spec)
     return base.child_trl(spec) if spec["loss"] == "dpo" else child_trl_other(spec)
-
-
-def run_child(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MALLOC_MMAP_THRESHOLD_="131072",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -141,7 +120,7 @@ def main() -> None:
             spec = {"impl": impl, "mode": mode, "data": data, "steps": args.steps, "warmup": args.warmup,
                     "max_length": args.max_length, "threads": args.threads, "checkpointing": True,
                     "loss": loss, "loss_type": loss}
-            r = run_child(spec)
+            r = run_child(__file__, spec, keep_errors=True)
             name = f"{impl} {'dpo' if loss == 'sigmoid' else loss}"
             if "error" in r:
                 print(f"  {mode:4s} {name:10s}: failed: {r['error']}", flush=True)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from posttrain.algorithms.dpo import DPOConfig, train_dpo
+from posttrain.algorithms.sft import SFTConfig, train_sft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import golden  # noqa: E402
@@ -203,6 +204,51 @@ def test_dpo_two_processes_match_one(tiny_dir, pairs, tmp_path):
     assert torch.equal(ref_one["index"], ref_two["index"])
     assert torch.allclose(ref_one["logps"], ref_two["logps"], atol=1e-5)
     golden.check("ddp-dpo-lora", two)
+
+
+# ------------------------------------------------------------------------------------------- SFT
+
+
+@pytest.fixture(scope="module")
+def sft_rows(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("dist-sft") / "sft.jsonl"
+    rows = [{"prompt": f"Say the word {w}.", "completion": " ".join([w] * (i % 3 + 1))} for i, w in enumerate(WORDS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sft_fields(model: str, data: str, out: Path) -> dict:
+    # 4 examples per step (2 per process, micro-batches of 1, of unequal lengths: each weighted by its
+    # share of the step's trained tokens), 2 held-out examples scored by both processes
+    return dict(model=model, data=data, lora=True, lr=1e-3, batch_size=4, micro_batch_size=1, max_steps=4,
+                eval_fraction=0.25, eval_at_start=True, checkpoint_every=2, keep_last=5, log_every=100, device="cpu",
+                output_dir=str(out))
+
+
+def test_sft_two_processes_match_one(tiny_dir, sft_rows, tmp_path):
+    fields = sft_fields(tiny_dir, sft_rows, tmp_path)
+    launch("accelerate", {"method": "sft", "config": {**fields, "name": "two"}}, tmp_path)
+    one = train_sft(SFTConfig(**fields, name="one"))
+    two = tmp_path / "two"
+    assert_ranks_identical(two)
+    assert_same_weights(final_weights(one.run_dir), final_weights(two))
+    assert_same_losses(history(one.run_dir), history(two), ("loss", "grad_norm", "tokens", "target_tokens"))
+    evals = [json.loads(x) for x in (two / "evals.jsonl").read_text().splitlines()]
+    assert [e["n_examples"] for e in evals] == [2, 2] and evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_sft_fsdp_matches_one_and_resumes(tiny_dir, sft_rows, tmp_path):
+    fields = sft_fields(tiny_dir, sft_rows, tmp_path)
+    launch("torchrun", {"method": "sft", "config": {**fields, "name": "two", "fsdp": True}, "resume_copy": 2}, tmp_path)
+    two = tmp_path / "two"
+    final = final_weights(two)
+    assert assert_layers_sharded(two, final) == 28
+    one = run_single({"method": "sft", "config": {**fields, "name": "one"}}, tmp_path)
+    assert_same_weights(final_weights(one), final)
+    assert_same_losses(history(one), history(two), ("loss", "grad_norm"))
+    resumed = tmp_path / "two-resumed"
+    assert_same_losses(history(two), history(resumed), ("loss", "grad_norm"))
+    assert_same_weights(final, final_weights(resumed), atol=0)
 
 
 # ------------------------------------------------------------------------------------------- FSDP
@@ -512,6 +558,28 @@ def test_shares_of_parts_add_up_to_the_whole_reduction(mode):
     total = sum(losses.reduction_share(mode, m, counts) * float(losses.reduce(x, m, mode, max_len=3))
                 for x, m in ((x0, m0), (x1, m1)))
     assert abs(total - float(losses.reduce(whole_x, whole_m, mode, max_len=3))) < 1e-6
+
+
+def test_step_metrics_reduce_by_sum_max_or_mean_over_processes(tmp_path):
+    """``reduce_metrics`` on two real processes: a share-weighted key is summed, ``mismatch/ratio_max``
+    (``common.MISMATCH_MAX``) takes the largest rank's value, the rest is the mean over ranks."""
+    script = tmp_path / "reduce.py"
+    script.write_text(
+        "import json, sys\n"
+        "from posttrain.runtime import distributed\n"
+        "from posttrain.algorithms.common import MISMATCH_MAX\n"
+        "distributed.setup('cpu')\n"
+        "r = distributed.rank()\n"
+        "out = distributed.reduce_metrics({'loss': 0.25 * (r + 1), 'mismatch/ratio_max': [1.5, 1.1][r],\n"
+        "                                  'mismatch/kl': [1e-3, 3e-3][r]}, sum_keys=['loss'], max_keys=MISMATCH_MAX)\n"
+        "if r == 0:\n"
+        "    open(sys.argv[1], 'w').write(json.dumps(out))\n")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(script), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out == pytest.approx({"loss": 0.75, "mismatch/ratio_max": 1.5, "mismatch/kl": 2e-3})
 
 
 def test_single_process_helpers_are_identities():

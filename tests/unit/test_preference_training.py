@@ -158,3 +158,17 @@ def test_flags_of_another_loss_type_are_refused(tmp_path, tiny_dir, prefs):
                                "--beta", "--orpo-lambda")
     terminal.assert_user_error(_train(tmp_path, tiny_dir, prefs, "--loss-type", "kto", "--label-smoothing", "0.1"),
                                "label_smoothing", "'kto'")
+
+
+def test_kto_resume_is_exact(tmp_path, tiny_dir, unpaired):
+    """A KTO run stopped at its checkpoint and resumed equals the uninterrupted run, step for step
+    (the KL partners, the reference table and the data position come back as they were)."""
+    import dataclasses
+
+    kw = dict(loss_type="kto", max_steps=6, checkpoint_every=3, eval_fraction=0.25, eval_at_start=True)
+    full = train_dpo(config(tmp_path, tiny_dir, unpaired, name="full", **kw))
+    part = config(tmp_path, tiny_dir, unpaired, name="part", **{**kw, "max_steps": 3})
+    train_dpo(part)
+    resumed = train_dpo(dataclasses.replace(part, max_steps=6, resume=str(tmp_path / "part")))
+    assert [m["loss"] for m in resumed.history[-3:]] == [m["loss"] for m in full.history[-3:]]
+    assert resumed.evals[-1]["loss"] == full.evals[-1]["loss"]
