@@ -147,6 +147,15 @@ def test_padding_free_packing_equals_padded_batches(tiny, tok):
     assert torch.allclose(grads[1], grads[3], atol=1e-5, rtol=1e-4)
 
 
+def test_default_rows_are_no_wider_than_the_longest_example(tok):
+    """row_tokens 0: short examples share rows as wide as the longest one; never more tokens fed than padding."""
+    rows = [{"text": "word " * n} for n in (40, 3, 5, 2, 30, 4)]
+    ex, _ = sd.encode_examples(tok, rows)
+    packed, padded = sd.pack(ex, tok.pad_token_id, True), sd.pack(ex, tok.pad_token_id, False)
+    assert packed.input_ids_RL.shape[1] == padded.input_ids_RL.shape[1] == max(e.fed for e in ex)
+    assert packed.input_ids_RL.shape[0] < padded.input_ids_RL.shape[0] and packed.n_tokens == padded.n_tokens
+
+
 # ----------------------------------------------------------------------------------------- training
 
 

@@ -74,9 +74,10 @@ class SFTConfig(common.TrainConfig):
     packing: bool = True
     """Padding-free batches: examples packed into rows of up to row_tokens without attending across examples;
     --no-packing pads each example to the batch's longest (see README: SFT, for which is faster when)."""
-    row_tokens: Annotated[int, Positive] = 1024
-    """Longest packed row (a longer example gets a row of its own; attention cost grows with the square of a
-    row's length)."""
+    row_tokens: Annotated[int, NonNegative] = 0
+    """Longest packed row; 0 = the micro-batch's longest example, so a packed batch is never wider than the padded
+    one and feeds no more tokens (on CPU, with a dense block-diagonal mask, attention cost grows with the square of a
+    row's length: a few rows of that width cost less than one long row)."""
     chat_template: bool = True
     """Apply the tokenizer's chat template to plain-string prompts ({messages} rows always use it)."""
     eval_reward: Optional[str] = None

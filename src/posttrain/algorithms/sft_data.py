@@ -22,7 +22,8 @@ Truncation: an example keeps its first ``max_length`` tokens (TRL's ``keep_start
 no token to train on is dropped. Both are counted (``SFTStats``) and reported, never silent.
 
 Packing (``pack``): padding-free (``packing=True``) puts examples one after another into rows of
-up to ``row_tokens`` tokens (first-fit decreasing; a longer example gets a row of its own), with
+up to ``row_tokens`` tokens (first-fit decreasing; 0 = the longest example's length, so packing
+never feeds more tokens than padding; a longer example gets a row of its own), with
 position ids restarting at each example and a block-diagonal causal mask, so no example attends
 to another (for attention backends that take no custom mask, FlashAttention, the position ids
 alone tell the examples apart). Padded (``packing=False``) gives each example its own row,
@@ -217,7 +218,7 @@ def _rows(examples: Sequence[SFTExample], cap: int) -> list[list[SFTExample]]:
     return rows
 
 
-def pack(examples: Sequence[SFTExample], pad_id: int, packing: bool = True, row_tokens: int = 1024,
+def pack(examples: Sequence[SFTExample], pad_id: int, packing: bool = True, row_tokens: int = 0,
          custom_mask: bool = True, device: torch.device | str = "cpu") -> Packed:
     """Lay out ``examples`` in rows, padding-free or padded (module docstring)."""
     rows = _rows(examples, max(row_tokens, max(e.fed for e in examples))) if packing else [[e] for e in examples]
