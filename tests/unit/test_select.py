@@ -137,3 +137,28 @@ def test_cli_recommend(files, capsys):
     assert "recommended: DPO" in text and "limited compute? yes" in text
     assert main(["recommend", "--data", files["plain"]]) == 1
     assert main(["recommend", "--data", "missing.jsonl"]) == 2
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]},
+    {"prompt": "What is 2 + 3?", "completion": "5", "answer": "5"},
+    {"text": "Some text to imitate."},
+], ids=["messages", "prompt-completion", "text"])
+def test_demonstrations_go_to_sft_first(tmp_path, row):
+    path = _jsonl(tmp_path / "sft.jsonl", [row] * 3)
+    rec = recommend(path)
+    assert rec.method == rec.train_method == "sft"
+    assert rec.command == f"posttrain train sft --data {path} --lora --lora-rank 64 --lr 0.0002"
+    assert any("demonstrations? yes" in r for r in rec.reasons)
+    assert choose_method(path)[0] == "sft"
+
+
+def test_unpaired_kto_rows_are_not_demonstrations(tmp_path):
+    path = _jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
+    assert inspect_data(path, None) is None or inspect_data(path).kind != "demonstrations"
+
+
+def test_a_malformed_demonstration_names_its_line(tmp_path):
+    path = _jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"sft.jsonl:1: field 'messages': no assistant message"):
+        recommend(path)

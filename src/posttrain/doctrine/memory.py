@@ -253,12 +253,12 @@ def lora_params(shape: ModelShape, rank: int) -> int:
 
 def default_lora_rank(method: str, n_params: float) -> int:
     """The doctrine's LoRA rank: RL methods use the "LoRA for RL" table (8B -> 8, 70B -> 32);
-    DPO its "Key Parameters" table (32); reward models the SFT rank (8B -> 64, 70B -> 256)."""
+    DPO its "Key Parameters" table (32); SFT and reward models the SFT rank (8B -> 64, 70B -> 256)."""
     from posttrain.models import rl_lora_rank, sft_lora_rank
 
     if method == "dpo":
         return 32
-    if method == "rm":
+    if method in ("rm", "sft"):
         return sft_lora_rank(n_params)
     return rl_lora_rank(n_params)
 

@@ -4,6 +4,8 @@
 
 walks the tree in the doctrine's order, recording every branch taken as a reason:
 
+    0. demonstrations (TRL's SFT formats: messages, prompt +
+       completion, text)?                                          -> SFT, the stage before RL
     1. preference pairs (chosen/rejected columns)?               -> DPO
     2. verifiable rewards (answer/tests columns, or a programmatic
        --reward such as math, code, format, length)?              -> GRPO
@@ -34,6 +36,8 @@ from posttrain.doctrine.memory import default_lora_rank, estimate, model_shape, 
 from posttrain.errors import UserError
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
+DEMONSTRATION_COLUMNS = frozenset({"messages", "completion", "text"})
+"""A column of TRL's SFT formats: the rows are examples to imitate (``data.SFT_FORMS``)."""
 # column -> the reward that checks it (a verifiable reward)
 VERIFIER_COLUMNS = {"answer": "math", "solution": "math", "ground_truth": "math", "tests": "code",
                     "test": "code", "test_list": "code", "target": "countdown"}
@@ -41,7 +45,7 @@ REWARD_NEEDS = {"math": ("answer",), "code": ("tests",), "countdown": ("target",
 """The columns a built-in reward scores against (a row without them cannot be scored)."""
 VERIFIABLE = ("math", "code", "countdown")
 LEARNED, JUDGE = ("reward_model",), ("judge",)
-FULL_FT_LR = {"dpo": 1e-6, "grpo": 1e-6, "ppo": 1e-6}
+FULL_FT_LR = {"dpo": 1e-6, "grpo": 1e-6, "ppo": 1e-6, "sft": 2e-5}
 """Doctrine: DPO "1e-5 to 1e-6, lower than SFT"; RL "1e-6 instead of 1e-5". x10 with LoRA."""
 
 
@@ -64,7 +68,7 @@ class DataProfile:
 @dataclasses.dataclass
 class Recommendation:
     method: str | None
-    """'dpo', 'grpo', 'ppo', 'rlaif', or None when the inputs give no training signal."""
+    """'sft', 'dpo', 'grpo', 'ppo', 'rlaif', or None when the inputs give no training signal."""
     reasons: list[str]
     command: str
     defaults: dict[str, Any]
@@ -88,6 +92,8 @@ def classify_columns(columns: Sequence[str]) -> tuple[str, str | None]:
     cols = set(columns)
     if set(PREFERENCE_COLUMNS) <= cols:
         return "preference", None
+    if DEMONSTRATION_COLUMNS & cols and "label" not in cols:  # with a label: KTO's unpaired preferences
+        return "demonstrations", None
     if {"target", "numbers"} <= cols:
         return "verifiable", "countdown"
     for col, reward in VERIFIER_COLUMNS.items():
@@ -122,7 +128,8 @@ def inspect_data(data_path: str | None = None, columns: Sequence[str] | None = N
         if isinstance(row, dict):
             cols += [k for k in row if k not in cols]
     kind, reward = classify_columns(cols)
-    datamod.load_rows(data_path, "preference" if kind == "preference" else "prompt")  # DataError names the line
+    load_kind = {"preference": "preference", "demonstrations": "sft"}.get(kind, "prompt")
+    datamod.load_rows(data_path, load_kind)  # DataError names the line
     return DataProfile(str(data_path), kind, cols, len(rows), reward)
 
 
@@ -344,10 +351,13 @@ def _pairs_command(data: DataProfile | None, model_arg: str | None, reward_spec:
                                             reward_spec or "judge(judge.yaml)", "--n", "8", "--out", "pairs.jsonl"])
 
 
+RANK_TABLE = {"dpo": "DPO table", "sft": "SFT rank"}
+
+
 def _defaults_reason(defaults: dict[str, Any], n_params: float, train_method: str) -> str:
     rank = defaults.get("lora_rank")
     return (f"defaults: LoRA rank {rank} for a {n_params / 1e9:.3g}B model "
-            f"({'DPO table' if train_method == 'dpo' else 'LoRA for RL table'}), lr {_fmt(defaults['lr'])}"
+            f"({RANK_TABLE.get(train_method, 'LoRA for RL table')}), lr {_fmt(defaults['lr'])}"
             + (f", beta {_fmt(defaults['beta'])}" if "beta" in defaults else "")
             + (f", group size {defaults['group_size']}" if "group_size" in defaults else ""))
 
@@ -367,6 +377,13 @@ def recommend(data_path: str | None = None, columns: Sequence[str] | None = None
     reasons: list[str] = [_data_reason(data)] if data else []
     alternatives: list[dict[str, Any]] = []
 
+    if data is not None and data.kind == "demonstrations":  # 0.
+        reasons.append("demonstrations? yes: the data is in an SFT format (messages, prompt + completion, or text) "
+                       "-> SFT, the stage before RL: imitate the examples; then DPO on pairs or GRPO with a reward")
+        defaults = method_defaults("sft", n_params)
+        reasons.append(_defaults_reason(defaults, n_params, "sft"))
+        return Recommendation("sft", reasons, _command("sft", data, model_arg, defaults), defaults, alternatives, "sft",
+                              None, data)
     reward_spec = reward
     method = _preference_branch(data, model_arg, reasons, alternatives)  # 1.
     if method is None:  # 2.
