@@ -228,3 +228,29 @@ def test_cli_bad_row_is_a_clear_error_before_the_model_loads(tmp_path):
 def test_cli_needs_data(tmp_path):
     r = terminal.posttrain("train", "sft", "--task", "arithmetic", "--output-dir", tmp_path)
     terminal.assert_user_error(r, "--data")
+
+
+def test_cli_sigkill_mid_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_dir, pc_file):
+    """Killed (SIGKILL) halfway through writing step 4's checkpoint, then ``--resume`` and nothing else:
+    the run replays from step 2 and ends with the uninterrupted run's metrics and final weights."""
+    from safetensors.torch import load_file
+
+    def cmd(name):
+        return ("train", "sft", "--model", tiny_dir, "--data", pc_file, "--no-lora", "--lr", "3e-3", "--batch-size", "4",
+                "--max-steps", "6", "--checkpoint-every", "2", "--eval-fraction", "0.25", "--output-dir", tmp_path,
+                "--name", name)
+
+    assert terminal.posttrain(*cmd("full")).returncode == 0
+    killed = terminal.posttrain(*cmd("killed"), env={"POSTTRAIN_FAULT": "checkpoint.write:2"})
+    assert killed.returncode == -9 and not (tmp_path / "killed" / "final").exists()
+    resumed = terminal.posttrain("train", "sft", "--resume", tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def lines(name, file):
+        rows = [json.loads(x) for x in (tmp_path / name / file).read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "seconds"))} for r in rows]
+
+    assert lines("killed", "metrics.jsonl") == lines("full", "metrics.jsonl")
+    assert lines("killed", "evals.jsonl") == lines("full", "evals.jsonl")
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("full", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
