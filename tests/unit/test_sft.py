@@ -96,6 +96,21 @@ def test_a_template_that_rewrites_earlier_turns_is_an_error_naming_the_row(tok, 
     assert ex[0].n_targets == len(ex[0].ids) - 1
 
 
+def test_conversations_the_template_cannot_cut_are_errors_naming_the_row(tok):
+    opens = {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"},
+                          {"role": "assistant", "content": "y"}]}
+    with pytest.raises(DataError, match=r"c.jsonl, row 1: field 'messages': the conversation opens with an assistant"):
+        sd.encode_examples(tok, [opens], source="c.jsonl")
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(DataError, match=r"row 1: field 'messages': the chat template refused the conversation: "
+                                        r"Conversation roles must alternate"):
+        sd.encode_examples(strict, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+                           source="c.jsonl")
+
+
 @pytest.mark.parametrize("row,field,problem", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant message"),
     ({"messages": "hi"}, "messages", "expected a list of messages"),
@@ -223,6 +238,19 @@ def test_cli_bad_row_is_a_clear_error_before_the_model_loads(tmp_path):
     r = terminal.posttrain("train", "sft", "--data", data, "--output-dir", tmp_path / "runs")
     terminal.assert_user_error(r, "bad.jsonl:2", "field 'messages'", "no assistant message")
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_a_conversation_the_template_cannot_cut_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    data = write(tmp_path / "c.jsonl", [{"messages": [{"role": "assistant", "content": "Hi"}]}])
+    r = terminal.posttrain("train", "sft", "--data", data, "--output-dir", tmp_path / "runs")
+    terminal.assert_user_error(r, "c.jsonl, row 1", "field 'messages'", "opens with an assistant message")
+    assert not (tmp_path / "runs").exists()
+    # and no model was loaded for it: the same check in process, with loading made to fail
+    from posttrain.algorithms import common
+
+    monkeypatch.setattr(common, "load_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    with pytest.raises(DataError, match="opens with an assistant message"):
+        train_sft(SFTConfig(data=data, output_dir=str(tmp_path / "runs")))
 
 
 def test_cli_needs_data(tmp_path):

@@ -45,7 +45,7 @@ from posttrain.algorithms.evaluate import greedy_eval_sharded
 from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.run import Phase, Run, RunResult, closes_runs_on_failure
 from posttrain.data import DataError
-from posttrain.models import sft_lora_rank
+from posttrain.models import load_tokenizer, sft_lora_rank
 from posttrain.runtime import distributed
 from posttrain.runtime.config import Fraction, NonNegative, PerProcess, Positive, Range, refuse
 
@@ -170,13 +170,12 @@ def _read_rows(config: SFTConfig) -> tuple[list[dict], str | None]:
     return rows, reward
 
 
-def _split(config: SFTConfig, rows: list[dict]) -> tuple[list[int], set[int]]:
-    held: set[int] = set()
-    if config.eval_fraction > 0 and len(rows) > 1:
-        n_eval = max(1, int(round(len(rows) * config.eval_fraction)))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        held = set(order[:n_eval])
-    return [i for i in range(len(rows)) if i not in held], held
+def _held_out(config: SFTConfig, rows: list[dict]) -> set[int]:
+    """The rows held out for evaluation: a seeded ``eval_fraction`` of them (at least one, when > 0)."""
+    if config.eval_fraction <= 0 or len(rows) < 2:
+        return set()
+    n_eval = max(1, int(round(len(rows) * config.eval_fraction)))
+    return set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()[:n_eval])
 
 
 def _greedy_rows(config: SFTConfig, rows: list[dict], held: set[int]) -> list[dict]:
@@ -198,8 +197,11 @@ def train_sft(config: SFTConfig) -> RunResult:
     distributed.check_divisible("batch_size", config.batch_size)
     offline.check_resumed_length(config)
     rows, reward = _read_rows(config)
-    train_idx, held = _split(config, rows)
+    held = _held_out(config, rows)
     greedy = _greedy_rows(config, rows, held)
+    # tokenized with the tokenizer alone: a row the chat template cannot cut is an error before the model loads
+    examples, stats = sd.encode_examples(load_tokenizer(config.model), rows, config.chat_template, config.loss_on,
+                                         config.max_length, str(config.data))
     policy, tok = common.load_policy(config, lora_rank_for=sft_lora_rank)
     inputs.check_max_length(policy, config)
     if greedy:
@@ -209,8 +211,6 @@ def train_sft(config: SFTConfig) -> RunResult:
     if config.activation_checkpointing > 0:  # before sharding: FSDP's hooks then run inside the recomputation
         offline.enable_activation_checkpointing(policy, config.activation_checkpointing)
     common.shard(config, policy)
-    examples, stats = sd.encode_examples(tok, rows, config.chat_template, config.loss_on, config.max_length,
-                                         str(config.data))
     train = [e for e in examples if e.index not in held]
     evals = [e for e in examples if e.index in held]
     if not train:

@@ -88,7 +88,11 @@ class SFTStats:
 
 
 def _render(tok, messages: list, generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template's text; a template's own refusal (roles that must alternate, ...) as a ValueError."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, or whatever a template raises
+        raise ValueError(f"the chat template refused the conversation: {e}") from None
 
 
 def _end_of_turn(tok, text: str) -> int:
@@ -108,6 +112,9 @@ def message_pieces(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if i == 0:
+            raise ValueError("the conversation opens with an assistant message: there is no prompt to cut it from; "
+                             "start with a user (or system) message, or train on every token with --loss-on all")
         before, upto = _render(tok, messages[:i], True), _render(tok, messages[:i + 1])
         if not (full.startswith(upto) and upto.startswith(before) and len(before) >= at):
             raise ValueError(f"the chat template renders message {i} (assistant) differently once later messages "
