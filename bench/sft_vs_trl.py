@@ -64,7 +64,8 @@ def child_ours(spec: dict) -> dict:
     import posttrain.algorithms.sft as sft
 
     out = tempfile.mkdtemp(prefix="bench-sft-")
-    cfg = sft.SFTConfig(data=spec["data"], lora=spec["mode"] == "lora", lora_rank=64, lora_alpha=32.0, lr=2e-5,
+    lora = {"lora": True, "lora_rank": 64, "lora_alpha": 32.0} if spec["mode"] == "lora" else {"lora": False}
+    cfg = sft.SFTConfig(data=spec["data"], **lora, lr=2e-5,
                         batch_size=BATCH, max_length=spec["max_length"], max_steps=spec["warmup"] + spec["steps"],
                         eval_fraction=0.0, eval_at_start=False, checkpoint_every=10_000, output_dir=out, name="b",
                         log_every=10_000, device="cpu", packing=spec["impl"] == "ours",

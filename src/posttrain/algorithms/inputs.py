@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Optional
 
 from posttrain.algorithms.common import RolloutConfig, TrainConfig, load_policy, start
 from posttrain.doctrine.select import check_reward_columns
+from posttrain.models import rl_lora_rank
 from posttrain.runtime import distributed
 from posttrain.runtime.config import ConfigError, flag
 
@@ -102,10 +103,11 @@ class RolloutSetup(NamedTuple):
     tok: Any
 
 
-def rollout_setup(config: "RolloutConfig") -> RolloutSetup:
-    """The set-up of the trainers that sample (GRPO, PPO), in the order of the module docstring:
-    start, the rows, the reward and evaluation reward (a bad ``--eval-reward`` is an error now,
-    not at the first evaluation), the policy, then the prompts against its context."""
+def rollout_setup(config: "RolloutConfig", lora_rank_for=rl_lora_rank) -> RolloutSetup:
+    """The set-up of the trainers that sample (GRPO, PPO, distillation, rounds), in the order of
+    the module docstring: start, the rows, the reward and evaluation reward (a bad
+    ``--eval-reward`` is an error now, not at the first evaluation), the policy (LoRA at
+    ``lora_rank_for``'s rank), then the prompts against its context."""
     from posttrain import rewards
 
     start(config)
@@ -117,7 +119,7 @@ def rollout_setup(config: "RolloutConfig") -> RolloutSetup:
     reward_fn = rewards.from_spec(spec)
     eval_spec = config.eval_reward or rows.reward or spec
     eval_reward = eval_spec if eval_spec == spec else rewards.from_spec(eval_spec, flag="--eval-reward")
-    policy, tok = load_policy(config)
+    policy, tok = load_policy(config, lora_rank_for=lora_rank_for)
     check_context(policy, tok, rows, config.completion_budgets(), config.chat_template)
     return RolloutSetup(rows, reward_fn, eval_reward, policy, tok)
 

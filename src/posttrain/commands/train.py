@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-HELP = "Train with a method: sft, grpo, dpo, rm, ppo, or auto (the doctrine's decision tree picks)."
+HELP = "Train with a method: sft, rft, grpo, dpo, online-dpo, distill, rm, ppo, or auto (the doctrine's decision tree picks)."
 
 METHODS: dict[str, tuple[type, Callable]] = {}
 """Methods added at run time (a plugin's or a test's): name -> (config class, train function)."""
@@ -30,6 +30,9 @@ def methods() -> dict[str, tuple[type, Callable]]:
     from posttrain.algorithms.ppo import PPOConfig, train_ppo
     from posttrain.algorithms.reward_model import RewardModelConfig, train_reward_model
     from posttrain.algorithms.sft import SFTConfig, train_sft
+    from posttrain.algorithms.rft import RFTConfig, train_rft
+    from posttrain.algorithms.online_dpo import OnlineDPOConfig, train_online_dpo
+    from posttrain.algorithms.distill import DistillConfig, train_distill
 
     return {
         "sft": (SFTConfig, train_sft),
@@ -37,6 +40,9 @@ def methods() -> dict[str, tuple[type, Callable]]:
         "dpo": (DPOConfig, train_dpo),
         "rm": (RewardModelConfig, train_reward_model),
         "ppo": (PPOConfig, train_ppo),
+        "rft": (RFTConfig, train_rft),
+        "online-dpo": (OnlineDPOConfig, train_online_dpo),
+        "distill": (DistillConfig, train_distill),
         **METHODS,
     }
 
