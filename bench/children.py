@@ -3,17 +3,24 @@
 are paged in before memory is measured (``touch``), and TRL's steps are timed by a callback
 (``trl_timer``) as ours are by the loop's ``time/step``.
 
+``measure_ours`` instruments one of our trainers the same way in every benchmark: memory is counted
+from after the model has loaded and been paged in, and each step's process-CPU time from the first
+backward pass to the optimizer update.
+
 A child gets ``OMP_NUM_THREADS`` from its spec, ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns
 freed blocks >= 128 KiB at once, so RSS follows live memory) and no tokenizer threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+
+from peak_memory import reset_peak, status_kb  # bench/peak_memory.py
 
 
 def run_child(script: str, spec: dict, keep_errors: bool = False) -> dict:
@@ -54,3 +61,37 @@ def trl_timer(times: list, cpu: list):
             cpu.append(time.process_time() - self.c0)
 
     return Timer()
+
+
+@contextlib.contextmanager
+def measure_ours(trainer_module, step_module):
+    """While inside, ``common.load_policy`` resets the peak-memory counter once the model is loaded
+    and paged in (``state["base"]``: RSS then; ``state["method"]``: how the peak is read), and
+    ``trainer_module.accumulate`` .. ``step_module.step_optimizer`` is timed in process-CPU seconds
+    (``state["cpu"]``, one entry per step). Yields ``state``; the patched functions are restored."""
+    import posttrain.algorithms.common as common
+
+    state: dict = {"cpu": []}
+    load, accumulate, step = common.load_policy, trainer_module.accumulate, step_module.step_optimizer
+
+    def load_and_reset(*a, **k):  # the baseline: the model loaded (and paged in), nothing else
+        model, tok = load(*a, **k)
+        touch(model)
+        state["base"], state["method"] = status_kb("VmRSS"), reset_peak()
+        return model, tok
+
+    def timed_accumulate(*a, **k):
+        state["c0"] = time.process_time()
+        return accumulate(*a, **k)
+
+    def timed_step(*a, **k):
+        try:
+            return step(*a, **k)
+        finally:
+            state["cpu"].append(time.process_time() - state["c0"])
+
+    common.load_policy, trainer_module.accumulate, step_module.step_optimizer = load_and_reset, timed_accumulate, timed_step
+    try:
+        yield state
+    finally:
+        common.load_policy, trainer_module.accumulate, step_module.step_optimizer = load, accumulate, step

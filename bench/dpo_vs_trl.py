@@ -32,9 +32,8 @@ import os
 import random
 import statistics
 import tempfile
-import time
 
-from children import run_child, touch, trl_timer  # bench/children.py
+from children import measure_ours, run_child, touch, trl_timer  # bench/children.py
 from peak_memory import peak_kb, reset_peak, status_kb  # bench/peak_memory.py
 
 BATCH = 8
@@ -69,7 +68,6 @@ def _as_conversational(row: dict) -> dict:
 
 
 def child_ours(spec: dict) -> dict:
-    import posttrain.algorithms.common as common
     import posttrain.algorithms.dpo as dpo
 
     out = tempfile.mkdtemp(prefix="bench-dpo-")
@@ -79,27 +77,8 @@ def child_ours(spec: dict) -> dict:
                         checkpoint_every=10_000, output_dir=out, name="b", log_every=10_000, device="cpu",
                         activation_checkpointing=1 if spec["checkpointing"] else 0,
                         loss_type=spec.get("loss_type", "sigmoid"))  # bench/preference_memory.py: other losses
-    state: dict = {"cpu": []}
-    load, accumulate, step = common.load_policy, dpo.accumulate, dpo.step_optimizer
-
-    def load_and_reset(*a, **k):  # the baseline: the model loaded (and paged in), nothing else
-        model, tok = load(*a, **k)
-        touch(model)
-        state["base"], state["method"] = status_kb("VmRSS"), reset_peak()
-        return model, tok
-
-    def timed_accumulate(*a, **k):
-        state["c0"] = time.process_time()
-        return accumulate(*a, **k)
-
-    def timed_step(*a, **k):
-        try:
-            return step(*a, **k)
-        finally:
-            state["cpu"].append(time.process_time() - state["c0"])
-
-    common.load_policy, dpo.accumulate, dpo.step_optimizer = load_and_reset, timed_accumulate, timed_step
-    res = dpo.train_dpo(cfg)
+    with measure_ours(dpo, dpo) as state:
+        res = dpo.train_dpo(cfg)
     peak = peak_kb(state["method"])
     data = json.loads((res.run_dir / "data.json").read_text())
     w = spec["warmup"]

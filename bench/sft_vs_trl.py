@@ -29,9 +29,8 @@ import os
 import random
 import statistics
 import tempfile
-import time
 
-from children import run_child, touch, trl_timer  # bench/children.py
+from children import measure_ours, run_child, touch, trl_timer  # bench/children.py
 from peak_memory import peak_kb, reset_peak, status_kb  # bench/peak_memory.py
 
 BATCH = 8
@@ -59,7 +58,6 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def child_ours(spec: dict) -> dict:
-    import posttrain.algorithms.common as common
     import posttrain.algorithms.offline as offline
     import posttrain.algorithms.sft as sft
 
@@ -70,27 +68,8 @@ def child_ours(spec: dict) -> dict:
                         eval_fraction=0.0, eval_at_start=False, checkpoint_every=10_000, output_dir=out, name="b",
                         log_every=10_000, device="cpu", packing=spec["impl"] == "ours",
                         activation_checkpointing=1 if spec["checkpointing"] else 0)
-    state: dict = {"cpu": []}
-    load, accumulate, step = common.load_policy, sft.accumulate, offline.step_optimizer
-
-    def load_and_reset(*a, **k):  # the baseline: the model loaded (and paged in), nothing else
-        model, tok = load(*a, **k)
-        touch(model)
-        state["base"], state["method"] = status_kb("VmRSS"), reset_peak()
-        return model, tok
-
-    def timed_accumulate(*a, **k):
-        state["c0"] = time.process_time()
-        return accumulate(*a, **k)
-
-    def timed_step(*a, **k):
-        try:
-            return step(*a, **k)
-        finally:
-            state["cpu"].append(time.process_time() - state["c0"])
-
-    common.load_policy, sft.accumulate, offline.step_optimizer = load_and_reset, timed_accumulate, timed_step
-    res = sft.train_sft(cfg)
+    with measure_ours(sft, offline) as state:
+        res = sft.train_sft(cfg)
     peak = peak_kb(state["method"])
     w = spec["warmup"]
     return {"times": [m["time/step"] for m in res.history][w:], "cpu": state["cpu"][w:],
