@@ -145,10 +145,7 @@ class DPOConfig(common.TrainConfig):
         "eval_max_new_tokens": ("with --task (the greedy evaluation on its test split)", lambda c: c.task is not None),
         "task_size": ("never in DPO (it trains on --data; --task only evaluates)", lambda c: False),
         "eval_fraction": ("with --data", lambda c: c.data is not None),
-        "beta": ("with a loss type that has one (not orpo: --orpo-lambda)", lambda c: LOSS_TYPES[c.loss_type].beta is not None),
-        "ref_model": ("with a loss type that uses a reference (not simpo or orpo)", lambda c: LOSS_TYPES[c.loss_type].reference),
-        **{f: (f"with --loss-type {name}", lambda c, n=name: c.loss_type == n)
-           for name, entry in LOSS_TYPES.items() for f in entry.fields},
+        **dpo_losses.applies_when("ref_model"),
     }
     activation_checkpointing: Annotated[int, NonNegative] = 0
     """Recompute the activations of every N-th decoder layer in backward instead of storing them (1 = all
@@ -163,7 +160,7 @@ class DPOConfig(common.TrainConfig):
     @property
     def beta_value(self) -> float:
         """``beta``, or the loss type's default."""
-        return self.beta if self.beta is not None else LOSS_TYPES[self.loss_type].beta
+        return dpo_losses.beta_of(self)
 
     def check_inputs(self) -> None:
         """DPO trains on ``data`` (pairs); ``task`` only names the greedy evaluation's task."""
@@ -173,10 +170,7 @@ class DPOConfig(common.TrainConfig):
 
     def check(self) -> None:
         super().check()
-        dd.check_lengths(self)
-        problem = dpo_losses.check(self)
-        if problem is not None:
-            raise refuse(problem[0], problem[1], "loss_type")
+        dpo_losses.check(self)
 
 
 # --------------------------------------------------------------------------------------- reference

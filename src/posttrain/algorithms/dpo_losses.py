@@ -77,9 +77,30 @@ LABEL_SMOOTHING = (*SMOOTHED, "simpo")
 """The loss types that take ``label_smoothing`` (DPO's conservative / robust forms; SimPO as TRL's CPO)."""
 
 
-def check(config) -> Optional[tuple[str, str]]:
-    """(field, problem) for a loss type x label_smoothing that cannot work together, else None."""
+def check(config) -> None:
+    """The checks of a config that picks a ``loss_type`` of this table (``train dpo``, ``train
+    online-dpo``): its truncation lengths, and a loss type x label_smoothing that cannot work together."""
+    from posttrain.algorithms.dpo_data import check_lengths
+    from posttrain.runtime.config import refuse
+
+    check_lengths(config)
     if config.label_smoothing and config.loss_type not in LABEL_SMOOTHING:
-        return "label_smoothing", (f"label_smoothing applies to {', '.join(map(repr, LABEL_SMOOTHING))} only, "
-                                   f"not {config.loss_type!r}")
-    return None
+        raise refuse("label_smoothing", f"label_smoothing applies to {', '.join(map(repr, LABEL_SMOOTHING))} only, "
+                     f"not {config.loss_type!r}", "loss_type")
+
+
+def beta_of(config) -> float:
+    """``config.beta``, or its loss type's default."""
+    return config.beta if config.beta is not None else LOSS_TYPES[config.loss_type].beta
+
+
+def applies_when(reference_field: str) -> dict:
+    """``APPLIES_WHEN`` entries of a config that picks a ``loss_type`` of this table: ``beta``, the
+    field that sets its reference (``ref_model``, ``ref_update``), and each loss type's own fields."""
+    return {
+        "beta": ("with a loss type that has one (not orpo: --orpo-lambda)", lambda c: LOSS_TYPES[c.loss_type].beta is not None),
+        reference_field: ("with a loss type that uses a reference (not simpo or orpo)",
+                          lambda c: LOSS_TYPES[c.loss_type].reference),
+        **{f: (f"with --loss-type {name}", lambda c, n=name: c.loss_type == n)
+           for name, entry in LOSS_TYPES.items() for f in entry.fields},
+    }

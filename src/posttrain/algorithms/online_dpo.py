@@ -78,13 +78,7 @@ class OnlineDPOConfig(rounds.RoundsConfig):
     """Chosen and rejected attend to one copy of their prompt (sdpa or eager attention)."""
     ref_batch_tokens: Annotated[int, Positive] = 4096
     """Tokens per no-grad forward of the reference pass."""
-    APPLIES_WHEN: ClassVar[dict] = {
-        "beta": ("with a loss type that has one (not orpo)", lambda c: LOSS_TYPES[c.loss_type].beta is not None),
-        "ref_update": ("with a loss type that uses a reference (not simpo or orpo)",
-                       lambda c: LOSS_TYPES[c.loss_type].reference),
-        **{f: (f"with --loss-type {name}", lambda c, n=name: c.loss_type == n)
-           for name, entry in LOSS_TYPES.items() for f in entry.fields},
-    }
+    APPLIES_WHEN: ClassVar[dict] = dpo_losses.applies_when("ref_update")
 
     @property
     def method(self) -> str:
@@ -92,14 +86,11 @@ class OnlineDPOConfig(rounds.RoundsConfig):
 
     @property
     def beta_value(self) -> float:
-        return self.beta if self.beta is not None else LOSS_TYPES[self.loss_type].beta
+        return dpo_losses.beta_of(self)
 
     def check(self) -> None:
         super().check()
-        dd.check_lengths(self)
-        problem = dpo_losses.check(self)
-        if problem is not None:
-            raise refuse(problem[0], problem[1], "loss_type")
+        dpo_losses.check(self)
         if self.group_size < 2:
             raise refuse("group_size", f"must be >= 2 for online DPO, got {self.group_size}: a pair needs two samples "
                          "of a prompt")
