@@ -51,6 +51,26 @@ CASES = [
     ("1000", "Answer: 100", 0.0),
     ("57", "Answer: 75", 0.0),
     ("3", "Answer: 3\nActually, Answer: 5", 0.0),  # the LAST marker counts: 5
+    # --- a plain-number reference takes only a number: unevaluated expressions score 0
+    # (math-verify would evaluate them, and a policy learns to hand the question back)
+    ("136", "Answer: 62 + 74", 0.0),
+    ("136", "Answer: 2*68", 0.0),
+    ("136", r"Answer: 68 \cdot 2", 0.0),
+    ("136", r"Answer: \frac{272}{2}", 0.0),  # a fraction not in lowest terms
+    ("136", "Answer: 136/1", 0.0),
+    ("136", "Answer: 140 - 4", 0.0),
+    ("136", "Answer: 136 + 0", 0.0),
+    ("136", "The answer is x. 62 + 74 = x", 0.0),  # the value after the last '=' is not a number
+    ("136", r"\boxed{136 = 62 + 74}", 0.0),
+    ("1/2", "Answer: 2/4", 0.0),
+    ("136", "Answer: 62 + 74 = 136", 1.0),  # the value after the last '=' counts
+    ("57", "The answer is 57. The reason is that 39 + 18 equals 57.", 1.0),  # a number opening a sentence
+    ("57", "The answer is 39 + 18. The reason is that it equals 57.", 0.0),
+    ("136", r"Answer: 1.36 \times 10^{2}", 1.0),  # scientific notation is a number
+    ("136", r"Answer: \$136", 1.0),
+    ("-3/4", r"Answer: \frac{-3}{4}", 1.0),
+    ("-3/4", r"Answer: -\frac{3}{4}", 1.0),
+    ("1/2", r"Answer: \dfrac12", 1.0),
     # --- no answer at all
     ("5", "I do not know.", 0.0),
     ("5", "", 0.0),
@@ -124,13 +144,14 @@ def test_extraction_is_linear_on_adversarial_text():
     assert time.perf_counter() - start < 5.0
 
 
-PATHOLOGICAL = r"\boxed{9^{9^{9^{9}}}}"  # sympy cannot decide 9^9^9^9 == 5 quickly
+PATHOLOGICAL = r"\boxed{9^{9^{9^{9}}}}"  # sympy cannot decide 9^9^9^9 == sqrt(5) quickly
+SYMBOLIC = r"\sqrt{5}"  # a reference that is not a plain number, so the check goes to math-verify
 
 
 def test_pathological_latex_times_out_in_main_thread():
     before, _ = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout may have one armed
     start = time.perf_counter()
-    assert math_reward("", PATHOLOGICAL, "5", timeout_s=0.5) == 0.0
+    assert math_reward("", PATHOLOGICAL, SYMBOLIC, timeout_s=0.5) == 0.0
     elapsed = time.perf_counter() - start
     assert 0.4 < elapsed < 5.0  # it really ran into the 0.5 s deadline, and stopped there
     after, _ = signal.getitimer(signal.ITIMER_REAL)
@@ -174,7 +195,7 @@ def test_from_a_worker_thread_uses_the_helper_process_and_cleans_up():
         pid = mr._worker_pid()
         assert pid is not None and pid != os.getpid()
         start = time.perf_counter()
-        assert _in_thread(lambda: math_reward("", r"\boxed{7^{7^{7^{7}}}}", "5", timeout_s=0.5)) == 0.0
+        assert _in_thread(lambda: math_reward("", r"\boxed{7^{7^{7^{7}}}}", SYMBOLIC, timeout_s=0.5)) == 0.0
         assert time.perf_counter() - start < 5.0
     finally:
         mr.shutdown_worker()
@@ -252,7 +273,7 @@ def test_cut_off_or_malformed_final_answer_scores_zero(answer, completion):
 
 def test_complete_answers_next_to_cut_off_ones_still_score():
     assert math_reward("", r"so \boxed{\frac{1}{2}}", "1/2") == 1.0  # the same answer, finished
-    assert math_reward("", "Answer: 1 + 1", "2") == 1.0  # an operator inside is fine, only a dangling one is not
+    assert math_reward("", "Answer: x + 1", "1 + x") == 1.0  # an operator inside is fine, only a dangling one is not
     assert math_reward("", "Answer: -1", "-1") == 1.0  # a leading minus is a sign
     assert math_reward("", r"Answer: \left( 1 \right)", "1") == 1.0
     assert math_reward("", "Answer: 5\nCheck: 5 +", "5") == 1.0  # the marked answer was complete; text after it is not graded

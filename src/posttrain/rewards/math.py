@@ -17,8 +17,16 @@ r"""Math reward: extract the final answer from a completion, check it against th
   1.0   when the extracted answer equals the reference, tried in this order:
           a. the same string after cosmetic clean-up (`$...$`, spaces, a trailing period,
              thousands separators, `\%`, `^\circ`, `\$`): the fast path, no parsing;
-          b. both are plain numbers (integer, decimal, `a/b`, `\frac{a}{b}`), compared exactly
-             as fractions; two *unequal integers* score 0.0 here without further work;
+          b. a reference that is a plain number (integer, decimal, `a/b`, `\frac{a}{b}`) takes
+             only a number in return: a decimal, a fraction in lowest terms, `m \times 10^{k}`,
+             optionally after `lhs =` (the value after the last `=`: `x = 136`,
+             `62 + 74 = 136`), before unit words (`136 apples`, `136 \text{ cm}`) or opening
+             a sentence (`57. Because 39 + 18 = 57`); the two
+             are compared exactly as fractions (two unequal non-integers then go to
+             math-verify for its 6-digit rounding: `1/3` vs `0.333333`). An unevaluated
+             expression (`62 + 74`, `2*68`, `\frac{272}{2}`, `x` after `62 + 74 = x`) scores
+             0.0 whatever it equals: math-verify would evaluate it and let the policy hand
+             the question back as its answer;
           c. otherwise math-verify (HF; the checker open-r1 and TRL's `accuracy_reward` use):
              both sides parsed as LaTeX (`$...$`), then `verify(gold, pred)`: `0.5`, `1/2`
              and `\frac{1}{2}` agree, `\text{}` units drop, `x+1` equals `1+x`, `1/3` equals
@@ -164,6 +172,11 @@ _PLAIN = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SLASH = re.compile(r"([+-]?\d+)/(\d+)")
 _FRAC = re.compile(r"([+-]?)\\[dt]?frac(?:\{([+-]?\d+)\}\{(\d+)\}|(\d)(\d))")
+_SCIENTIFIC = re.compile(r"([+-]?\d(?:\.\d+)?)(?:\\times|\\cdot|\*|x)10\^\{?([+-]?\d{1,3})\}?")
+# a number that opens a sentence: "57. The reason is that 39 + 18 equals 57." (never "62 + 74")
+_LEADING = re.compile(r"([-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)[.,;:!]?(?:\s+[A-Za-z].*)?", re.DOTALL)
+_TAG = re.compile(r"</?[A-Za-z]\w*>")  # markup around an answer: <answer>5</answer>
+_UNITS = re.compile(r"(?:\\(?:text|mathrm|mbox)\{[A-Za-z .]*\}|[A-Za-z]+)+")
 
 
 def _as_number(s: str) -> Fraction | None:
@@ -187,6 +200,29 @@ def _as_number(s: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return None
+
+
+def _evaluated_number(pred: str) -> Fraction | None:
+    """A predicted answer as an exact fraction when it is a number written out, not an
+    expression that evaluates to one (rule b in the module docstring), else None."""
+    lead = _LEADING.fullmatch(pred.strip())
+    s = _clean(lead.group(1) if lead else pred)
+    s = _TAG.sub("", s).rpartition("=")[2]
+    while len(s) > 2 and s[0] + s[-1] in ("()", "{}"):
+        s = s[1:-1]
+    m = _SCIENTIFIC.fullmatch(s)
+    if m:
+        mantissa = Fraction(m.group(1))
+        return mantissa * Fraction(10) ** int(m.group(2)) if 1 <= abs(mantissa) < 10 else None
+    head = _NUMBER.match(s)
+    if head and head.end() < len(s) and _UNITS.fullmatch(s, head.end()):
+        s = head.group(0)
+    value = _as_number(s)
+    fraction = _SLASH.fullmatch(s) or _FRAC.fullmatch(s)
+    if value is None or fraction is None:
+        return value
+    written = fraction.group(2) if fraction.re is _SLASH else (fraction.group(3) or fraction.group(5))
+    return value if int(written) == value.denominator != 1 else None  # in lowest terms, not n/1
 
 
 # ------------------------------------------------------------------ math-verify under a deadline
@@ -419,12 +455,13 @@ def math_reward(prompt, completion, answer=None, *, timeout_s: float = DEFAULT_T
         g, p = _clean(gold), _clean(pred)
         if g and g == p:
             return 1.0
-        gn, pn = _as_number(g), _as_number(p)
-        if gn is not None and pn is not None:
-            if gn == pn:
-                return 1.0
-            if gn.denominator == 1 and pn.denominator == 1:
+        gn = _as_number(g)
+        if gn is not None:
+            pn = _evaluated_number(pred)
+            if pn is None or (pn != gn and gn.denominator == 1 and pn.denominator == 1):
                 return 0.0
+            if pn == gn:
+                return 1.0
         if len(gold) > MAX_ANSWER_CHARS or len(pred) > MAX_ANSWER_CHARS:
             return 0.0
         return 1.0 if _equivalent(gold, pred, float(timeout_s)) else 0.0
