@@ -62,7 +62,7 @@ class TrainConfig(Checked):
     data: Optional[str] = None
     """Dataset file (.jsonl/.json/.parquet/.csv) or datasets directory, in TRL's format."""
     task: Optional[str] = None
-    """A built-in task instead of --data (see `posttrain tasks`), e.g. arithmetic."""
+    """A built-in task instead of --data (see `posttrain tasks`), e.g. arithmetic, 'arithmetic(digits=3)', 'reasoning_gym(chain_sum, min_terms=3)'."""
     task_size: Annotated[int, Positive] = 5000
     """Rows drawn from the built-in task's train split."""
     eval_size: Annotated[int, NonNegative] = 200
@@ -167,6 +167,13 @@ class TrainConfig(Checked):
             raise refuse("data", "no training rows: give --data FILE or --task NAME", "task")
         if self.data is not None and self.task is not None:
             raise refuse("task", "give only one of --data FILE and --task NAME", "data")
+        if self.task is not None:
+            from posttrain.data.tasks import TaskError, check_options
+
+            try:
+                check_options(self.task)
+            except TaskError as e:
+                raise refuse("task", f"{e} (see `posttrain tasks`)") from None
 
 
 def check_device(device: str) -> None:

@@ -164,12 +164,14 @@ def reward_flag(flag_name: str, spec: str):
 
 
 def task_flag(flag_name: str, name: str, split: str | None = None):
-    """The TaskInfo of a built-in task; an unknown name or split names the flag."""
-    from posttrain.data.tasks import UnknownTaskError, task_info
+    """The TaskInfo of a built-in task spec (NAME or NAME(ARGS)); an unknown name, a bad option or
+    split names the flag."""
+    from posttrain.data.tasks import TaskError, check_options, task_info
 
     try:
         info = task_info(name)
-    except UnknownTaskError as e:
+        check_options(name)
+    except TaskError as e:
         raise FlagError(f"{flag_name} {name!r}: {e} (see `posttrain tasks`)") from e
     if split is not None and split not in info.splits:
         raise FlagError(f"--split {split!r}: task {name!r} has no such split (it has: {', '.join(info.splits)})")

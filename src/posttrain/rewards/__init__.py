@@ -18,6 +18,7 @@ the code sandbox and the registry works before an optional module exists:
     format     posttrain.rewards.format:format_reward        options: pattern
     length     posttrain.rewards.length:length_penalty       options: max_len, buffer, tokenizer
     countdown  posttrain.rewards.countdown:countdown_reward  columns: target, numbers
+    reasoning_gym  posttrain.rewards.reasoning_gym:reasoning_gym_reward  columns: answer, metadata
 
 Extension point. `register(name)` adds a plain reward function. `register(name,
 factory=True)` adds a *factory* `factory(arg=None, **options) -> reward fn`, for rewards that
@@ -91,6 +92,7 @@ _BUILTIN: dict[str, tuple[str, str, bool, str | None]] = {
     "format": ("posttrain.rewards.format", "format_reward", False, None),
     "length": ("posttrain.rewards.length", "length_penalty", False, None),
     "countdown": ("posttrain.rewards.countdown", "countdown_reward", False, None),
+    "reasoning_gym": ("posttrain.rewards.reasoning_gym", "reasoning_gym_reward", False, None),
     "judge": ("posttrain.rewards.judge", "make_judge_reward", True, None),
     "reward_model": ("posttrain.rewards.reward_model", "make_reward_model_reward", True, None),
 }

