@@ -139,6 +139,13 @@ class TrainConfig(Checked):
     def check(self) -> None:
         super().check()
         self.check_inputs()
+        if self.task is not None:  # its name and options (the task of training rows or of the greedy evaluation)
+            from posttrain.data.tasks import TaskError, check_options
+
+            try:
+                check_options(self.task)
+            except TaskError as e:
+                raise refuse("task", f"{e} (see `posttrain tasks`)") from None
         rank_default = next(f.default for f in dataclasses.fields(self) if f.name == "lora_rank")
         if not self.lora and self.lora_rank != rank_default:  # a rank given for an adapter there is not
             raise refuse("lora_rank", f"--lora-rank {self.lora_rank} with --no-lora: full fine-tuning has no adapter "
@@ -167,13 +174,6 @@ class TrainConfig(Checked):
             raise refuse("data", "no training rows: give --data FILE or --task NAME", "task")
         if self.data is not None and self.task is not None:
             raise refuse("task", "give only one of --data FILE and --task NAME", "data")
-        if self.task is not None:
-            from posttrain.data.tasks import TaskError, check_options
-
-            try:
-                check_options(self.task)
-            except TaskError as e:
-                raise refuse("task", f"{e} (see `posttrain tasks`)") from None
 
 
 def check_device(device: str) -> None:
