@@ -185,10 +185,11 @@ def test_judge_reward_in_the_registry(tmp_path, tiny_dir):
     assert isinstance(part.fn, JudgeReward) and part.batch is not None
     totals, parts = rewards.score_batch(combined, ["q1", "q2", "q3"], ["a", "b", "c"])
     m = judge_metrics(combined)
-    # the random tiny model rarely writes a rating: whatever it wrote, every request is accounted for
+    # a local judge reads the rating from its token probabilities (scoring: auto): the random tiny
+    # model, which rarely writes a rating, still rates every sample
     assert m["judge/requests"] == 3 and m["judge/attempts"] == 3
-    assert m["judge/parsed"] + m["judge/unparsable"] + m["judge/failures"] == 3
-    assert all(v is None or 0.0 <= v <= 1.0 for v in parts["judge"])
+    assert m["judge/by_probability"] == 3 and m["judge/parsed"] + m["judge/unparsable"] + m["judge/failures"] == 0
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in parts["judge"])
     assert judge_metrics(rewards.from_spec("format")) == {}
 
 

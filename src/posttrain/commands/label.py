@@ -13,6 +13,11 @@ too, so a repeated row costs nothing. Exit codes: 0 done, 2 bad input or config,
 failure rate passed its threshold, during the run or over the whole run at its end (a judge that
 failed every request, however few): the message gives the count and the last error, and the pairs
 written so far are kept in --out.
+
+Each judge request is read by probability (the judge config's ``scoring``: the expected rating, or
+p(A) vs p(B), from the judge's token probabilities; the local backend, or an OpenAI-compatible
+server that returns logprobs) or by parsing one sampled answer; the summary line counts both
+(``by probability``, ``parsed``) and the answers that held no verdict (``unparsable``).
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         written, skipped = out.written, out.skipped
     m = judge.metrics()
     print(f"wrote {written} pairs to {args.out} ({skipped} rows skipped) in {time.perf_counter() - t0:.1f}s; "
-          f"judge requests {m['judge/requests']:.0f}, cache hits {m['judge/cache_hits']:.0f}, "
-          f"unparsable {m['judge/unparsable']:.0f}, failures {m['judge/failures']:.0f}")
+          f"judge requests {m['judge/requests']:.0f} (by probability {m['judge/by_probability']:.0f}, "
+          f"parsed {m['judge/parsed']:.0f}, unparsable {m['judge/unparsable']:.0f}, "
+          f"failures {m['judge/failures']:.0f}), cache hits {m['judge/cache_hits']:.0f}")
     for why, n in reasons.most_common():
         print(f"  skipped {n}: {why}")
     return 0

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     judged = judge_metrics(reward_fn)
     if judged:
         err.print("  " + ", ".join(f"{k} {v:.0f}" for k, v in judged.items() if k.rsplit("/", 1)[-1] in
-                                   ("requests", "cache_hits", "unparsable", "failures")), highlight=False)
+                                   ("requests", "by_probability", "parsed", "unparsable", "failures",
+                                    "cache_hits")), highlight=False)
     print(f"wrote {args.out}: {report.total_pairs} pairs")
     return 0

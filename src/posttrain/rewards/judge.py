@@ -5,15 +5,20 @@
     --reward 'judge(judge.yaml,concurrency=4)'   spec options override fields of the YAML file
     --reward 'judge(backend=local)'              no file: the fields as options
 
-The judge config format is in `posttrain.rlaif.config`. The reward is None for a sample the judge
-could not rate (request failed after its retries, or no rating in the reply): the trainer masks
-it out, `combine` leaves it out of the total.
+The judge config format is in `posttrain.rlaif.config`. Where the judge exposes token probabilities
+(the `local` backend; an OpenAI-compatible server that returns logprobs) and `scoring` is auto (the
+default) or probability, the reward is the expected rating under the judge's distribution over the
+rating tokens, mapped to [0, 1] (G-Eval; `posttrain.rlaif.probability`): continuous, so the samples
+of a GRPO group differ in reward even when the judge's most likely rating is the same, and never
+None for want of a parsable answer. Otherwise one sampled answer is parsed. The reward is None for
+a sample the judge could not rate (request failed after its retries, or, parsing, no rating in the
+reply): the trainer masks it out, `combine` leaves it out of the total.
 
 Contract with trainers:
 - `rewards.score_batch` finds the `batch` attribute and sends a whole step's completions at once
   (concurrent HTTP requests, or one batched local generation).
 - `judge_metrics(reward_fn)` gives the judge counters to log each step: `judge/requests`,
-  `judge/parsed`, `judge/unparsable`, `judge/failures`, `judge/cache_hits`, `judge/attempts`,
+  `judge/by_probability`, `judge/parsed`, `judge/unparsable`, `judge/failures`, `judge/cache_hits`, `judge/attempts`,
   `judge/retries` (cumulative), `judge/failure_rate` (recent window), `judge/seconds`. With
   several judges in one spec they are `judge/<part name>/...` (`judge`, `judge_2`).
 - When the recent failure rate passes `max_failure_rate`, scoring raises

@@ -8,6 +8,7 @@ principles (`posttrain constitution`).
 Modules:
     config        JudgeConfig, the judge YAML format, templates and their defaults
     parse         reading a rating or a pairwise verdict out of a judge's reply
+    probability   the expected rating / p(A) vs p(B) from the judge's token probabilities (G-Eval)
     backends      local (in-process, batched), openai and anthropic SDKs; retries, backoff, redaction
     cache         SQLite cache of replies keyed by (judge, settings, messages)
     judges        Judge.score / compare (+ batch forms), Preference, counters, JudgeFailureRate

@@ -1,8 +1,12 @@
 """Judge backends: who answers a list of chat messages, and how failures are retried.
 
-Every backend has ``complete_many(requests) -> list[Outcome]``: one Outcome per request (a list of
-``{"role", "content"}`` messages), each either a reply or a failure, never an exception, so one bad
-request never takes down a batch.
+Every backend has ``complete_many(requests, probe=None) -> list[Outcome]``: one Outcome per request
+(a list of ``{"role", "content"}`` messages), each either a reply or a failure, never an exception,
+so one bad request never takes down a batch. With a ``probe`` (:mod:`posttrain.rlaif.probability`),
+a backend that exposes token probabilities (``probabilities = True``) also returns them in
+``Outcome.extra``: the local backend the exact log-probability of each label (no generation), the
+OpenAI backend the top log-probs of the sampled reply's tokens (``logprobs``/``top_logprobs``; None
+when the server sends none). The Anthropic API has no log-probs: it ignores the probe.
 
 - ``LocalBackend``: any model ``load_model`` accepts, in-process, prompts generated in batches with
   ``posttrain.sampling.generation.sample_groups`` (greedy at temperature 0).
@@ -83,6 +87,9 @@ class Outcome:
     attempts: int = 0
     status: Optional[int] = None
     """HTTP status of the last failed attempt, if any."""
+    extra: Optional[dict] = None
+    """What a probe measured: {"logprobs": [per label]} (local) or {"tokens": [[token, logprob,
+    [[alternative, logprob], ...]], ...]} (OpenAI top log-probs); None when nothing was measured."""
 
     @property
     def ok(self) -> bool:
@@ -93,11 +100,13 @@ class Backend:
     """Base class: subclasses implement `complete_many`."""
 
     name = "backend"
+    probabilities = False
+    """Whether a probe gets token probabilities back (see the module docstring)."""
 
     def __init__(self, config: JudgeConfig):
         self.config = config
 
-    def complete_many(self, requests: Sequence[Messages]) -> list[Outcome]:
+    def complete_many(self, requests: Sequence[Messages], probe=None) -> list[Outcome]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -163,18 +172,19 @@ class HTTPBackend(Backend):
     def _make_client(self, key: str):
         raise NotImplementedError
 
-    def _call(self, messages: Messages) -> str:
-        """One HTTP request; raises the SDK's exceptions."""
+    def _call(self, messages: Messages, probe=None) -> tuple[str, Optional[dict]]:
+        """One HTTP request: (reply, what the probe measured or None); raises the SDK's exceptions."""
         raise NotImplementedError
 
-    def complete(self, messages: Messages) -> Outcome:
+    def complete(self, messages: Messages, probe=None) -> Outcome:
         """One request with retries: never raises (but KeyboardInterrupt)."""
         cfg = self.config
         attempts = 0
         while True:
             attempts += 1
             try:
-                return Outcome(reply=self._call(messages), attempts=attempts)
+                reply, extra = self._call(messages, probe)
+                return Outcome(reply=reply, attempts=attempts, extra=extra)
             except Exception as exc:  # noqa: BLE001 - every SDK error becomes an Outcome
                 retryable, status = classify(exc)
                 if not retryable or attempts > cfg.max_retries:
@@ -193,12 +203,12 @@ class HTTPBackend(Backend):
                                                 thread_name_prefix=f"judge-{self.name}")
             return self._pool
 
-    def complete_many(self, requests: Sequence[Messages]) -> list[Outcome]:
+    def complete_many(self, requests: Sequence[Messages], probe=None) -> list[Outcome]:
         if not requests:
             return []
         if len(requests) == 1 or self.config.concurrency == 1:
-            return [self.complete(m) for m in requests]
-        return list(self._executor().map(self.complete, requests))
+            return [self.complete(m, probe) for m in requests]
+        return list(self._executor().map(lambda m: self.complete(m, probe), requests))
 
     def close(self) -> None:
         with self._pool_lock:
@@ -214,6 +224,8 @@ class OpenAIBackend(HTTPBackend):
     """Chat Completions through the `openai` SDK (any OpenAI-compatible server)."""
 
     name = "openai"
+    probabilities = True
+    _logprobs_refused = False  # set when a server answered 400 to logprobs in scoring: auto
 
     def _make_client(self, key: str):
         import openai
@@ -223,14 +235,31 @@ class OpenAIBackend(HTTPBackend):
             kwargs["base_url"] = self.config.base_url
         return openai.OpenAI(**kwargs)
 
-    def _call(self, messages: Messages) -> str:
+    def _call(self, messages: Messages, probe=None) -> tuple[str, Optional[dict]]:
+        import openai
+
+        from posttrain.rlaif.probability import tokens_of
+
         cfg = self.config
-        response = self._client.chat.completions.create(
-            model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-            extra_body=cfg.extra_body or None)
+        kwargs = dict(model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                      extra_body=cfg.extra_body or None)
+        ask = probe is not None and not self._logprobs_refused
+        try:
+            response = self._client.chat.completions.create(
+                **kwargs, **({"logprobs": True, "top_logprobs": cfg.top_logprobs} if ask else {}))
+        except openai.BadRequestError as exc:
+            if not ask or cfg.scoring != "auto":
+                raise
+            # scoring: auto on a server that refuses the logprobs parameters: parse from now on
+            log.warning("judge %s: the server refused logprobs (%s); parsing sampled answers instead",
+                        cfg.identity, _describe(exc, 400))
+            self._logprobs_refused, ask = True, False
+            response = self._client.chat.completions.create(**kwargs)
         if not response.choices:
             raise ValueError("the response has no choices")
-        return response.choices[0].message.content or ""
+        choice = response.choices[0]
+        extra = {"tokens": tokens_of(choice.logprobs)} if ask else None
+        return choice.message.content or "", extra
 
 
 class AnthropicBackend(HTTPBackend):
@@ -249,7 +278,7 @@ class AnthropicBackend(HTTPBackend):
             kwargs["base_url"] = self.config.base_url
         return anthropic.Anthropic(**kwargs)
 
-    def _call(self, messages: Messages) -> str:
+    def _call(self, messages: Messages, probe=None) -> tuple[str, Optional[dict]]:
         cfg = self.config
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [m for m in messages if m["role"] != "system"]
@@ -257,7 +286,7 @@ class AnthropicBackend(HTTPBackend):
         response = self._client.messages.create(model=cfg.model, max_tokens=cfg.max_tokens, messages=turns,
                                                 extra_body=cfg.extra_body or None, **kwargs)
         return "".join(getattr(block, "text", "") for block in response.content
-                       if getattr(block, "type", "text") == "text")
+                       if getattr(block, "type", "text") == "text"), None
 
 
 # ------------------------------------------------------------------ local
@@ -267,6 +296,7 @@ class LocalBackend(Backend):
     """An in-process model: batched generation, no network. The model loads on first use."""
 
     name = "local"
+    probabilities = True
 
     def __init__(self, config: JudgeConfig, model=None, tokenizer=None, seed: int = 0):
         super().__init__(config)
@@ -274,6 +304,7 @@ class LocalBackend(Backend):
         self.seed = seed
         self._lock = threading.Lock()
         self._generator = None
+        self._continuing: Optional[list[int]] = None
 
     def _ensure_model(self) -> None:
         if self.model is None:
@@ -313,10 +344,31 @@ class LocalBackend(Backend):
                     out[i] = text.strip()
             return out
 
-    def complete_many(self, requests: Sequence[Messages]) -> list[Outcome]:
+    def probe(self, requests: Sequence[Messages], probe) -> list[Outcome]:
+        """The exact log-probability of each of the probe's labels after the prefilled verdict line
+        (no generation); the reply is the verdict line with the most probable label."""
+        from posttrain.rlaif.probability import continuing_tokens, label_continuations, label_logprobs
+
+        with self._lock:
+            self._ensure_model()
+            if self._continuing is None:
+                self._continuing = continuing_tokens(self.tokenizer)
+            head = self.tokenizer(probe.prefix, add_special_tokens=False)["input_ids"]
+            contexts = [self.encode(m) + head for m in requests]
+            conts = label_continuations(self.tokenizer, probe.prefix, probe.labels)
+            rows = label_logprobs(self.model, contexts, conts, self._continuing, self.config.batch_size)
+        out = []
+        for lps in rows:
+            best = max(range(len(lps)), key=lambda k: lps[k])
+            out.append(Outcome(reply=f"{probe.prefix} {probe.labels[best]}", attempts=1, extra={"logprobs": lps}))
+        return out
+
+    def complete_many(self, requests: Sequence[Messages], probe=None) -> list[Outcome]:
         if not requests:
             return []
         try:
+            if probe is not None:
+                return self.probe(requests, probe)
             replies = self.generate(requests, self.config.max_tokens, self.config.temperature)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the batch fails, the run goes on
             error = redact(f"{type(exc).__name__}: {exc}")
@@ -339,7 +391,7 @@ class FunctionBackend(Backend):
         self.calls = 0
         self._lock = threading.Lock()
 
-    def complete_many(self, requests: Sequence[Messages]) -> list[Outcome]:
+    def complete_many(self, requests: Sequence[Messages], probe=None) -> list[Outcome]:
         out = []
         for messages in requests:
             with self._lock:

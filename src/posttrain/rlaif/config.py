@@ -13,6 +13,7 @@ A judge YAML file (every field optional except ``model`` for the HTTP backends):
     score_min: 1                    # the rubric's scale, mapped to [0, 1]
     score_max: 10
     position_swap: true             # compare asks in both orders; None when the two disagree
+    scoring: auto                   # probability | parse | auto (probability where the backend gives log-probs)
     max_failure_rate: 0.5           # stop a run when more than this share of recent requests failed
     rubric: "Judge how helpful, correct and harmless the response is."
     score_template: "..."           # placeholders: {rubric} {prompt} {response} {min} {max}
@@ -30,6 +31,7 @@ against the config file's directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -131,6 +133,17 @@ class JudgeConfig:
     """User message for score(): placeholders {rubric} {prompt} {response} {min} {max}."""
     compare_template: str = DEFAULT_COMPARE_TEMPLATE
     """User message for compare(): placeholders {rubric} {prompt} {a} {b}."""
+    scoring: Literal["auto", "probability", "parse"] = "auto"
+    """How a verdict is read: `probability` = the expected rating under the judge's distribution over
+    the rating tokens, and p(A) vs p(B) for a comparison (G-Eval; the local backend, or an
+    OpenAI-compatible server that returns logprobs: an error if it returns none); `parse` = parse
+    one sampled answer; `auto` = probability where the backend gives log-probs, else parse."""
+    top_logprobs: int = 20
+    """OpenAI backend, scoring by probability: alternatives returned per token (the OpenAI API allows 0-20)."""
+    rating_prefix: str = "Rating:"
+    """Local backend, scoring by probability: the start of the verdict line prefilled before the rating."""
+    verdict_prefix: str = "Winner:"
+    """Local backend, scoring by probability: the start of the verdict line prefilled before A or B."""
 
     @property
     def identity(self) -> str:
@@ -228,6 +241,17 @@ def check(cfg: JudgeConfig, source: str = "judge config", lines: dict[str, int] 
         fail("max_failure_rate", "must be in (0, 1]")
     if cfg.score_max <= cfg.score_min:
         fail("score_max", f"must be greater than score_min ({cfg.score_min:g})")
+    if not 1 <= cfg.top_logprobs <= 20:
+        fail("top_logprobs", "must be between 1 and 20 (the OpenAI API's limit)")
+    if cfg.scoring == "probability":
+        if cfg.backend == "anthropic":
+            fail("scoring", "the Anthropic API returns no token probabilities; use scoring: parse (or auto)")
+        if len(range(math.ceil(cfg.score_min), math.floor(cfg.score_max) + 1)) < 2:
+            fail("scoring", f"probability scoring weighs the integer ratings of the scale, and "
+                            f"[{cfg.score_min:g}, {cfg.score_max:g}] holds fewer than two; use scoring: parse or auto")
+    for field in ("rating_prefix", "verdict_prefix"):
+        if not getattr(cfg, field).strip():
+            fail(field, "must not be empty (the start of the verdict line, e.g. 'Rating:')")
     for field, allowed, needed in (("score_template", SCORE_FIELDS, ("response",)),
                                    ("compare_template", COMPARE_FIELDS, ("a", "b"))):
         text = getattr(cfg, field)

@@ -9,11 +9,24 @@
 
 A *request* is one prompt sent to the judge model: a score is one request, a compare with
 ``position_swap`` (the default) two: (a, b) and (b, a). Every request ends in exactly one of
-``parsed``, ``unparsable`` (the judge answered, but with no verdict in a recognised form) or
-``failures`` (no answer after the retries), so ``requests == parsed + unparsable + failures``.
+``by_probability`` (read from the judge's token probabilities, see below), ``parsed`` (one sampled
+answer parsed), ``unparsable`` (the judge answered, but with no verdict in a recognised form) or
+``failures`` (no answer after the retries), so
+``requests == by_probability + parsed + unparsable + failures``.
 ``cache_hits`` counts the requests answered from the cache or by an identical request in the same
 batch, ``attempts`` the calls actually made to the backend and ``retries`` the repeated ones, so
 ``attempts - retries == requests - cache_hits`` (each request sent is tried at least once).
+
+Scoring by probability (``scoring: auto``, the default, where the backend exposes token
+probabilities; :mod:`posttrain.rlaif.probability`): a score is the expected rating under the
+judge's distribution over the rating tokens, renormalised over the valid ratings (G-Eval), mapped to
+[0, 1]; a comparison is p(A) / (p(A) + p(B)) in each order, averaged over the two orders (in the
+caller's labels), so position bias cancels instead of voiding the verdict: the winner is the side
+above 1/2 (a tie only at exactly 1/2), ``confidence = |2 p_a - 1|``, ``reason="probability"``.
+Where the backend gives no usable probabilities for a request (an API without log-probs, or no
+rating among the top log-probs) that request's sampled answer is parsed; a parsed verdict counts as
+p = 1, 0 or 1/2 (tie) when the other order was read by probability. ``scoring: parse`` always
+parses; ``scoring: probability`` refuses a backend or a server that gives no log-probs.
 
 Position bias: LLM judges favour one position. With ``position_swap`` both orders are asked, and a
 winner is returned only when both answers agree (confidence 1.0, times the judge's own stated
@@ -33,6 +46,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -43,11 +58,14 @@ from posttrain.errors import UserError
 from posttrain.rlaif.backends import Backend, Messages, Outcome, make_backend, redact
 from posttrain.rlaif.cache import JudgeCache, cache_key
 from posttrain.rlaif.config import JudgeConfig, judge_config, load_judge_config, number_text, render
-from posttrain.rlaif.parse import normalise_rating, parse_rating, parse_verdict
+from posttrain.rlaif.parse import Verdict, normalise_rating, parse_rating, parse_verdict
+from posttrain.rlaif.probability import VERDICT_LABELS, Probe, expected_rating, rating_labels, read_probabilities
+
+log = logging.getLogger("posttrain.rlaif")
 
 DEAD_AFTER = 4
 """Failed requests (after their retries) after which a judge that has never answered is taken as down."""
-COUNTERS = ("requests", "parsed", "unparsable", "failures", "cache_hits", "attempts", "retries")
+COUNTERS = ("requests", "by_probability", "parsed", "unparsable", "failures", "cache_hits", "attempts", "retries")
 
 
 class JudgeError(UserError, RuntimeError):
@@ -75,12 +93,14 @@ class Preference:
     `confidence` in [0, 1] (0 when there is no winner); `votes` holds each order's verdict in the
     caller's labels ("a", "b", "tie" or None when that request failed or was unparsable), first
     the (a, b) order, then (b, a); `reason` is one of agree, single, tie, position_bias,
-    unparsable, failed."""
+    unparsable, failed, probability; `p_a` is the probability that `a` is the better one, averaged
+    over the orders, when the verdict was read by probability (else None)."""
 
     winner: Optional[str]
     confidence: float
     votes: tuple[Optional[str], ...] = ()
     reason: str = ""
+    p_a: Optional[float] = None
 
 
 def prompt_as_text(prompt: Any) -> str:
@@ -136,6 +156,19 @@ class Judge:
         self._settings = {"backend": config.backend, "model": config.model_spec, "base_url": config.base_url,
                           "weights": _local_weights_stamp(config), "max_tokens": config.max_tokens,
                           "temperature": config.temperature, "extra_body": config.extra_body}
+        self._warned_no_logprobs = False
+        by_probability = config.scoring != "parse" and self.backend.probabilities
+        if config.scoring == "probability" and not self.backend.probabilities:
+            raise JudgeError(f"judge {config.identity!r}: scoring: probability, but the {self.backend.name} backend "
+                             "gives no token probabilities; use scoring: parse or auto")
+        labels = rating_labels(config.score_min, config.score_max)
+        self.score_probe: Optional[Probe] = (
+            Probe("rating", config.rating_prefix, labels, config.score_min, config.score_max)
+            if by_probability and len(labels) >= 2 else None)
+        """What score() measures when it reads probabilities (None: it parses sampled answers)."""
+        self.compare_probe: Optional[Probe] = (Probe("verdict", config.verdict_prefix, VERDICT_LABELS)
+                                               if by_probability else None)
+        """What compare() measures when it reads probabilities (None: it parses sampled answers)."""
 
     # ------------------------------------------------------------ construction
 
@@ -188,19 +221,27 @@ class Judge:
 
     # ------------------------------------------------------------ asking
 
-    def ask(self, requests: Sequence[Messages], parse) -> list[tuple[Optional[str], Any]]:
-        """Send `requests` (cache first, identical requests once), parse each reply with `parse`,
-        count everything, check the failure rate. Returns (reply or None, parsed or None) per request."""
+    def ask(self, requests: Sequence[Messages], parse, probe: Optional[Probe] = None,
+            read=None) -> list[tuple[Optional[str], Any]]:
+        """Send `requests` (cache first, identical requests once), read each answer, count everything,
+        check the failure rate. Returns (reply or None, value or None) per request.
+
+        With a `probe`, the backend also measures the label probabilities; `read(probs)` turns them
+        into the value (counted ``by_probability``); an answer without usable probabilities is
+        parsed with `parse` (``parsed`` or ``unparsable``). The cache keeps a probed answer with its
+        probabilities, under a key that includes the probe."""
         t0 = time.perf_counter()
-        keys = [cache_key(self.config.identity, self._settings, m) for m in requests]
+        settings = {**self._settings, "probe": probe.key()} if probe is not None else self._settings
+        keys = [cache_key(self.config.identity, settings, m) for m in requests]
         cached = self.cache.get_many(keys) if self.cache is not None else {}
         todo: dict[str, Messages] = {}
         for k, m in zip(keys, requests):
             if k not in cached and k not in todo:
                 todo[k] = m
-        outcomes: dict[str, Outcome] = dict(zip(todo, self.backend.complete_many(list(todo.values())))) if todo else {}
+        outcomes: dict[str, Outcome] = (dict(zip(todo, self.backend.complete_many(list(todo.values()), probe)))
+                                        if todo else {})
         if self.cache is not None:
-            self.cache.put_many([(k, o.reply) for k, o in outcomes.items() if o.ok], self.config.identity)
+            self.cache.put_many([(k, _stored(o, probe)) for k, o in outcomes.items() if o.ok], self.config.identity)
 
         results: list[tuple[Optional[str], Any]] = []
         counts = dict.fromkeys(COUNTERS, 0)
@@ -209,9 +250,10 @@ class Judge:
         seen: set[str] = set()
         for k in keys:
             counts["requests"] += 1
+            extra = None
             if k in cached:
                 counts["cache_hits"] += 1
-                reply = cached[k]
+                reply, extra = _loaded(cached[k], probe)
             else:
                 o = outcomes[k]
                 if k in seen:  # an identical request in this batch: answered once
@@ -220,7 +262,7 @@ class Judge:
                     counts["attempts"] += o.attempts
                     counts["retries"] += max(0, o.attempts - 1)
                 seen.add(k)
-                reply = o.reply
+                reply, extra = o.reply, o.extra
                 if not o.ok:
                     last_error = o.error
             if reply is None:
@@ -229,6 +271,14 @@ class Judge:
                 results.append((None, None))
                 continue
             failed_flags.append(False)
+            probs = None
+            if probe is not None:
+                self._check_logprobs(extra)
+                probs = read_probabilities(extra, reply, probe)
+            if probs:
+                counts["by_probability"] += 1
+                results.append((reply, read(probs)))
+                continue
             parsed = parse(reply)
             counts["parsed" if parsed is not None else "unparsable"] += 1
             results.append((reply, parsed))
@@ -242,6 +292,20 @@ class Judge:
         self.check_failure_rate()
         return results
 
+    def _check_logprobs(self, extra: Optional[dict]) -> None:
+        """A server that sent no log-probs: an error with scoring: probability, a warning (once) with auto."""
+        if extra is None or extra.get("logprobs") is not None or extra.get("tokens") is not None:
+            return
+        cfg = self.config
+        where = f" at {cfg.base_url}" if cfg.base_url else ""
+        if cfg.scoring == "probability":
+            raise JudgeError(f"judge {cfg.identity!r}: scoring: probability, but the server{where} returned no "
+                             "logprobs; use scoring: auto (parse when there are none) or parse")
+        if not self._warned_no_logprobs:
+            self._warned_no_logprobs = True
+            log.warning("judge %s: the server%s returned no logprobs; parsing sampled answers (scoring: auto)",
+                        cfg.identity, where)
+
     def check_failure_rate(self) -> None:
         """Raise JudgeFailureRate when the recent failure rate passes the configured threshold, or
         when a judge that has never answered has failed ``DEAD_AFTER`` requests (each already retried):
@@ -251,7 +315,7 @@ class Judge:
         with self._lock:
             n = len(self._window)
             failed = sum(self._window)
-            answered = self._counts["parsed"] + self._counts["unparsable"]
+            answered = self._counts["by_probability"] + self._counts["parsed"] + self._counts["unparsable"]
         if n >= cfg.min_requests and failed / n > cfg.max_failure_rate:
             self._raise_failure_rate(f"failed {failed / n:.0%} of its last {n} requests ({failed} failed", failed, n)
         if not answered and failed >= min(cfg.min_requests, DEAD_AFTER):
@@ -294,7 +358,11 @@ class Judge:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         requests = [self.score_messages(p, r) for p, r in zip(prompts, responses)]
-        return self.ask(requests, self._parse_score)
+        return self.ask(requests, self._parse_score, self.score_probe, self._read_score)
+
+    def _read_score(self, probs: dict[str, float]) -> float:
+        cfg = self.config
+        return normalise_rating(expected_rating(probs), cfg.score_min, cfg.score_max)
 
     def score(self, prompt: Any, response: Any) -> Optional[float]:
         """The judge's rating of `response` to `prompt`, mapped to [0, 1]; None when the judge failed
@@ -314,7 +382,7 @@ class Judge:
             requests.append(self.compare_messages(p, a, b))
             if swap:
                 requests.append(self.compare_messages(p, b, a))
-        answers = self.ask(requests, parse_verdict)
+        answers = self.ask(requests, parse_verdict, self.compare_probe, lambda probs: probs["A"])
         per = 2 if swap else 1
         return [self._preference(answers[i * per:(i + 1) * per]) for i in range(len(prompts))]
 
@@ -324,6 +392,8 @@ class Judge:
 
     @staticmethod
     def _preference(answers: list[tuple[Optional[str], Any]]) -> Preference:
+        if any(isinstance(value, float) for _, value in answers):
+            return Judge._preference_by_probability(answers)
         flip = {"a": "b", "b": "a", "tie": "tie"}
         votes, confs = [], []
         for i, (reply, verdict) in enumerate(answers):
@@ -342,6 +412,25 @@ class Judge:
             return Preference(None, 0.0, votes_t, "tie")
         return Preference(votes[0], sum(confs) / len(confs), votes_t, "agree" if len(votes) > 1 else "single")
 
+    @staticmethod
+    def _preference_by_probability(answers: list[tuple[Optional[str], Any]]) -> Preference:
+        """Each order's p(first shown is better) in the caller's labels, averaged; a parsed verdict
+        counts as 1, 0 or 1/2; an order with no answer leaves the other alone."""
+        share = {"a": 1.0, "b": 0.0, "tie": 0.5}
+        p_as, votes = [], []
+        for i, (reply, value) in enumerate(answers):
+            if isinstance(value, Verdict):
+                value = share[value.winner]
+            if not isinstance(value, float):
+                votes.append(None)
+                continue
+            p = value if i == 0 else 1.0 - value
+            p_as.append(p)
+            votes.append("a" if p > 0.5 else "b" if p < 0.5 else "tie")
+        p_a = sum(p_as) / len(p_as)
+        winner = "a" if p_a > 0.5 else "b" if p_a < 0.5 else None
+        return Preference(winner, abs(2 * p_a - 1), tuple(votes), "probability" if winner else "tie", p_a)
+
     # ------------------------------------------------------------ metrics
 
     def counts(self) -> dict[str, int]:
@@ -350,7 +439,7 @@ class Judge:
             return dict(self._counts)
 
     def metrics(self, prefix: str = "judge/") -> dict[str, float]:
-        """Counters as metrics: judge/requests, judge/parsed, judge/unparsable, judge/failures,
+        """Counters as metrics: judge/requests, judge/by_probability, judge/parsed, judge/unparsable, judge/failures,
         judge/cache_hits, judge/attempts, judge/retries (cumulative since the judge was made),
         judge/failure_rate (over the recent window) and judge/seconds (time spent judging)."""
         with self._lock:
@@ -362,3 +451,18 @@ class Judge:
 
     def describe_error(self) -> str:
         return redact(self.last_error or "")
+
+
+def _stored(outcome: Outcome, probe: Optional[Probe]) -> str:
+    """What the cache keeps of an answer: the reply text, or with a probe the reply and what it measured."""
+    if probe is None:
+        return outcome.reply
+    return json.dumps({"reply": outcome.reply, "extra": outcome.extra}, ensure_ascii=False)
+
+
+def _loaded(value: str, probe: Optional[Probe]) -> tuple[str, Optional[dict]]:
+    """(reply, extra) from a cached value written by :func:`_stored`."""
+    if probe is None:
+        return value, None
+    data = json.loads(value)
+    return data["reply"], data.get("extra")

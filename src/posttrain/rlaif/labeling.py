@@ -19,6 +19,10 @@ Strategies (the doctrine: "pair highest (chosen) with lowest (rejected)"):
 - ``compare``: every two responses are compared, both orders (N(N-1) requests); chosen = most
   wins, rejected = fewest; kept only when the judge, asked directly, prefers chosen over rejected
   consistently in both orders.
+
+A judge that scores by probability (``scoring`` auto or probability, see
+posttrain.rlaif.probability) gives continuous scores and p(A) vs p(B) verdicts: every request is
+usable, and a row is skipped for a tie only when the probabilities are equal.
 """
 
 from __future__ import annotations
@@ -140,7 +144,10 @@ def label_rows(judge: Judge, rows: Sequence[dict[str, Any]], strategy: str = "sc
             out.append((None, f"the judge did not prefer the most-winning response over the least-winning one "
                               f"directly ({direct.reason})"))
             continue
-        out.append((_record(row, field, chosen, rejected, {**base, "wins": wins, "confidence": direct.confidence}), ""))
+        label = {**base, "wins": wins, "confidence": direct.confidence}
+        if direct.p_a is not None:  # read by probability: p(the first of the two indices is better)
+            label["p_first"] = direct.p_a
+        out.append((_record(row, field, chosen, rejected, label), ""))
     return out
 
 
