@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _options(pairs: list[str]) -> dict:
     from posttrain.commands._args import FlagError
-    from posttrain.rewards import parse_value
+    from posttrain.data.values import parse_value
 
     options = {}
     for pair in pairs:

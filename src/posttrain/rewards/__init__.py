@@ -80,6 +80,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from posttrain.data.values import NUMBER as _NUMBER, parse_value  # parse_value re-exported
 from posttrain.data import as_text  # a completion as text (defined with the data formats)
 from posttrain.errors import UserError
 
@@ -236,22 +237,6 @@ def _check_options(name: str, fn: Callable[..., Any], options: dict) -> None:
 
 # ------------------------------------------------------------------ spec parsing
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def parse_value(text: str) -> Any:
-    """`3` -> 3, `0.5` -> 0.5, `true`/`false` -> bool, `none` -> None, else the string."""
-    t = text.strip()
-    low = t.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if re.fullmatch(r"[+-]?\d+", t):
-        return int(t)
-    if _NUMBER.fullmatch(t):
-        return float(t)
-    return t
 
 
 def _split_top(text: str, sep: str, spec: str, flag: str) -> list[str]:

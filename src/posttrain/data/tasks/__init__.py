@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from posttrain.data.values import parse_value
 from posttrain.errors import UserError
 
 SPLITS = ("train", "test")
@@ -144,8 +145,6 @@ _SPEC = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.S)
 def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     """`"arithmetic(digits=3)"` -> `("arithmetic", {"digits": 3})`; a malformed spec, an unknown
     name or a positional argument the task does not take is a TaskError."""
-    from posttrain.rewards import parse_value
-
     m = _SPEC.fullmatch(spec or "")
     if not m:
         raise TaskError(f"cannot read the task {spec!r}: write NAME or NAME(key=value, ...)")
