@@ -282,3 +282,30 @@ def test_cli_sigkill_mid_checkpoint_then_resume_equals_the_uninterrupted_run(tmp
     assert lines("killed", "evals.jsonl") == lines("full", "evals.jsonl")
     a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("full", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lora_sft_run_is_the_start_of_the_next_stage(tmp_path, tiny_dir, pc_file):
+    """SFT with LoRA, then GRPO with LoRA from its final/ (an adapter directory): the adapter is
+    merged into its base, the new run's fresh adapter sits on that merged model (its reference),
+    and a GRPO step runs (a PEFT model wrapped twice used to crash the sampler)."""
+    from posttrain.algorithms.common import load_policy
+    from posttrain.algorithms.grpo import GRPOConfig, train_grpo
+    from posttrain.models import load_model
+
+    final = str(train_sft(config(tmp_path, tiny_dir, pc_file, lora=True, lr=1e-2, max_steps=2, name="stage1")).run_dir
+                / "final")
+    sft_model, tok = load_model(final)
+    ids_BT = tok("Say the word apple.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want_BTV = sft_model(ids_BT).logits
+        base_BTV = load_model(tiny_dir)[0](ids_BT).logits
+    assert not torch.allclose(want_BTV, base_BTV, atol=1e-4)  # the SFT stage changed the model
+    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": f"Say the word {w}."} for w in WORDS])
+    cfg = dict(model=final, data=prompts, reward="format(pattern=[a-m].*)", rollout_dtype="float32", group_size=2,
+               prompts_per_step=2, max_new_tokens=2, output_dir=str(tmp_path), checkpoint_every=0, lora=True,
+               lora_rank=4, eval_at_start=False, log_every=100)
+    policy, _ = load_policy(GRPOConfig(**cfg, max_steps=1, name="probe"))
+    with torch.no_grad(), policy.disable_adapter():
+        got_BTV = policy(ids_BT).logits
+    torch.testing.assert_close(got_BTV, want_BTV, atol=1e-5, rtol=1e-5)
+    assert len(train_grpo(GRPOConfig(**cfg, max_steps=1, name="stage2")).history) == 1

@@ -225,8 +225,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
-    """Load the model and tokenizer, with a fresh LoRA adapter when ``config.lora``."""
+    """Load the model and tokenizer, with a fresh LoRA adapter when ``config.lora``. A model that is
+    a LoRA adapter directory (the ``final/`` of an earlier LoRA stage: SFT, then RL) is merged
+    into its base first: the new run trains (and, with LoRA, references) that merged model."""
     model, tok = load_model(config.model, device=resolve_device(config.device))
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: the adapter of an earlier stage
+        model = model.merge_and_unload()
     if config.lora:
         rank = config.lora_rank or lora_rank_for(count_parameters(model))
         targets = config.lora_target if config.lora_target == "all-linear" else [
