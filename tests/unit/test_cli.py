@@ -91,7 +91,7 @@ def test_train_auto_walks_the_decision_tree(tmp_path, capsys):
 
     math = tmp_path / "math.jsonl"
     math.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
-    assert cli.main(["train", "auto", "--data", str(math), "--set", "max_steps=3", "--dry-run"]) == 0
+    assert cli.main(["train", "auto", "--data", str(math), "--set", "max_steps=3", "--dry-run", "--no-probe"]) == 0
     out = capsys.readouterr().out
     assert "method: grpo" in out and "'reward': 'math'" in out and "'max_steps': 3" in out
     assert "verifiable" in out.lower()  # the branch taken is printed with its reason

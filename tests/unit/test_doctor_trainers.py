@@ -1,5 +1,5 @@
 """Every trainer runs the doctor: GRPO, PPO, DPO and the reward model log through `Run.log`, which
-hands each step to `Doctor.watch` (a check every 10 steps) and `Run.finish` to `Doctor.finish` (a last
+hands each step to `Doctor.watch` (a check at step 5, the no-signal rule's, then every 10 steps) and `Run.finish` to `Doctor.finish` (a last
 check, then report.html). What the doctor logged live is what `posttrain doctor` finds afterwards."""
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def _train(method: str, tmp_path, tiny_dir, peaked_dir, prefs, toy_prompts):
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo", "dpo", "rm"])
-def test_trainer_calls_the_doctor_every_step_and_checks_every_10(method, seen, tmp_path, tiny_dir, peaked_dir, prefs,
+def test_trainer_calls_the_doctor_every_step_and_checks_at_5_and_every_10(method, seen, tmp_path, tiny_dir, peaked_dir, prefs,
                                                                   toy_prompts):
     res = _train(method, tmp_path, tiny_dir, peaked_dir, prefs, toy_prompts)
     history = res.history
     assert [h["step"] for h in history] == list(range(1, STEPS + 1))
-    # watch after each logged step, then finish's forced watch; checks at step 10 and at the end
+    # watch after each logged step, then finish's forced watch; checks at step 5 (no_signal_steps), 10 and the end
     assert seen["watch"] == list(range(1, STEPS + 1)) + [STEPS]
-    assert seen["check"] == [10, STEPS]
+    assert seen["check"] == [5, 10, STEPS]
     assert (res.run_dir / "report.html").is_file()
     logged = read_jsonl(res.run_dir / "doctor.jsonl")
     replayed = diagnose(history, read_jsonl(res.run_dir / "samples.jsonl"), every=10)

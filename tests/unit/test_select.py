@@ -35,8 +35,8 @@ def _index(reasons, text):
 
 def test_preference_pairs_give_dpo_with_doctrine_defaults(files):
     rec = recommend(files["prefs"])
-    assert rec.method == "dpo" and rec.train_method == "dpo" and not rec.needs_pairs
-    assert "preference pairs? yes" in rec.reasons[1]
+    assert rec.method == "dpo" and rec.train_method == "dpo" and rec.fits
+    assert _index(rec.reasons, "a stronger teacher? no") < _index(rec.reasons, "preference pairs? yes")
     assert rec.defaults["beta"] == 0.1 and rec.defaults["lora_rank"] == 32 and rec.defaults["lora"] is True
     assert rec.command.startswith(f"posttrain train dpo --data {files['prefs']}")
     assert "--beta 0.1" in rec.command and "--lora-rank 32" in rec.command
@@ -77,19 +77,26 @@ def test_reward_model_gives_ppo(files):
     assert any(a["method"] == "grpo" for a in rec.alternatives)
 
 
-def test_limited_memory_falls_back_to_dpo(files):
+def test_limited_memory_with_a_reward_and_no_pairs_falls_back_to_rft_or_online_dpo(files):
     ok = recommend(files["math"], model="8B", gpu_memory_gb="24GB")
     assert ok.method == "grpo" and any("limited compute? no" in r for r in ok.reasons)
-    small = recommend(files["math"], model="8B", gpu_memory_gb="8GB")
-    assert small.method == "dpo" and small.needs_pairs
-    assert any("limited compute? yes" in r and "DPO" in r for r in small.reasons)
+    small = recommend(files["math"], model="8B", gpu_memory_gb="8GB")  # a verifiable reward: RFT
+    assert small.method == small.train_method == "rft" and not small.fits
+    assert any("limited compute? yes" in r and "a reward but no pairs -> RFT" in r and "verifiable" in r
+               for r in small.reasons)
     assert any("use a smaller model" in r for r in small.reasons)  # 8B does not fit 8 GB at all
-    assert "--data pairs.jsonl" in small.command and small.alternatives[0]["method"] == "grpo"
-    assert small.prepare.startswith(f"posttrain pairs --model '<a 8B model>' --data {files['math']} --reward math")
-    assert ok.prepare == ""
-    # PPO does not fit 24 GB with an 8B model, DPO does
+    assert small.command.startswith(f"posttrain train rft --data {files['math']} --model '<a 8B model>' --reward math")
+    assert small.alternatives[0]["method"] == "grpo"
+    others = {a["method"]: a["command"] for a in small.alternatives}
+    assert others["online-dpo"].startswith("posttrain train online-dpo")
+    assert others["pairs+dpo"].startswith(f"posttrain pairs --model '<a 8B model>' --data {files['math']} --reward math")
+    assert "posttrain train dpo --data pairs.jsonl" in others["pairs+dpo"]
+    # PPO does not fit 24 GB with an 8B model: a learned reward, no pass threshold -> online DPO, which fits
     ppo = recommend(files["plain"], reward="reward_model(rm)", model="8B", gpu_memory_gb=24)
-    assert ppo.method == "dpo" and any("one pair per micro-batch" in r for r in ppo.reasons)
+    assert ppo.method == "online-dpo" and ppo.fits and any("one pair per micro-batch" in r for r in ppo.reasons)
+    assert any("a reward but no pairs -> online DPO" in r for r in ppo.reasons)
+    assert ppo.defaults["reward"] == "reward_model(rm)" and ppo.defaults["beta"] == 0.1
+    assert ppo.defaults["lora_rank"] == 32  # the DPO table
     # the embedded model fits anywhere
     assert recommend(files["math"], gpu_memory_gb="8GB").method == "grpo"
 
@@ -122,7 +129,7 @@ def test_choose_method_for_train_auto(files):
     assert choose_method(data=files["prefs"])[0] == "dpo"
     with pytest.raises(ValueError, match="no training signal"):
         choose_method(data=files["plain"])
-    with pytest.raises(ValueError, match="DPO needs pairs"):
+    with pytest.raises(ValueError, match="use a smaller model"):  # nothing fits: no run is launched
         choose_method(data=files["math"], model="8B", gpu_memory_gb="8GB")
 
 
@@ -134,7 +141,7 @@ def test_cli_recommend(files, capsys):
     assert out["method"] == "dpo" and out["command"].startswith("posttrain train dpo")
     assert main(["recommend", "--data", files["math"], "--model", "8B", "--gpu-memory", "8GB"]) == 0
     text = capsys.readouterr().out
-    assert "recommended: DPO" in text and "limited compute? yes" in text
+    assert "recommended: RFT" in text and "limited compute? yes" in text
     assert main(["recommend", "--data", files["plain"]]) == 1
     assert main(["recommend", "--data", "missing.jsonl"]) == 2
 

@@ -77,15 +77,21 @@ def _add_auto(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other config field of the chosen method (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the choice and the config, do not train")
+    from posttrain.commands.recommend import add_stage_arguments
+
+    add_stage_arguments(p)  # --teacher, --probe/--no-probe, --probe-prompts, --probe-samples, ...
 
 
 def run_auto(args: argparse.Namespace) -> int:
     from posttrain.runtime import config
+    from posttrain.commands.recommend import check_teacher, prober
     from posttrain.doctrine.select import choose_method
 
     # a NoMethodError / DataError / ConfigError is a UserError: cli.main reports it (exit 2)
+    check_teacher(args.teacher, args.model)
     method, reasons, fields = choose_method(data=args.data, task=args.task, reward=args.reward, judge=args.judge,
-                                            model=args.model, gpu_memory_gb=args.gpu_memory)
+                                            model=args.model, gpu_memory_gb=args.gpu_memory, teacher=args.teacher,
+                                            probe=prober(args, args.data or args.task))
     print(f"method: {method}")
     for reason in reasons:
         print(f"  - {reason}")

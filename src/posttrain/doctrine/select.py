@@ -1,26 +1,37 @@
 """The doctrine's decision tree (RL_DOCTRINE.md, "Method Selection") as a pure function.
 
-    recommend(data_path, columns, judge, reward, gpu_memory_gb, model) -> Recommendation
+    recommend(data_path, columns, judge, reward, gpu_memory_gb, model, teacher, probe) -> Recommendation
 
 walks the tree in the doctrine's order, recording every branch taken as a reason:
 
     0. demonstrations (TRL's SFT formats: messages, prompt +
        completion, text)?                                          -> SFT, the stage before RL
+    0b. a stronger teacher with the same tokenizer (--teacher)?   -> on-policy distillation
     1. preference pairs (chosen/rejected columns)?               -> DPO
     2. verifiable rewards (answer/tests columns, or a programmatic
        --reward such as math, code, format, length)?              -> GRPO
+       ...and the base model's pass rate on a sample (a probe,
+       posttrain.doctrine.probe) near zero?                       -> RFT first (SFT / distillation named)
     3. nuanced preferences (a learned reward model in --reward)?  -> PPO + reward model
     4. AI feedback (--judge, or judge(...) in --reward)?          -> RLAIF (the judge as GRPO's reward)
     5. limited compute (the method above does not fit in
-       --gpu-memory, even with LoRA)?                             -> DPO, the simplest (LoRA, then QLoRA)
+       --gpu-memory, even with LoRA)?                             -> a reward but no pairs: RFT (a
+                                                                     verifiable reward) or online DPO (a
+                                                                     learned one or a judge); pairs: DPO
 
-Memory comes from `posttrain.doctrine.memory.estimate` with its default (GPU) assumptions. Defaults in the
-suggested command follow the doctrine: DPO beta 0.1, LoRA rank 32, lr 1e-6 full / 1e-5 LoRA; GRPO
-group size 8, beta 0.04, the "LoRA for RL" rank (8B -> 8, 70B -> 32), lr 1e-6 full / 1e-5 LoRA
-("Use lower LR for RL"); PPO clip 0.2, kl_coef 0.1, value_coef 0.5, entropy_coef 0.01, gae_lambda
-0.95. LoRA is on by default ("LoRA fully matches FullFT for policy gradient algorithms").
+The teacher's tokenizer is not checked here (no tokenizer is loaded): `posttrain recommend` and `train
+auto` check it first (``algorithms.distill.check_tokenizers``, a ConfigError naming --teacher). The
+probe is a callable ``probe(reward_spec) -> Probe`` passed in by the commands, which sample with the
+trainers' code; the tree only reads its result. A learned reward or a judge is not probed: it has no
+pass threshold.
 
-`choose_method(...)` is the same walk for `posttrain train --method auto`: it returns the
+Branches 0b and 2b live in posttrain.doctrine.stages. Memory comes from
+`posttrain.doctrine.memory.estimate` with its default (GPU) assumptions. Defaults in the suggested
+command follow the doctrine (posttrain.doctrine.defaults: beta, LoRA rank by model size and method,
+learning rate, group size). LoRA is on by default ("LoRA fully matches FullFT for policy gradient
+algorithms").
+
+`choose_method(...)` is the same walk for `posttrain train auto`: it returns the
 `posttrain train` method, the reasons and the config fields to set, or raises `NoMethodError` (a
 user error) saying why no method can run directly.
 """
@@ -32,7 +43,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-from posttrain.doctrine.memory import default_lora_rank, estimate, model_shape, parse_memory, parse_size
+from posttrain.doctrine.defaults import _command, _fmt, method_defaults
+from posttrain.doctrine.memory import estimate, model_shape, parse_memory, parse_size
 from posttrain.errors import UserError
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
@@ -45,8 +57,10 @@ REWARD_NEEDS = {"math": ("answer",), "code": ("tests",), "countdown": ("target",
 """The columns a built-in reward scores against (a row without them cannot be scored)."""
 VERIFIABLE = ("math", "code", "countdown")
 LEARNED, JUDGE = ("reward_model",), ("judge",)
-FULL_FT_LR = {"dpo": 1e-6, "grpo": 1e-6, "ppo": 1e-6, "sft": 2e-5}
-"""Doctrine: DPO "1e-5 to 1e-6, lower than SFT"; RL "1e-6 instead of 1e-5". x10 with LoRA."""
+MEMORY_KIND = {"rlaif": "grpo", "rft": "dpo", "online-dpo": "dpo", "distill": "grpo"}
+"""The memory estimate that bounds each stage: RFT and online DPO as DPO (one sequence pair at a time,
+no value model; an upper bound for RFT, which has no reference), distillation as GRPO (the teacher in
+the reference's place)."""
 
 
 class NoMethodError(UserError, ValueError):
@@ -68,7 +82,8 @@ class DataProfile:
 @dataclasses.dataclass
 class Recommendation:
     method: str | None
-    """'sft', 'dpo', 'grpo', 'ppo', 'rlaif', or None when the inputs give no training signal."""
+    """'sft', 'distill', 'dpo', 'grpo', 'rft', 'ppo', 'rlaif', 'online-dpo', or None when the inputs give
+    no training signal."""
     reasons: list[str]
     command: str
     defaults: dict[str, Any]
@@ -79,10 +94,10 @@ class Recommendation:
     """The `posttrain train` subcommand (rlaif -> grpo with a judge reward)."""
     memory_gb: float | None = None
     data: DataProfile | None = None
-    needs_pairs: bool = False
-    """True when DPO was chosen for data without pairs: make pairs first (see the reasons)."""
-    prepare: str = ""
-    """A command to run before ``command`` (making the pairs), or ""."""
+    fits: bool = True
+    """False when even the leanest method does not fit --gpu-memory (the reasons say which model would)."""
+    probe: dict[str, Any] | None = None
+    """The base model's pass rate on a sample of the data (``probe.Probe.to_dict``), when measured."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,7 +127,8 @@ def inspect_data(data_path: str | None = None, columns: Sequence[str] | None = N
     from posttrain import data as datamod
 
     path = Path(data_path).expanduser()
-    if not path.exists() and "/" not in str(data_path) and "." not in Path(str(data_path)).name:
+    name = str(data_path).split("(")[0]  # a task spec: NAME or NAME(ARGS), whose arguments may hold dots
+    if not path.exists() and "/" not in name and "." not in name:
         from posttrain.data.tasks import task_info
 
         try:
@@ -120,7 +136,7 @@ def inspect_data(data_path: str | None = None, columns: Sequence[str] | None = N
         except KeyError:
             pass
         else:
-            return DataProfile(str(data_path), "verifiable", list(info.columns), None, info.reward, task=info.name)
+            return DataProfile(str(data_path), "verifiable", list(info.columns), None, info.reward, task=str(data_path))
     rows, _ = datamod._read(path, str(data_path), None)
     rows = list(rows)
     cols: list[str] = []
@@ -147,54 +163,8 @@ def _reward_names(reward: str | None) -> list[str]:
     return names
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _command(train_method: str, data: DataProfile | None, model: str | None, defaults: dict[str, Any],
-             data_arg: str | None = None) -> str:
-    parts = ["posttrain", "train", train_method]
-    if data_arg:
-        parts += ["--data", data_arg]
-    elif data is not None and data.task:
-        parts += ["--task", data.task]
-    elif data is not None and data.source:
-        parts += ["--data", data.source]
-    if model:
-        parts += ["--model", f"<a {model} model>" if parse_size(model) else model]
-    for k, v in defaults.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            parts.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            parts += [flag, _fmt(v)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def method_defaults(method: str, n_params: float, lora: bool = True, reward: str | None = None,
-                    dtype: str | None = None) -> dict[str, Any]:
-    """The doctrine's defaults for a method, as `posttrain train` config fields."""
-    kind = "grpo" if method == "rlaif" else method
-    out: dict[str, Any] = {}
-    if reward and kind in ("grpo", "ppo"):
-        out["reward"] = reward
-    out["lora"] = lora
-    if lora:
-        out["lora_rank"] = default_lora_rank(kind, n_params)
-    from posttrain.models import LORA_LR_MULTIPLIER
-
-    out["lr"] = float(f"{FULL_FT_LR[kind] * (LORA_LR_MULTIPLIER if lora else 1.0):.3g}")
-    if kind == "dpo":
-        out["beta"] = 0.1
-    elif kind == "grpo":
-        out.update(beta=0.04, group_size=8)
-    elif kind == "ppo":
-        out.update(clip_ratio=0.2, kl_coef=0.1, value_coef=0.5, entropy_coef=0.01, gae_lambda=0.95)
-    return out
-
-
 def _fits(method: str, model: Any, budget: float | None, lora: Any = "auto", **kw: Any) -> tuple[bool, float]:
-    est = estimate(model, {"rlaif": "grpo"}.get(method, method), lora, **kw)
+    est = estimate(model, MEMORY_KIND.get(method, method), lora, **kw)
     return (budget is None or est.total_gb <= budget), est.total_gb
 
 
@@ -209,40 +179,62 @@ def largest_model_that_fits(method: str, budget: float, upper: float, **kw: Any)
     return lo
 
 
-def _limited_compute(method: str, data: DataProfile | None, model: Any, n_params: float, budget: float | None,
-                     reward_spec: str | None, reasons: list[str], alternatives: list[dict]) -> tuple[str, bool, float]:
-    """The tree's last branch: when the method does not fit with LoRA, DPO (leanest: one pair per
-    micro-batch); when even that does not fit, say which model size would. Appends to ``reasons``."""
+NAMES = {"dpo": "DPO", "grpo": "GRPO", "ppo": "PPO", "rlaif": "RLAIF", "rft": "RFT", "online-dpo": "online DPO",
+         "distill": "on-policy distillation", "sft": "SFT"}
+LEAN = ("dpo", "rft", "online-dpo")
+"""The methods the limited-compute branch falls back to: no value model, one sequence pair at a time."""
+LEAN_WHY = {
+    "rft": "the reward is verifiable: RFT keeps the samples that pass it and fine-tunes on them with SFT's loss "
+           "(no reference model, no pairs to make)",
+    "online-dpo": "the reward is learned or a judge, with no pass threshold: online DPO pairs each prompt's best "
+                  "sample with its worst and runs DPO on them, round after round (Xiong et al. 2024)"}
+
+
+def _limited_compute(method: str, data: DataProfile | None, model: Any, model_arg: str | None, n_params: float,
+                     budget: float | None, reward_spec: str | None, reasons: list[str],
+                     alternatives: list[dict]) -> tuple[str, float, bool]:
+    """5. When the method does not fit with LoRA and there is a reward but no pairs: RFT (a verifiable
+    reward) or online DPO (a learned one, a judge), the leanest stages that sample; with pairs, DPO.
+    When even that does not fit, say which model size would. Returns (method, GB, fits)."""
     ok, gb = _fits(method, model, budget)
     if budget is None:
         reasons.append(f"memory: about {gb:.1f} GB with LoRA (`posttrain memory`); no --gpu-memory given, not checked")
-        return method, False, gb
+        return method, gb, True
     if ok:
-        reasons.append(f"limited compute? no: {method.upper()} with LoRA needs about {gb:.1f} GB <= {budget:g} GB")
-        return method, False, gb
-    if method == "dpo":
-        reasons.append(f"limited compute? yes: DPO with LoRA needs about {gb:.1f} GB > {budget:g} GB")
+        reasons.append(f"limited compute? no: {NAMES[method]} with LoRA needs about {gb:.1f} GB <= {budget:g} GB")
+        return method, gb, True
+    lean = method
+    if method in LEAN or reward_spec is None:
+        reasons.append(f"limited compute? yes: {NAMES[method]} with LoRA needs about {gb:.1f} GB > {budget:g} GB")
     else:
-        reasons.append(f"limited compute? yes: {method.upper()} with LoRA needs about {gb:.1f} GB > {budget:g} GB "
-                       "-> DPO, the simplest (doctrine: 'Limited compute -> DPO'): no generation, no value or "
-                       "reward model")
+        lean = "rft" if method in ("grpo", "distill") and not _learned_or_judge(reward_spec) else "online-dpo"
+        other = "online-dpo" if lean == "rft" else "rft"
+        reasons.append(f"limited compute? yes: {NAMES[method]} with LoRA needs about {gb:.1f} GB > {budget:g} GB; "
+                       f"a reward but no pairs -> {NAMES[lean]} (doctrine: 'Limited compute -> DPO', the simplest: "
+                       f"no value or reward model, one sequence pair at a time): {LEAN_WHY[lean]}")
         alternatives.insert(0, {"method": method, "why": f"needs ~{gb:.1f} GB with LoRA: a larger GPU", "command": None})
-    needs_pairs = not (data and data.kind == "preference")
-    ok, gb = _fits("dpo", model, budget, micro_batch=1)
+        alternatives.append({"method": other, "why": LEAN_WHY[other], "command": _command(
+            other, data, model_arg, method_defaults(other, n_params, reward=reward_spec))})
+        alternatives.append({"method": "pairs+dpo", "why": "one offline round: sample several completions per "
+                             f"prompt, score them with {reward_spec}, pair the best with the worst (doctrine: "
+                             "'Generating preference pairs'), then DPO", "command": _pairs_command(
+                                 data, model_arg, reward_spec) + " && " + _command(
+                                 "dpo", data, model_arg, method_defaults("dpo", n_params), "pairs.jsonl")})
+    ok, gb = _fits(lean, model, budget, micro_batch=1)
     if ok:
-        reasons.append(f"DPO with LoRA, one pair per micro-batch, needs about {gb:.1f} GB <= {budget:g} GB")
+        reasons.append(f"{NAMES[lean]} with LoRA, one pair per micro-batch, needs about {gb:.1f} GB <= {budget:g} GB")
     else:
-        _, q_gb = _fits("dpo", model, budget, dtype="nf4", micro_batch=1)
-        largest = largest_model_that_fits("dpo", budget, n_params, micro_batch=1)
-        reasons.append(f"even DPO with LoRA needs about {gb:.1f} GB > {budget:g} GB: use a smaller model "
+        _, q_gb = _fits(lean, model, budget, dtype="nf4", micro_batch=1)
+        largest = largest_model_that_fits(MEMORY_KIND.get(lean, lean), budget, n_params, micro_batch=1)
+        reasons.append(f"even {NAMES[lean]} with LoRA needs about {gb:.1f} GB > {budget:g} GB: use a smaller model "
                        + (f"(up to about {largest / 1e9:.2g}B fits)" if largest else "(none fits)")
                        + f"; a 4-bit base (QLoRA, bitsandbytes on GPU; not built into posttrain) would need "
                        f"about {q_gb:.1f} GB")
-    if needs_pairs:
-        how = f"score them with {reward_spec}" if reward_spec else "label them with the judge"
-        reasons.append(f"DPO needs pairs: sample several completions per prompt, {how}, and pair the best with "
-                       "the worst (doctrine: 'Generating preference pairs'; `posttrain pairs`)")
-    return "dpo", needs_pairs, gb
+    return lean, gb, ok
+
+
+def _learned_or_judge(reward_spec: str) -> bool:
+    return any(n in LEARNED + JUDGE for n in _reward_names(reward_spec))
 
 
 def _data_reason(data: DataProfile) -> str:
@@ -351,7 +343,7 @@ def _pairs_command(data: DataProfile | None, model_arg: str | None, reward_spec:
                                             reward_spec or "judge(judge.yaml)", "--n", "8", "--out", "pairs.jsonl"])
 
 
-RANK_TABLE = {"dpo": "DPO table", "sft": "SFT rank"}
+RANK_TABLE = {"dpo": "DPO table", "online-dpo": "DPO table", "sft": "SFT rank", "rft": "SFT rank"}
 
 
 def _defaults_reason(defaults: dict[str, Any], n_params: float, train_method: str) -> str:
@@ -364,8 +356,10 @@ def _defaults_reason(defaults: dict[str, Any], n_params: float, train_method: st
 
 def recommend(data_path: str | None = None, columns: Sequence[str] | None = None, judge: str | None = None,
               reward: str | None = None, gpu_memory_gb: float | str | None = None,
-              model: str | None = None) -> Recommendation:
-    """Walk the doctrine's decision tree (module docstring); every branch taken becomes a reason."""
+              model: str | None = None, teacher: str | None = None, probe: Any = None) -> Recommendation:
+    """Walk the doctrine's decision tree (module docstring); every branch taken becomes a reason.
+    ``teacher``: a model spec whose tokenizer the caller checked; ``probe``: ``probe(reward_spec) ->
+    posttrain.doctrine.probe.Probe``, called when the tree reaches GRPO with a verifiable reward."""
     from posttrain.models import EMBEDDED
 
     data = inspect_data(data_path, columns)
@@ -384,10 +378,19 @@ def recommend(data_path: str | None = None, columns: Sequence[str] | None = None
         reasons.append(_defaults_reason(defaults, n_params, "sft"))
         return Recommendation("sft", reasons, _command("sft", data, model_arg, defaults), defaults, alternatives, "sft",
                               None, data)
-    reward_spec = reward
-    method = _preference_branch(data, model_arg, reasons, alternatives)  # 1.
+    reward_spec = reward or (data.reward if data is not None and data.kind == "verifiable" else None)
+    from posttrain.doctrine.stages import probe_branch, teacher_branch
+
+    method = teacher_branch(data, teacher, model_arg, n_params, reward_spec, reasons, alternatives)  # 0b.
+    reward_spec = reward if method is None else reward_spec
+    measured = None
+    if method is None:  # 1.
+        method = _preference_branch(data, model_arg, reasons, alternatives)
     if method is None:  # 2.
         method, reward_spec = _verifiable_branch(data, names, reward, reasons, alternatives)
+        if method == "grpo" and probe is not None:  # 2b.
+            method, measured = probe_branch(probe, data, model_arg, n_params, reward_spec, teacher, reasons,
+                                            alternatives)
     if method is None:  # 3.
         method = _learned_branch(data, names, reward, model_arg, n_params, reasons, alternatives)
     if method is None:  # 4.
@@ -396,28 +399,33 @@ def recommend(data_path: str | None = None, columns: Sequence[str] | None = None
         reasons.append(_no_signal_reason(data, names, judge))
         return Recommendation(None, reasons, "", {}, alternatives, None, None, data)
     # 5. limited compute
-    method, needs_pairs, lora_fit = _limited_compute(method, data, model, n_params, budget, reward_spec,
-                                                     reasons, alternatives)
+    method, lora_fit, fits = _limited_compute(method, data, model, model_arg, n_params, budget, reward_spec,
+                                              reasons, alternatives)
     train_method = "grpo" if method == "rlaif" else method
     defaults = method_defaults(method, n_params, reward=reward_spec)
-    command = _command(train_method, data, model_arg, defaults, "pairs.jsonl" if needs_pairs else None)
-    prepare = _pairs_command(data, model_arg, reward_spec) if needs_pairs else ""
+    if method == "distill":
+        defaults = {"teacher": teacher, **defaults}
+    if method == "rft" and measured:
+        defaults["group_size"] = measured["group_size"]
+    command = _command(train_method, data, model_arg, defaults)
     reasons.append(_defaults_reason(defaults, n_params, train_method))
-    return Recommendation(method, reasons, command, defaults, alternatives, train_method, lora_fit, data, needs_pairs,
-                          prepare)
+    return Recommendation(method, reasons, command, defaults, alternatives, train_method, lora_fit, data,
+                          fits=fits, probe=measured)
 
 
 def choose_method(data: str | None = None, task: str | None = None, reward: str | None = None,
                   judge: str | None = None, model: str | None = None,
-                  gpu_memory_gb: float | str | None = None) -> tuple[str, list[str], dict[str, Any]]:
-    """For `posttrain train --method auto`: ``(train_method, reasons, config_fields)``.
+                  gpu_memory_gb: float | str | None = None, teacher: str | None = None,
+                  probe: Any = None) -> tuple[str, list[str], dict[str, Any]]:
+    """For `posttrain train auto`: ``(train_method, reasons, config_fields)``.
 
-    ``train_method`` is a `posttrain train` method ('dpo', 'grpo', 'ppo'; RLAIF runs as 'grpo' with
-    a judge reward); ``config_fields`` are the doctrine defaults to apply where the user set nothing
-    (reward, lora, lora_rank, lr, beta, group_size, ...). Raises NoMethodError (with the reasons) when no
-    method can train directly on these inputs."""
-    rec = recommend(data or task, None, judge, reward, gpu_memory_gb, model)
-    if rec.method is None or rec.needs_pairs:
+    ``train_method`` is a `posttrain train` method ('sft', 'distill', 'dpo', 'grpo', 'rft', 'ppo',
+    'online-dpo'; RLAIF runs as 'grpo' with a judge reward); ``config_fields`` are the doctrine
+    defaults to apply where the user set nothing (reward, teacher, lora, lora_rank, lr, beta,
+    group_size, ...). Raises NoMethodError (with the reasons) when no method can train directly on
+    these inputs (no signal, or nothing fits --gpu-memory)."""
+    rec = recommend(data or task, None, judge, reward, gpu_memory_gb, model, teacher, probe)
+    if rec.method is None or not rec.fits:
         raise NoMethodError("cannot pick a method to train directly:\n- " + "\n- ".join(rec.reasons))
     return rec.train_method, rec.reasons, dict(rec.defaults)
 

@@ -21,15 +21,20 @@ log no KL, lengths or samples) stays silent. The rules and where they come from 
     judge_failures       RLAIF: "Strong AI labeler"                 judge/failure_rate, judge/failures
     rollout_mismatch     (none: Yao et al. 2025, off-policy RL      mismatch/kl, mismatch/ratio_max,
                          from the sampler-trainer gap)              mismatch/masked_frac
+    no_signal            Debugging: "Reward not improving" when     frac_zero_std, reward/mean over the last
+                         groups score alike (DAPO's dynamic         5 steps (not under a critic)
+                         sampling, Yu et al. 2025)
 
 `Doctor.check(history, samples)` returns only NEW events: a rule that keeps firing is reported once,
 and again only after it has cleared (quiet for a window of steps, so a metric hovering at a threshold
 is not reported over and over; a non-finite step clears at once). `Doctor.watch(run_dir, history)`
-does that every ``every`` steps, reads new samples from ``samples.jsonl`` itself, appends events to
-``doctor.jsonl`` and prints them. A trainer needs three lines (on the main process only: they write files):
+does that every ``every`` steps (and once at ``Thresholds.no_signal_steps``, so a run with no
+learning signal hears it within its first steps), reads new samples from ``samples.jsonl`` itself,
+appends events to ``doctor.jsonl`` and prints them. A trainer needs three lines (on the main
+process only: they write files):
 
     doctor = Doctor()                                   # before the loop (thresholds as keywords)
-    doctor.watch(run.run_dir, run.tracker.history)      # after each tracker.log(...): checks every 10 steps
+    doctor.watch(run.run_dir, run.tracker.history)      # after each tracker.log(...): checks at 5, then every 10
     doctor.finish(run.run_dir, run.tracker.history)     # at the end: a last check, then report.html
 
 `diagnose(history, samples)` replays a finished run and returns every event with its step.
@@ -39,7 +44,7 @@ own recent-window rate, else from the cumulative ``judge/failures`` / ``judge/re
 
 The package: ``events`` (Event), ``thresholds`` (Thresholds), ``stats`` (reading metric streams),
 ``context`` (Context: what a rule reads), ``rules/`` (``reward``, ``kl``, ``length``, ``format``,
-``health``, ``mismatch``; RULES by name) and ``core`` (Doctor, diagnose, diagnose_run, run_events).
+``health``, ``mismatch``, ``signal``; RULES by name) and ``core`` (Doctor, diagnose, diagnose_run, run_events).
 Every name is importable from ``posttrain.doctrine.doctor``. The doctor writes the report
 (posttrain.doctrine.report) and passes it the events; the report never imports the doctor.
 """
@@ -52,12 +57,12 @@ from posttrain.doctrine.doctor.events import Event
 from posttrain.doctrine.doctor.rules import (
     POINT_RULES, RULES, STOCK_PHRASES, clip_frac_high, entropy_collapse, format_hacking, judge_failures,
     kl_above_target, kl_exploding, length_clipped, length_hacking, nonfinite, reward_crash, reward_none,
-    reward_plateau, rollout_mismatch)
+    no_signal, reward_plateau, rollout_mismatch)
 from posttrain.doctrine.doctor.stats import series
 from posttrain.doctrine.doctor.thresholds import Thresholds
 
 __all__ = [
     "Context", "Doctor", "Event", "POINT_RULES", "RULES", "STOCK_PHRASES", "Thresholds", "clip_frac_high",
     "diagnose", "diagnose_run", "entropy_collapse", "format_hacking", "judge_failures", "kl_above_target",
-    "kl_exploding", "length_clipped", "length_hacking", "nonfinite", "reward_crash", "reward_key",
+    "kl_exploding", "length_clipped", "length_hacking", "no_signal", "nonfinite", "reward_crash", "reward_key",
     "reward_none", "reward_plateau", "rollout_mismatch", "run_events", "series"]

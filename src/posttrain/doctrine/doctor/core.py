@@ -57,6 +57,11 @@ class Doctor:
         self.events.extend(new)
         return new
 
+    def due(self, step: int) -> bool:
+        """Whether ``watch`` checks at ``step``: every ``every`` steps, and once at ``no_signal_steps``
+        (a run with no learning signal is told so within its first steps, not at step ``every``)."""
+        return step % self.every == 0 or step == self.th.no_signal_steps
+
     def _read_samples(self, path: Path) -> list[dict]:
         if path.is_file():
             with path.open(encoding="utf-8") as f:
@@ -74,7 +79,7 @@ class Doctor:
 
     def watch(self, run_dir: str | Path, history: Sequence[dict], samples: Sequence[dict] | None = None,
               force: bool = False) -> list[Event]:
-        """Every ``every`` steps (or with ``force``): check, append new events to
+        """Every ``every`` steps, at ``no_signal_steps`` (or with ``force``): check, append new events to
         ``<run_dir>/doctor.jsonl``, print them. Samples are read from ``samples.jsonl`` when not given.
         On the first call of a resumed run, events logged after the current step are dropped and the
         rules' state is rebuilt by replaying the history."""
@@ -92,10 +97,11 @@ class Doctor:
 
                 kept = [ln for ln, ev in read_lines(log)[0] if ev["step"] <= step]  # a torn last line dropped
                 log.write_text("".join(ln + "\n" for ln in kept))
-                for i in range(self.every, len(history), self.every):  # rebuild which rules are active
-                    self.check(history[:i], _upto(samples, history[i - 1].get("step", i)))
+                for i in range(1, len(history)):  # rebuild which rules are active
+                    if self.due(int(history[i - 1].get("step", i))):
+                        self.check(history[:i], _upto(samples, history[i - 1].get("step", i)))
                 self.events.clear()
-        if not force and step % self.every:
+        if not force and not self.due(step):
             return []
         new = self.check(history, samples)
         if new:
@@ -139,14 +145,15 @@ def _upto(samples: Sequence[dict], step: int) -> Sequence[dict]:
 
 def diagnose(history: Sequence[dict], samples: Sequence[dict] = (), thresholds: Thresholds | None = None,
              every: int | None = None, **overrides: Any) -> list[Event]:
-    """Replay a finished run: every event with the step it appeared at (checked every ``every``
-    steps; default: each step for runs up to 500 steps, else ~500 checks)."""
+    """Replay a finished run: every event with the step it appeared at (checked when the live doctor
+    would: every ``every`` steps and at ``no_signal_steps``; default ``every``: each step for runs up
+    to 500 steps, else ~500 checks)."""
     every = every or max(1, len(history) // 500)
     doc = Doctor(thresholds, every=every, echo=False, **overrides)
     samples = sorted(samples, key=lambda s: s.get("step", 0))
     steps = [s.get("step", 0) for s in samples]
     for i in range(1, len(history) + 1):
-        if i % every == 0 or i == len(history):
+        if doc.due(int(history[i - 1].get("step", i))) or i == len(history):
             doc.check(history[:i], samples[: bisect.bisect_right(steps, history[i - 1].get("step", i))])
     return doc.events
 

@@ -63,3 +63,22 @@ class Thresholds:
     """...and it is above this many nats per token (k3 estimate of KL(sampler || trainer)). float32
     sampling measures ~1e-11 (rounding), whose relative swings are large: the floor keeps them (and
     any mismatch far below bfloat16's own level) from firing."""
+    no_signal_steps: int = 5
+    """The no-signal rule reads this many latest steps (and fires from this step on: the Doctor
+    checks once at this step as well as every ``every`` steps)."""
+    no_signal_frac: float = 0.85
+    """Mean share of groups whose rewards are all equal (frac_zero_std) over those steps at or above
+    which there is no learning signal. The demo's healthy run (4 groups a step, 14% -> 74%) peaks at 0.8
+    over 5 steps, as it starts solving whole groups: it must stay quiet..."""
+    no_signal_frac_hard: float = 0.65
+    """...or this share, when the mean reward is near 0 as well (a pass rate p leaves (1 - p)^G of the
+    groups at 0: at p = 3%, G = 8, 78%). The demo's start has 60% over its first 5 steps, at a mean
+    reward of 0.12: above no_signal_reward, so the 0.85 bar applies to it."""
+    no_signal_reward: float = 0.1
+    """Mean reward at most this (or at least 1 minus this) says the equal rewards are failures
+    (successes): the task is too hard (too easy). Rewards scored 0 when wrong, 1 when right. Measured
+    (tests/unit/test_doctor_signal.py; 200 synthetic GRPO runs of 4 groups of 8 each): at p = 3% the
+    rule fires at step 5 in 191, by step 10 in all; runs learning upward from 12% never fire, from
+    10% once, from 8% 6 times. The demo preset on reasoning-gym chain_sum (issue 18's task) logged
+    75% of groups flat and a mean reward of 0.053 over its first 5 steps: it fires at step 5 (at 0.05
+    it would not have)."""
