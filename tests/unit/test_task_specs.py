@@ -25,6 +25,8 @@ def test_specs_parse_like_reward_specs():
     assert parse_task(CHAIN) == ("reasoning_gym", {"dataset": "chain_sum", "min_terms": 3, "max_terms": 3,
                                                    "max_digits": 2})
     assert task_info(CHAIN).name == "reasoning_gym"
+    assert parse_task("rg:chain_sum(min_terms=3, max_terms=3, max_digits=2)") == parse_task(CHAIN)  # the short form
+    assert parse_task("rg:leg_counting") == ("reasoning_gym", {"dataset": "leg_counting"})
     three = get_task("arithmetic(digits=3)", "test", n=20)
     assert all(len(str(int(row["answer"]))) >= 3 for row in three)  # the option reached the generator
     assert get_task("arithmetic(digits=3)", "test", n=5) == get_task("arithmetic", "test", n=5, digits=3)

@@ -12,7 +12,8 @@ seed or size. `test` rows are distinct; `train` rows are drawn independently and
 
 A task is named by a spec, `NAME` or `NAME(ARGS)` as reward specs are: `arithmetic(digits=3)`,
 `reasoning_gym(chain_sum, min_terms=3, max_terms=3)` (the first argument may be positional where
-the task names one, `TaskInfo.positional`). `parse_task(spec) -> (name, options)`; `task_info`,
+the task names one, `TaskInfo.positional`); `rg:chain_sum(min_terms=3)` is short for
+`reasoning_gym(chain_sum, min_terms=3)` (`PREFIXES`). `parse_task(spec) -> (name, options)`; `task_info`,
 `check_options` and `get_task` take a spec, and options passed as keywords win over the spec's.
 `reasoning_gym` takes any dataset of the PyPI package reasoning-gym with its config's fields as
 options (`posttrain.data.tasks.reasoning_gym`).
@@ -140,12 +141,23 @@ def list_tasks() -> list[TaskInfo]:
 
 
 _SPEC = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.S)
+_PREFIXED = re.compile(r"\s*([A-Za-z_]+):([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*", re.S)
+PREFIXES = {"rg": "reasoning_gym"}  # `rg:chain_sum(min_terms=3)` = `reasoning_gym(chain_sum, min_terms=3)`
+
+
+def _canonical(spec: str) -> str:
+    """A prefixed spec (`rg:NAME(ARGS)`) written as its task's own (`reasoning_gym(NAME, ARGS)`)."""
+    m = _PREFIXED.fullmatch(spec or "")
+    if not m or m.group(1) not in PREFIXES:
+        return spec
+    args = f", {m.group(3)}" if m.group(3) and m.group(3).strip() else ""
+    return f"{PREFIXES[m.group(1)]}({m.group(2)}{args})"
 
 
 def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     """`"arithmetic(digits=3)"` -> `("arithmetic", {"digits": 3})`; a malformed spec, an unknown
     name or a positional argument the task does not take is a TaskError."""
-    m = _SPEC.fullmatch(spec or "")
+    m = _SPEC.fullmatch(_canonical(spec) or "")
     if not m:
         raise TaskError(f"cannot read the task {spec!r}: write NAME or NAME(key=value, ...)")
     name, args = m.group(1), m.group(2)
@@ -166,7 +178,7 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
 
 def task_info(spec: str) -> TaskInfo:
     """The TaskInfo of task `spec` (its name, or NAME(ARGS): the arguments are not checked here)."""
-    m = _SPEC.fullmatch(spec or "")
+    m = _SPEC.fullmatch(_canonical(spec) or "")
     name = m.group(1) if m else spec
     if name not in _TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
