@@ -177,6 +177,16 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
     return result, metrics
 
 
+def collect_timed(timer, policy, *args, **kwargs) -> tuple[ScoredBatch, dict[str, float]]:
+    """The trainers' collect phase: ``collect(policy, *args, **kwargs)`` with the policy in eval
+    mode, its ``time/gen`` and ``time/score`` moved into the step's ``timer`` (``loop.StepTimer``)."""
+    policy.eval()
+    batch, cmetrics = collect(policy, *args, **kwargs)
+    for k in ("time/gen", "time/score"):
+        timer.add(k[5:], cmetrics.pop(k))
+    return batch, cmetrics
+
+
 def step_metrics(batch: ScoredBatch, reward_fn, collect_metrics: dict[str, float]) -> dict[str, float]:
     """A step's reward metrics over every process's completions (``reward/mean``, ``reward/std``,
     ``reward/<fn>``...), with the judges' counters summed and ``collect``'s metrics averaged over processes."""

@@ -40,7 +40,7 @@ import torch
 
 from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms import grpo
-from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
 from posttrain.algorithms.evaluate import greedy_eval_sharded
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
@@ -237,12 +237,8 @@ def train_distill(config: DistillConfig) -> RunResult:
             run.log_eval(step, greedy_eval_sharded(policy, tok, rows.held, eval_fn, eval_tokens, config.chat_template))
 
     def collect_step(step: int, timer):
-        policy.eval()
-        batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
-                                  reward_fn, sampler_gen, config.chat_template, rollout=rollout)
-        for k in ("time/gen", "time/score"):
-            timer.add(k[5:], cmetrics.pop(k))
-        return batch, cmetrics
+        return collect_timed(timer, policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
+                             reward_fn, sampler_gen, config.chat_template, rollout=rollout)
 
     def update_step(collected) -> loop.StepResult:
         batch, cmetrics = collected

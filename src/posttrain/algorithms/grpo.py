@@ -59,7 +59,7 @@ from typing import Annotated, ClassVar, Literal, Optional
 import torch
 
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
@@ -302,13 +302,9 @@ def train_grpo(config: GRPOConfig) -> RunResult:
             run.log_eval(step, res)
 
     def collect_step(step: int, timer) -> tuple[ScoredBatch, dict]:
-        policy.eval()
-        batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
-                                  reward_fn, sampler_gen, config.chat_template, config.dynamic_sampling,
-                                  config.max_sampling_rounds, rollout)
-        for k in ("time/gen", "time/score"):
-            timer.add(k[5:], cmetrics.pop(k))
-        return batch, cmetrics
+        return collect_timed(timer, policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
+                             reward_fn, sampler_gen, config.chat_template, config.dynamic_sampling,
+                             config.max_sampling_rounds, rollout)
 
     def update_step(collected) -> loop.StepResult:
         batch, cmetrics = collected

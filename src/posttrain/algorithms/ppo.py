@@ -72,7 +72,7 @@ import torch
 
 from posttrain.objectives import advantages as advmod
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect, group_rows, micro_batches, review_samples, step_metrics,
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples, step_metrics,
                                           tokens_of)
 from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, explained_variance, make_value_model,
@@ -304,12 +304,8 @@ def train_ppo(config: PPOConfig) -> RunResult:
                                                           config.chat_template))
 
     def collect_step(step: int, timer) -> tuple[ScoredBatch, dict]:
-        policy.eval()
-        batch, cmetrics = collect(policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
-                                  reward_fn, sampler_gen, config.chat_template, rollout=rollout)
-        for k in ("time/gen", "time/score"):
-            timer.add(k[5:], cmetrics.pop(k))
-        return batch, cmetrics
+        return collect_timed(timer, policy, tok, stream, config.prompts_per_step, config.group_size, sampling,
+                             reward_fn, sampler_gen, config.chat_template, rollout=rollout)
 
     def update_step(collected) -> loop.StepResult:
         batch, cmetrics = collected
