@@ -7,8 +7,11 @@ are paged in before memory is measured (``touch``), and TRL's steps are timed by
 from after the model has loaded and been paged in, and each step's process-CPU time from the first
 backward pass to the optimizer update.
 
-A child gets ``OMP_NUM_THREADS`` from its spec, ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns
-freed blocks >= 128 KiB at once, so RSS follows live memory) and no tokenizer threads.
+A child gets ``OMP_NUM_THREADS`` from its spec and no tokenizer threads; and
+``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns freed blocks >= 128 KiB at once, so RSS follows
+live memory) unless its spec says ``"measure": "time"``: every large allocation then page-faults
+afresh, which slowed both sides' SFT steps by 60-100% on the 2-core machine, so a benchmark that
+reads time and memory runs one child for each (as ``grpo_vs_trl.py`` does).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def run_child(script: str, spec: dict, keep_errors: bool = False) -> dict:
     """Run ``script --child SPEC`` and return its last stdout line as JSON. A failed child stops the
     benchmark with its stderr, or, with ``keep_errors``, returns ``{"error": its last line}`` (a
     table row that says why)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MALLOC_MMAP_THRESHOLD_="131072",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    if spec.get("measure") != "time":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:

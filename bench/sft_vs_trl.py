@@ -1,6 +1,6 @@
 """Benchmark: our SFT step vs TRL's SFTTrainer step, same model, data, batch size and max length.
 
-    python bench/sft_vs_trl.py                       # LoRA r64 and full fine-tuning, 5 timed steps each
+    python bench/sft_vs_trl.py                       # LoRA r64 and full fine-tuning, 8 timed steps each
     python bench/sft_vs_trl.py --modes lora --steps 8 --rounds 2 --data sft.jsonl
 
 Both sides train SmolLM2-135M-Instruct (the embedded model, float32, CPU) on the same
@@ -16,9 +16,13 @@ defaults: padding-free packing and the chunked output head at completion tokens 
 ``ours-padded`` is ours with ``packing=False``: the padding-free vs padded comparison (tokens/s
 counts the real, non-pad tokens of a step, the same for all three).
 
-As in ``dpo_vs_trl.py``: each (implementation, mode) runs in its own child process, alternating,
-round after round; step time is the median of the timed steps after ``--warmup``; memory is the
-peak RSS growth after the model has loaded (``peak_memory.py``).
+Each (implementation, mode) runs in child processes of its own, alternating, round after round:
+one for time, with glibc's default allocator (what a user runs), one for memory, with
+``MALLOC_MMAP_THRESHOLD_`` so RSS follows live memory (``children.run_child``); memory is the peak
+RSS growth after the model has loaded (``peak_memory.py``). The synthetic data is exactly the
+steps run (``--warmup`` + ``--steps`` batches of 8), so every side trains on every row once, in its
+own shuffled order; the time compared is the sum over the timed steps (batches differ in length,
+and a median of a few steps compares different batches).
 """
 
 from __future__ import annotations
@@ -114,10 +118,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help="SFT .jsonl, conversational prompt-completion (default: synthetic arithmetic)")
-    ap.add_argument("--rows", type=int, default=96, help="synthetic rows (default 96)")
+    ap.add_argument("--rows", type=int, default=0, help="synthetic rows (default: 8 per step run)")
     ap.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per child (default 5)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per child (default 8)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="children per (implementation, mode), alternated")
     ap.add_argument("--max-length", type=int, default=256)
@@ -137,7 +141,7 @@ def main() -> None:
     if data is None:
         data = os.path.join(tempfile.mkdtemp(prefix="bench-sft-data-"), "sft.jsonl")
         with open(data, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in synthetic_rows(args.rows))
+            f.writelines(json.dumps(r) + "\n" for r in synthetic_rows(args.rows or BATCH * (args.warmup + args.steps)))
     impls = args.impls.split(",")
     print(f"data: {data}; batch {BATCH}, max_length {args.max_length}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per child, {args.rounds} round(s), {args.threads} threads, float32, activation checkpointing "
@@ -150,23 +154,24 @@ def main() -> None:
                 spec = {"impl": impl, "mode": mode, "data": data, "steps": args.steps, "warmup": args.warmup,
                         "max_length": args.max_length, "threads": args.threads,
                         "checkpointing": not args.no_checkpointing}
-                r = run_child(__file__, spec)
+                r = run_child(__file__, {**spec, "measure": "time"})
+                r["peak_mb"], r["method"] = (m := run_child(__file__, {**spec, "measure": "memory"}))["peak_mb"], m["method"]
                 results.setdefault((impl, mode), []).append(r)
                 print(f"  round {rnd + 1} {impl:11s} {mode:4s}: steps {', '.join(f'{t:.2f}' for t in r['times'])} s; "
                       f"peak +{r['peak_mb']:.0f} MB ({r['method']})", flush=True)
     print(f"\n{'mode':5s} {'impl':11s} {'s/step':>7s} {'CPU s':>6s} {'tokens/s':>8s} {'peak MB':>8s} "
           f"{'time vs TRL':>11s} {'mem vs TRL':>10s}")
-    for mode in args.modes.split(","):
-        med = {impl: statistics.median(t for r in results[(impl, mode)] for t in r["times"]) for impl in impls}
-        cpu = {impl: statistics.median(t for r in results[(impl, mode)] for t in r["cpu"]) for impl in impls}
+    for mode in args.modes.split(","):  # s/step: the timed steps' total over their number, averaged over rounds
+        mean_s = {impl: statistics.mean(t for r in results[(impl, mode)] for t in r["times"]) for impl in impls}
+        cpu = {impl: statistics.mean(t for r in results[(impl, mode)] for t in r["cpu"]) for impl in impls}
         mem = {impl: max(r["peak_mb"] for r in results[(impl, mode)]) for impl in impls}
         ours_tokens = [t for r in results.get(("ours", mode), []) for t in r.get("tokens", [])]
         for impl in impls:
             # real tokens per step: ours-padded feeds the same batches as ours; TRL its own shuffle of the rows
-            tps = statistics.median(ours_tokens) / med[impl] if ours_tokens else float("nan")
-            vs = (f"{med[impl] / med['trl']:11.2f} {mem[impl] / mem['trl']:10.2f}" if "trl" in med and impl != "trl"
+            tps = statistics.mean(ours_tokens) / mean_s[impl] if ours_tokens else float("nan")
+            vs = (f"{mean_s[impl] / mean_s['trl']:11.2f} {mem[impl] / mem['trl']:10.2f}" if "trl" in mean_s and impl != "trl"
                   else f"{'':11s} {'':10s}")
-            print(f"{mode:5s} {impl:11s} {med[impl]:7.2f} {cpu[impl]:6.2f} {tps:8.0f} {mem[impl]:8.0f} {vs}")
+            print(f"{mode:5s} {impl:11s} {mean_s[impl]:7.2f} {cpu[impl]:6.2f} {tps:8.0f} {mem[impl]:8.0f} {vs}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

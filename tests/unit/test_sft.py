@@ -162,13 +162,27 @@ def test_padding_free_packing_equals_padded_batches(tiny, tok):
     assert torch.allclose(grads[1], grads[3], atol=1e-5, rtol=1e-4)
 
 
-def test_default_rows_are_no_wider_than_the_longest_example(tok):
-    """row_tokens 0: short examples share rows as wide as the longest one; never more tokens fed than padding."""
+def test_default_rows_are_the_cheapest_width_never_more_tokens_than_padding(tok):
+    """row_tokens 0: of the widths from the longest example to one row, the cheapest rows (rows x
+    width x attention term); the longest example's width is a candidate, so never more fed than padding."""
     rows = [{"text": "word " * n} for n in (40, 3, 5, 2, 30, 4)]
     ex, _ = sd.encode_examples(tok, rows)
     packed, padded = sd.pack(ex, tok.pad_token_id, True), sd.pack(ex, tok.pad_token_id, False)
-    assert packed.input_ids_RL.shape[1] == padded.input_ids_RL.shape[1] == max(e.fed for e in ex)
-    assert packed.input_ids_RL.shape[0] < padded.input_ids_RL.shape[0] and packed.n_tokens == padded.n_tokens
+    at_longest = sd._rows(ex, max(e.fed for e in ex))
+    assert packed.n_tokens == padded.n_tokens
+    assert packed.input_ids_RL.numel() <= len(at_longest) * max(e.fed for e in ex) < padded.input_ids_RL.numel()
+    assert sd._row_cost(sd._best_rows(ex)) <= sd._row_cost(at_longest)
+
+
+def test_rows_widen_to_hold_similar_lengths_and_narrow_when_attention_dominates(tok, monkeypatch):
+    rows = [{"text": "word " * n} for n in (10, 10, 10, 10, 11)]
+    ex, _ = sd.encode_examples(tok, rows)
+    total, longest = sum(e.fed for e in ex), max(e.fed for e in ex)
+    # at the longest example's width each example needs its own row: 5 x longest fed; one row: total
+    assert tuple(sd.pack(ex, tok.pad_token_id, True).input_ids_RL.shape) == (1, total)
+    monkeypatch.setattr(sd, "ATTENTION_WIDTH", 4)  # attention per key 1/4 of a token's linear cost: narrow rows
+    assert tuple(sd.pack(ex, tok.pad_token_id, True).input_ids_RL.shape) == (5, longest)
+    assert tuple(sd.pack(ex, tok.pad_token_id, True, row_tokens=2 * longest).input_ids_RL.shape)[0] == 3  # as asked
 
 
 # ----------------------------------------------------------------------------------------- training

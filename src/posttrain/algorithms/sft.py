@@ -75,9 +75,9 @@ class SFTConfig(common.TrainConfig):
     """Padding-free batches: examples packed into rows of up to row_tokens without attending across examples;
     --no-packing pads each example to the batch's longest (see README: SFT, for which is faster when)."""
     row_tokens: Annotated[int, NonNegative] = 0
-    """Longest packed row; 0 = the micro-batch's longest example, so a packed batch is never wider than the padded
-    one and feeds no more tokens (on CPU, with a dense block-diagonal mask, attention cost grows with the square of a
-    row's length: a few rows of that width cost less than one long row)."""
+    """Longest packed row; 0 = chosen per micro-batch: the width from its longest example up to one row for all
+    whose rows cost least (the linear layers pay per token fed, attention per token per key: sft_data._best_rows),
+    never feeding more tokens than padding."""
     chat_template: bool = True
     """Apply the tokenizer's chat template to plain-string prompts ({messages} rows always use it)."""
     eval_reward: Optional[str] = None

@@ -22,8 +22,13 @@ Truncation: an example keeps its first ``max_length`` tokens (TRL's ``keep_start
 no token to train on is dropped. Both are counted (``SFTStats``) and reported, never silent.
 
 Packing (``pack``): padding-free (``packing=True``) puts examples one after another into rows of
-up to ``row_tokens`` tokens (first-fit decreasing; 0 = the longest example's length, so packing
-never feeds more tokens than padding; a longer example gets a row of its own), with
+up to ``row_tokens`` tokens (first-fit decreasing; a longer example gets a row of its own). With
+``row_tokens=0`` the width is chosen per batch: of the widths from the longest example's length up
+to one row holding the whole batch, the one whose rows cost least, rows x width x (1 + width /
+``ATTENTION_WIDTH``): the linear layers cost per token fed, pad or not, and attention per token
+per key (``_best_rows``). The longest example's width is always a candidate, so packing never
+feeds more tokens than padding; on varied lengths it fills rows far better (bench data: 98% real
+tokens against 77% at the longest example's width). Rows have
 position ids restarting at each example and a block-diagonal causal mask, so no example attends
 to another (for attention backends that take no custom mask, FlashAttention, the position ids
 alone tell the examples apart). Padded (``packing=False``) gives each example its own row,
@@ -225,10 +230,31 @@ def _rows(examples: Sequence[SFTExample], cap: int) -> list[list[SFTExample]]:
     return rows
 
 
+ATTENTION_WIDTH = 3072
+"""Row width at which attention costs as much per token as the linear layers: SmolLM2-135M spends
+4 x 576 FLOPs per token per key and 2 x 3.5M per token per layer. Larger models reach it at wider
+rows (Llama-8B: ~27k), so this constant errs toward narrow rows."""
+
+
+def _row_cost(rows: list[list[SFTExample]]) -> float:
+    width = max(sum(e.fed for e in row) for row in rows)
+    return len(rows) * width * (1 + width / ATTENTION_WIDTH)
+
+
+def _best_rows(examples: Sequence[SFTExample]) -> list[list[SFTExample]]:
+    """The cheapest first-fit-decreasing rows over widths from the longest example to the whole batch."""
+    longest, total = max(e.fed for e in examples), sum(e.fed for e in examples)
+    widths = sorted({longest} | {max(longest, -(-total // r)) for r in range(1, len(examples) + 1)})
+    return min((_rows(examples, w) for w in widths), key=_row_cost)  # ties: the narrowest
+
+
 def pack(examples: Sequence[SFTExample], pad_id: int, packing: bool = True, row_tokens: int = 0,
          custom_mask: bool = True, device: torch.device | str = "cpu") -> Packed:
     """Lay out ``examples`` in rows, padding-free or padded (module docstring)."""
-    rows = _rows(examples, max(row_tokens, max(e.fed for e in examples))) if packing else [[e] for e in examples]
+    if not packing:
+        rows = [[e] for e in examples]
+    else:
+        rows = _rows(examples, max(row_tokens, max(e.fed for e in examples))) if row_tokens else _best_rows(examples)
     R, L = len(rows), max(sum(e.fed for e in row) for row in rows)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
     pos = torch.zeros((R, L), dtype=torch.long)
