@@ -50,12 +50,14 @@ ALLOWED: dict[str, set[str]] = {
     "rlaif": {"runtime", "models", "data", "sampling"},
     # reward functions: the judge reward wraps rlaif, the reward-model scorer runs a value head (objectives)
     "rewards": {"runtime", "models", "data", "objectives", "rlaif"},
+    # multi-turn environments (plain Python): the built-in tasks' rows and rewards, the fault guard, tools
+    "envs": {"data", "rewards"},
     # method selection, memory estimates, reports, the doctor, probes: read runs and specs, never train
-    "doctrine": {"runtime", "models", "data", "sampling", "objectives", "rewards"},
+    "doctrine": {"runtime", "models", "data", "sampling", "objectives", "rewards", "envs"},
     # the trainers: everything below; the Run calls the doctor (doctrine) at every step and at the end
-    "algorithms": {"runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "doctrine"},
+    "algorithms": {"runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "envs", "doctrine"},
     # one module per CLI verb: any layer (``info`` reads the root's version)
-    "commands": {ROOT, "runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "doctrine",
+    "commands": {ROOT, "runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "envs", "doctrine",
                  "algorithms"},
     # the `posttrain` command: finds the verbs in commands
     "cli": {"commands"},

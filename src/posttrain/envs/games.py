@@ -1,0 +1,83 @@
+"""Built-in games: ``guess_number``, the smallest multi-turn environment with feedback to learn from.
+
+``guess_number(lo=1, hi=50, max_turns=8, shaped=false)``: the environment holds a secret whole number
+in [lo, hi]; each turn the model says a number (the last integer in its text counts), and the
+environment answers "Higher." or "Lower."; a text with no integer gets "Say one number." and uses the
+turn. Binary search needs ceil(log2(hi - lo + 2)) guesses (6 for 1..50), so the default 8 turns leave
+room. Reward: 1 on success, 0 otherwise, given on the last turn; ``shaped=true`` pays fewer guesses
+more: ``1 - 0.5 * (guesses - 1) / (max_turns - 1)`` on success (1 on the first guess, 0.5 on the last),
+still 0 on failure. ``info``: ``success`` (1.0/0.0) and ``guesses`` (turns used), on the last step.
+
+Rows are ``{"secret": s}``: a stable hash of the secret (``posttrain.envs.base.split_values``) puts 1
+secret in 10 in ``test``, so held-out episodes hide numbers never hidden in training. The departure
+from the usual "guess the number" of textarena: the feedback is a plain word, without the running
+history of guesses (the conversation already holds it).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from posttrain.envs.base import Environment, EnvError, Step, split_values
+
+_INTEGER = re.compile(r"[-\u2212]?\d+")
+_FEEDBACK = {True: "Higher.", False: "Lower."}  # keyed by "the secret is higher than the guess"
+
+
+def last_integer(text: str) -> int | None:
+    """The last integer written in ``text`` ("I guess 25." -> 25), or None."""
+    found = _INTEGER.findall(text or "")
+    return int(found[-1].replace("\u2212", "-")) if found else None
+
+
+class GuessNumber(Environment):
+    name = "guess_number"
+    description = "guess a secret number in [lo, hi] from 'higher'/'lower' feedback; options: lo=1, hi=50, max_turns=8"
+
+    def __init__(self, lo: int = 1, hi: int = 50, max_turns: int = 8, shaped: bool = False):
+        if hi <= lo:
+            raise EnvError(f"guess_number: hi must be greater than lo, got lo={lo}, hi={hi}")
+        if hi - lo > 1_000_000:
+            raise EnvError(f"guess_number: the range lo..hi holds at most 1,000,001 numbers, got {hi - lo + 1}")
+        if max_turns < 1:
+            raise EnvError(f"guess_number: max_turns must be >= 1, got {max_turns}")
+        self.lo, self.hi, self.max_turns, self.shaped = lo, hi, max_turns, shaped
+        self.secret: int | None = None
+        self.guesses = 0
+
+    def rows(self, split: str, n: int, seed: int) -> list[dict]:
+        pool = range(self.lo, self.hi + 1)
+        return [{"secret": s} for s in split_values(pool, split, n, seed, key="guess_number/secret")]
+
+    def reset(self, row: dict, seed: int) -> list[dict]:
+        secret = row.get("secret")
+        if secret is None:  # a row without a secret: draw one from the seed
+            secret = random.Random(f"posttrain/guess_number/{seed}").randint(self.lo, self.hi)
+        if not isinstance(secret, int) or not self.lo <= secret <= self.hi:
+            raise EnvError(f"guess_number: row secret {secret!r} is not an integer in {self.lo}..{self.hi}")
+        self.secret, self.guesses = secret, 0
+        return [{"role": "user", "content": (
+            f"I am thinking of a whole number between {self.lo} and {self.hi}. Guess it: say one number "
+            f"each turn and I will answer 'Higher.' or 'Lower.'. You have {self.max_turns} guesses.")}]
+
+    def _reward(self) -> float:
+        if not self.shaped or self.max_turns == 1:
+            return 1.0
+        return 1.0 - 0.5 * (self.guesses - 1) / (self.max_turns - 1)
+
+    def step(self, assistant_text: str) -> Step:
+        if self.secret is None:
+            raise RuntimeError("guess_number: step before reset")
+        self.guesses += 1
+        guess = last_integer(assistant_text)
+        if guess == self.secret:
+            return Step([], reward=self._reward(), done=True, info={"success": 1.0, "guesses": float(self.guesses)})
+        if self.guesses >= self.max_turns:
+            return Step([], reward=0.0, done=True, info={"success": 0.0, "guesses": float(self.guesses)})
+        left = self.max_turns - self.guesses
+        feedback = "Say one number." if guess is None else _FEEDBACK[self.secret > guess]
+        return Step([{"role": "user", "content": f"{feedback} ({left} guess{'es' if left > 1 else ''} left)"}])
+
+
+__all__ = ["GuessNumber", "last_integer"]
