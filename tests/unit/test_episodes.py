@@ -1,0 +1,100 @@
+"""The episode runner on the tiny model: environments reset per episode with the row's seed, each
+turn's decoded text reaches the environment, observations come back as chat-template deltas (the
+exact SmolLM2 text), the episode reward is the environment's, and faults end only their episode."""
+
+import pytest
+import torch
+
+from posttrain.algorithms.episodes import EpisodeRunner, TemplateError, delta_ids, delta_text
+from posttrain.envs import Environment, Step, get_env
+from posttrain.sampling.generation import SamplingConfig
+from posttrain.sampling.turns import TurnLimits
+
+
+@pytest.fixture(scope="module")
+def stoppable(stoppable_dir):
+    from posttrain.models import load_model
+
+    model, tok = load_model(stoppable_dir)
+    model.eval()
+    return model, tok
+
+
+def test_delta_is_what_the_template_writes_after_a_turn(stoppable):
+    tok = stoppable[1]
+    assert delta_text(tok, [{"role": "user", "content": "Higher."}]) == \
+        "\n<|im_start|>user\nHigher.<|im_end|>\n<|im_start|>assistant\n"
+    assert delta_text(tok, [{"role": "tool", "name": "calculator", "content": "42"}]) == \
+        "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    # a template that rewrites an assistant turn once messages follow it cannot give deltas: refused
+    rewriting = tok.chat_template.replace("message['content']", "(message['content'] if loop.last else 'x')")
+    assert rewriting != tok.chat_template
+    tok2 = type(tok).from_pretrained(tok.name_or_path)
+    tok2.chat_template = rewriting
+    with pytest.raises(TemplateError, match="renders an assistant turn differently"):
+        delta_ids(tok2, [{"role": "user", "content": "Lower."}])
+
+
+class Echo(Environment):
+    """Three turns; reward 0.25 per turn; records what it was given."""
+
+    seen: list = []
+
+    def reset(self, row, seed):
+        self.n = 0
+        return [{"role": "user", "content": f"Say a word like apple. row {row['k']} seed {seed}"}]
+
+    def step(self, text):
+        Echo.seen.append(text)
+        self.n += 1
+        if self.n == 3:
+            return Step([], reward=0.25, done=True, info={"success": 1.0})
+        return Step([{"role": "user", "content": f"Say a word like apple. turn {self.n}"}], reward=0.25)
+
+
+class Crash(Echo):
+    def step(self, text):
+        raise RuntimeError("boom")
+
+
+def run(stoppable, cls, rows, G=2, max_turns=4):
+    from posttrain.envs import EnvFactory
+
+    model, tok = stoppable
+    runner = EpisodeRunner(EnvFactory(cls.__name__, cls, {}, cls.__name__), TurnLimits(max_turns=max_turns))
+    gens = [torch.Generator().manual_seed(i) for i in range(len(rows))]
+    return runner.generate_and_score(model, tok, rows, G, SamplingConfig(temperature=1.0, max_new_tokens=40),
+                                     prompt_generators=gens)
+
+
+def test_episodes_reach_the_environment_and_carry_its_reward(stoppable):
+    Echo.seen = []
+    batch, metrics = run(stoppable, Echo, [{"k": 1}, {"k": 2}])
+    r = batch.rollouts
+    done = [i for i in range(4) if not bool(r.clipped_B[i])]
+    assert done, "no episode reached the environment's end"
+    for b in done:
+        assert batch.rewards_B[b] == pytest.approx(0.75) and "turn 2" in batch.texts[b]
+    assert len(Echo.seen) >= 3 * len(done)
+    holes = (r.completion_mask_BC == 0) & (r.completion_ids_BC != stoppable[1].pad_token_id)
+    assert holes.sum() > 0
+    assert metrics["episode/turns"] > 1 and 0 <= metrics["episode/truncated"] <= 1
+    # the first messages are the row's (the same for a group: one shared prompt)
+    assert "row 1 seed" in batch.texts[0] and "row 2 seed" in batch.texts[2]
+
+
+def test_an_environment_fault_ends_its_episode_recorded_not_the_run(stoppable):
+    batch, metrics = run(stoppable, Crash, [{"k": 1}])
+    assert metrics["episode/env_errors"] == 1.0 and batch.rewards_B.tolist() == [0.0, 0.0]
+    assert metrics["episode/turns"] == 1.0  # ended at the fault
+
+
+def test_guess_number_spec_runs_episodes(stoppable):
+    factory = get_env("guess_number(hi=8)")
+    rows = factory.rows("train", 2, 0)
+    model, tok = stoppable
+    batch, metrics = EpisodeRunner(factory, TurnLimits(max_turns=3)).generate_and_score(
+        model, tok, rows, 2, SamplingConfig(temperature=1.0, max_new_tokens=8),
+        prompt_generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert batch.rewards_B.shape == (4,) and set(batch.rewards_B.tolist()) <= {0.0, 1.0}
+    assert "episode/turns" in metrics
