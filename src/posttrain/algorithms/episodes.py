@@ -31,7 +31,7 @@ from posttrain.envs.tool_calls import template_renders_tools, with_tools_prompt
 from posttrain.envs.tools import tool_schema
 from posttrain.errors import UserError
 from posttrain.sampling.generation import SamplingConfig
-from posttrain.sampling.turns import TurnLimits, sample_episodes
+from posttrain.sampling.turns import Episodes, TurnLimits, sample_episodes
 
 _SENTINEL = "\u2400posttrain turn\u2400"
 
@@ -82,8 +82,10 @@ class EpisodeRunner:
     """Runs ``factory``'s environments for the trainers (module docstring)."""
 
     def __init__(self, factory: EnvFactory, limits: TurnLimits = TurnLimits(), timeout_s: float | None = 30.0,
-                 max_output_chars: int = 8000):
-        self.factory, self.limits = factory, limits
+                 max_output_chars: int = 8000, reuse_cache: bool = True):
+        self.factory, self.limits, self.reuse_cache = factory, limits, reuse_cache
+        self.last: Episodes | None = None
+        """The last batch's episodes (turn and token counts, tokens pre-filled)."""
         self.timeout_s, self.max_output_chars = timeout_s, max_output_chars
         self.counts = GuardCounts()
         self.schemas = [tool_schema(fn) for fn in factory.tools]
@@ -124,8 +126,8 @@ class EpisodeRunner:
             return delta_ids(tokenizer, step.messages)
 
         try:
-            ep = sample_episodes(policy, tokenizer, prompts, group_size, sampling, respond, self.limits,
-                                 generator, prompt_generators)
+            ep = self.last = sample_episodes(policy, tokenizer, prompts, group_size, sampling, respond, self.limits,
+                                             generator, prompt_generators, self.reuse_cache)
         finally:
             for play in plays:
                 play.env.close()
