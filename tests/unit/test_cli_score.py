@@ -71,6 +71,9 @@ def test_tasks_list_show_export(tmp_path, capsys):
     assert main(["tasks"]) == 0
     listed = capsys.readouterr().out
     assert "arithmetic" in listed and "countdown" in listed and "humaneval" in listed
+    # the environments (train grpo --env), with their tools, and the tools
+    assert "guess_number" in listed and "ta:TowerOfHanoi-v0" in listed and "[A C]" in listed
+    assert "tools: calculator, python" in listed
     assert main(["tasks", "show", "arithmetic", "--n", "2", "--split", "test"]) == 0
     shown = capsys.readouterr().out
     assert shown.count("Put the final answer after 'Answer:'.") == 2

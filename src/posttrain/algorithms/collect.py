@@ -4,7 +4,9 @@ and the layout of what they produce (``ScoredBatch``: groups contiguous; ``micro
 
 ``collect`` draws prompts from the stream, samples a group of completions per prompt (prompt
 cache shared, ``generation.sample_groups``), decodes them and scores them with the reward
-functions (plain Python, code rewards in worker processes). With ``dynamic_sampling`` (DAPO, Yu et
+functions (plain Python, code rewards in worker processes). With ``--env`` the "reward" is an
+episode runner (``episodes.EpisodeRunner``): a group is K episodes of the row, scored by the
+environment. With ``dynamic_sampling`` (DAPO, Yu et
 al. 2025) it keeps drawing prompts, for a bounded number of rounds, until the batch holds enough
 groups whose rewards differ: a group whose rewards are all equal has zero advantage everywhere and
 teaches nothing.
@@ -21,6 +23,7 @@ own informative groups first.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from typing import Any
@@ -134,6 +137,7 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
     ``time/score``, ``sampling/rounds``). ``generator`` None samples from torch's global RNG.
     ``rollout`` (a ``rollout_model.RolloutModel``) samples from its copy of the policy, synced first."""
     t_gen = t_score = 0.0
+    episode_metrics: dict[str, float] = {}
     informative: list[ScoredBatch] = []
     flat: list[ScoredBatch] = []
     n_inf = zero = total = rounds = 0
@@ -149,9 +153,13 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
         rows = stream.take(n_prompts)[mine]
         gens = prompt_generators(generator, mine, device) if generator is not None else None
         t0 = time.perf_counter()
+        play = getattr(reward_fn, "generate_and_score", None)  # --env: the episode runner plays episodes
         with distributed.gathered(sampler if sampler is policy else None):  # FSDP: ranks stop at different lengths
-            batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None, chat_template,
-                                       gens)
+            if play is not None:
+                batch, episode_metrics = play(sampler, tokenizer, rows, group_size, sampling, None, gens)
+            else:
+                batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None,
+                                           chat_template, gens)
         t_gen += batch.rollouts.seconds
         t_score += time.perf_counter() - t0 - batch.rollouts.seconds
         std = batch.group_std_P()
@@ -171,7 +179,7 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
             pool = _join(informative + flat, tokenizer.pad_token_id)
             result = _take(pool, list(range(n_mine)))  # informative groups first
             break
-    metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score}
+    metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score, **episode_metrics}
     if dynamic_sampling:
         metrics["sampling/rounds"] = rounds
     return result, metrics
@@ -212,7 +220,7 @@ def review_samples(batch: ScoredBatch, n_groups: int) -> list[dict]:
     G = batch.group_size
     for p in range(min(n_groups, len(batch.rows))):
         out.append({
-            "prompt": rw.as_text(batch.rows[p]["prompt"]),
+            "prompt": rw.as_text(batch.rows[p]["prompt"]) if "prompt" in batch.rows[p] else json.dumps(batch.rows[p]),
             "completions": batch.texts[p * G:(p + 1) * G],
             "rewards": [None if v != v else float(v) for v in batch.rewards_B[p * G:(p + 1) * G].tolist()],
             "parts": {k: v[p * G:(p + 1) * G] for k, v in batch.parts.items()},

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import statistics
 
 import torch
@@ -86,6 +87,7 @@ class EpisodeRunner:
         self.factory, self.limits, self.reuse_cache = factory, limits, reuse_cache
         self.last: Episodes | None = None
         """The last batch's episodes (turn and token counts, tokens pre-filled)."""
+        self._plays: list[_Play] = []
         self.timeout_s, self.max_output_chars = timeout_s, max_output_chars
         self.counts = GuardCounts()
         self.schemas = [tool_schema(fn) for fn in factory.tools]
@@ -104,11 +106,15 @@ class EpisodeRunner:
                            prompt_generators: list[torch.Generator] | None = None) -> tuple[ScoredBatch, dict]:
         plays, prompts = [], []
         for row in rows:
+            group = []
             for _ in range(group_size):
                 env = Guarded(self.factory(), self.timeout_s, self.max_output_chars, self.counts)
                 first = env.reset(row, row_seed(row))
-                plays.append(_Play(env, list(first.messages), error=first.done))
-            prompts.append(self.first_ids(tokenizer, plays[-1].messages or [{"role": "user", "content": ""}]))
+                group.append(_Play(env, list(first.messages), error=first.done))
+            plays += group
+            # the group's shared first messages (an episode whose reset failed ends after its first turn)
+            first_messages = next((p.messages for p in group if not p.error), None) or [{"role": "user", "content": ""}]
+            prompts.append(self.first_ids(tokenizer, first_messages))
 
         def respond(b: int, turn_ids: list[int], cut: bool):
             play = plays[b]
@@ -131,10 +137,36 @@ class EpisodeRunner:
         finally:
             for play in plays:
                 play.env.close()
+        self._plays = plays
         rewards_B = torch.tensor([p.reward for p in plays], dtype=torch.float32)
         texts = [_conversation(p.messages) for p in plays]
         parts = {"env": [p.reward for p in plays]}
         return ScoredBatch(list(rows), ep.rollouts, texts, rewards_B, parts), self._metrics(ep, plays)
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64,
+                 examples: int = 2) -> dict:
+        """Greedy episodes, one per row: {"accuracy": mean episode reward, "n", "none": 0, "examples",
+        "success" where the environment reports it} (``evaluate.greedy_eval``'s shape)."""
+        training = bool(getattr(model, "training", False))
+        model.eval()
+        cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+        rewards, shown, success = [], [], []
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = list(rows[start:start + batch_size])
+                batch, _ = self.generate_and_score(model, tokenizer, chunk, 1, cfg)
+                rewards += batch.rewards_B.tolist()
+                success += [float(p.info["success"]) for p in self._plays if "success" in p.info]
+                shown += [{"prompt": json.dumps(r), "completion": t, "reward": float(v)}
+                          for r, t, v in zip(chunk, batch.texts, batch.rewards_B.tolist())][:examples - len(shown)]
+        finally:
+            model.train(training)
+        out = {"accuracy": sum(rewards) / len(rewards) if rewards else float("nan"), "n": len(rewards), "none": 0,
+               "examples": shown}
+        if success:
+            out["success"] = sum(success) / len(success)
+        return out
 
     def _metrics(self, ep, plays: list[_Play]) -> dict[str, float]:
         out = {"episode/turns": statistics.mean(ep.turns_B),

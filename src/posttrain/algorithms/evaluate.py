@@ -61,9 +61,12 @@ def greedy_eval(
 def greedy_eval_sharded(policy, tok, rows: list[dict], reward, max_new_tokens: int, chat_template: bool = True) -> dict:
     """``evaluate.greedy_eval`` with the rows split across the processes and the results combined
     (accuracy over every judged row; rank 0's examples)."""
+    mine = rows[distributed.shard(len(rows))]
     with distributed.gathered(policy):  # FSDP: the ranks generate different numbers of tokens
-        part = greedy_eval(policy, tok, rows[distributed.shard(len(rows))], reward, max_new_tokens,
-                           chat_template=chat_template)
+        if hasattr(reward, "evaluate"):  # --env: greedy episodes, scored by the environment
+            part = reward.evaluate(policy, tok, mine, max_new_tokens)
+        else:
+            part = greedy_eval(policy, tok, mine, reward, max_new_tokens, chat_template=chat_template)
     every = distributed.gather(part)
     if len(every) == 1:
         return part

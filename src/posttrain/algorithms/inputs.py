@@ -112,6 +112,8 @@ def rollout_setup(config: "RolloutConfig", lora_rank_for=rl_lora_rank) -> Rollou
 
     start(config)
     distributed.check_divisible("prompts_per_step", config.prompts_per_step)
+    if getattr(config, "env", None) is not None:
+        return _env_setup(config, lora_rank_for)
     rows = load_rows_for(config, "prompt")
     spec = reward_spec(config, rows.reward)
     if config.data is not None:  # a column the reward scores against that no row holds: refused now
@@ -122,6 +124,21 @@ def rollout_setup(config: "RolloutConfig", lora_rank_for=rl_lora_rank) -> Rollou
     policy, tok = load_policy(config, lora_rank_for=lora_rank_for)
     check_context(policy, tok, rows, config.completion_budgets(), config.chat_template)
     return RolloutSetup(rows, reward_fn, eval_reward, policy, tok)
+
+
+def _env_setup(config, lora_rank_for) -> RolloutSetup:
+    """``--env``: the environment's rows (train, and its held-out side for evaluation) and its
+    episode runner, which stands for the reward (``collect`` and ``evaluate`` play episodes with it)."""
+    from posttrain.algorithms.episodes import EpisodeRunner
+    from posttrain.envs import get_env
+    from posttrain.sampling.turns import TurnLimits
+
+    factory = get_env(config.env)
+    rows = rows_of(f"environment {config.env}", factory.rows("train", config.task_size, config.seed),
+                   factory.rows("test", config.eval_size, config.seed))
+    runner = EpisodeRunner(factory, TurnLimits(config.max_turns, config.max_episode_tokens), config.env_timeout)
+    policy, tok = load_policy(config, lora_rank_for=lora_rank_for)
+    return RolloutSetup(rows, runner, runner, policy, tok)
 
 
 def check_context(model, tok, rows: Rows, budgets: dict[str, tuple[str, int]], chat_template: bool) -> None:

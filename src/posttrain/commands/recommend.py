@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--data", help="dataset file (TRL formats); its columns decide the branch")
     parser.add_argument("--task", help="a built-in task instead of --data (e.g. arithmetic)")
+    parser.add_argument("--env", metavar="SPEC", help="a multi-turn environment instead of --data/--task (guess_number, "
+                        "tool_arithmetic, ta:GAME, module:Class; `posttrain tasks` lists them)")
     parser.add_argument("--columns", help="comma-separated column names, instead of a file")
     parser.add_argument("--reward", help="reward spec you could use, e.g. math, 'reward_model(runs/rm/final)'")
     parser.add_argument("--judge", metavar="CONFIG", help="a judge config (YAML) available for AI feedback")
@@ -149,9 +151,16 @@ def _inputs(args: argparse.Namespace) -> tuple[str | None, list[str] | None]:
     config that loads (``ConfigError`` naming its file and field); a --teacher sharing the tokenizer."""
     from posttrain.commands._args import FlagError, task_flag
 
-    given = [f"--{d}" for d in ("data", "task", "columns") if getattr(args, d)]
+    given = [f"--{d}" for d in ("data", "task", "columns", "env") if getattr(args, d)]
     if len(given) > 1:
-        raise FlagError(f"{' and '.join(given)}: give one of --data, --task, --columns (each describes the data)")
+        raise FlagError(f"{' and '.join(given)}: give one of --data, --task, --columns, --env (each describes the data)")
+    if args.env:
+        from posttrain.envs import EnvError, get_env
+
+        try:
+            get_env(args.env)
+        except EnvError as e:
+            raise FlagError(f"--env: {e}") from None
     if args.task:
         task_flag("--task", args.task)
     if args.judge:
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     # a data file, model or reward spec that is wrong is a UserError (DataError, EstimateError,
     # RewardSpecError) naming the file or flag: cli.main reports it
     rec = recommend(source, columns, args.judge, args.reward, args.gpu_memory, args.model, args.teacher,
-                    prober(args, source))
+                    prober(args, source), env=args.env)
     if args.json:
         print(json.dumps(rec.to_dict(), indent=1))
         return 0 if rec.method else 1

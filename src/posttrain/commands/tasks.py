@@ -1,6 +1,7 @@
-"""`posttrain tasks`: list the built-in tasks, show a few rows, export a split to jsonl.
+"""`posttrain tasks`: list the built-in tasks (and the environments and tools), show a few rows,
+export a split to jsonl.
 
-    posttrain tasks                                   # the table of tasks
+    posttrain tasks                                   # the tables of tasks and environments
     posttrain tasks show arithmetic --n 3 [--split test] [--seed 0] [--opt digits=3]
     posttrain tasks export arithmetic --split test --n 200 --out test.jsonl
 """
@@ -46,6 +47,23 @@ def _options(pairs: list[str]) -> dict:
     return options
 
 
+def _print_envs(console) -> None:
+    """The environments of ``train grpo --env`` and the tools they offer."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from posttrain.envs import list_envs
+    from posttrain.envs.tools import TOOLS
+
+    table = Table(title="environments (train grpo --env SPEC; module:Class for your own)")
+    for column in ("environment", "turns", "tools", "description"):
+        table.add_column(column)
+    for e in list_envs():
+        table.add_row(e.name, "multi" if e.multi_turn else "one", ",".join(e.tools) or "-", escape(e.description))
+    console.print(table)
+    console.print("tools: " + ", ".join(sorted(TOOLS)) + " (an environment lists its own; see README: tools)")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -61,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         for t in tasks.list_tasks():
             table.add_row(t.name, ",".join(t.splits), t.reward, ",".join(t.columns), t.description)
         console.print(table)
+        _print_envs(console)
         return 0
     from posttrain.commands._args import FlagError, out_file, task_flag, write_jsonl
 

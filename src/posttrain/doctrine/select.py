@@ -4,6 +4,7 @@
 
 walks the tree in the doctrine's order, recording every branch taken as a reason:
 
+    -. an environment (--env: rows, turns and rewards of its own)? -> GRPO on its episodes
     0. demonstrations (TRL's SFT formats: messages, prompt +
        completion, text)?                                          -> SFT, the stage before RL
     0b. a stronger teacher with the same tokenizer (--teacher)?   -> on-policy distillation
@@ -354,14 +355,34 @@ def _defaults_reason(defaults: dict[str, Any], n_params: float, train_method: st
             + (f", group size {defaults['group_size']}" if "group_size" in defaults else ""))
 
 
+def _env_branch(env: str, model_arg: str | None, n_params: float) -> Recommendation:
+    """An environment (``--env``) gives both the rows and the reward: GRPO on its episodes."""
+    from posttrain.envs import get_env
+
+    factory = get_env(env)  # an EnvError (a UserError) names the spec
+    tools = ", ".join(getattr(fn, "__name__", "?") for fn in factory.tools) or "none"
+    reasons = [f"an environment? yes: {env} (tools: {tools}) -> GRPO on its episodes: a group is K episodes of one "
+               "row, the episode's reward (the sum of its turns') is the reward, the environment's tokens are "
+               "context and never trained"]
+    defaults = {"env": env, "max_turns": factory.max_turns or 4, **method_defaults("grpo", n_params)}
+    reasons.append(_defaults_reason(defaults, n_params, "grpo"))
+    alt = {"method": "rloo", "why": "the group's leave-one-out mean as the baseline, no std division",
+           "command": _command("grpo", None, model_arg, {**defaults, "advantage": "rloo"})}
+    return Recommendation("grpo", reasons, _command("grpo", None, model_arg, defaults), defaults, [alt], "grpo")
+
+
 def recommend(data_path: str | None = None, columns: Sequence[str] | None = None, judge: str | None = None,
               reward: str | None = None, gpu_memory_gb: float | str | None = None,
-              model: str | None = None, teacher: str | None = None, probe: Any = None) -> Recommendation:
+              model: str | None = None, teacher: str | None = None, probe: Any = None,
+              env: str | None = None) -> Recommendation:
     """Walk the doctrine's decision tree (module docstring); every branch taken becomes a reason.
     ``teacher``: a model spec whose tokenizer the caller checked; ``probe``: ``probe(reward_spec) ->
-    posttrain.doctrine.probe.Probe``, called when the tree reaches GRPO with a verifiable reward."""
+    posttrain.doctrine.probe.Probe``, called when the tree reaches GRPO with a verifiable reward;
+    ``env``: an environment spec, which decides alone (GRPO on its episodes)."""
     from posttrain.models import EMBEDDED
 
+    if env is not None:
+        return _env_branch(env, model, model_shape(model or EMBEDDED).n_params)
     data = inspect_data(data_path, columns)
     budget = parse_memory(gpu_memory_gb) if gpu_memory_gb is not None else None
     model_arg = model
