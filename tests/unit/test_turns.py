@@ -54,11 +54,11 @@ def test_token_in_token_out_and_environment_tokens_masked(tiny):
         ids, mask = r.completion_ids_BC[b, :n].tolist(), r.completion_mask_BC[b, :n].tolist()
         # rebuild the sequence from what the environment was given and what it answered
         expect, expect_mask = [], []
-        for k, (turn, _cut) in enumerate(env.seen[b]):
+        for k, (turn, cut) in enumerate(env.seen[b]):
             expect += turn
             expect_mask += [1] * len(turn)
             if k + 1 < len(env.seen[b]):
-                delta = [40 + i for i in range(k + 2 + b % 3)]
+                delta = [tiny[1].eos_token_id] * cut + [40 + i for i in range(k + 2 + b % 3)]
                 expect += delta
                 expect_mask += [0] * len(delta)
         assert ids == expect and mask == expect_mask
@@ -88,14 +88,21 @@ def test_limits_end_episodes_as_truncated(tiny):
     assert ep.turns_B == [2] * 6 and all(ep.truncated_B)
     ep = sample(tiny, Scripted(turns=100), limits=TurnLimits(max_turns=50, max_total_tokens=15))
     assert all(ep.truncated_B) and max(ep.model_tokens_B[b] + ep.env_tokens_B[b] for b in range(6)) <= 15
-    # a turn cut at max_new_tokens (no end-of-turn token) is reported cut and ends the episode
-    env = Scripted(turns=100)
+    # a turn cut at max_new_tokens (no end-of-turn token) is reported cut; the episode goes on after an
+    # end-of-turn token that is context, not trained
+    env = Scripted(turns=3)
     ep = sample(tiny, env, max_new=1)
+    eot = tiny[1].eos_token_id
+    r = ep.rollouts
     for b in range(6):
-        turn, cut = env.seen[b][-1]
-        assert len(env.seen[b]) == ep.turns_B[b]
-        if cut:
-            assert ep.truncated_B[b]
+        assert ep.turns_B[b] == len(env.seen[b]) == 3 and not ep.truncated_B[b]
+        cuts = [cut for _, cut in env.seen[b]]
+        assert ep.cut_turns_B[b] == sum(cuts)
+        ids, mask = r.completion_ids_BC[b].tolist(), r.completion_mask_BC[b].tolist()
+        first_turn = env.seen[b][0][0]
+        assert ids[:1] == first_turn and mask[0] == 1
+        if cuts[0]:  # then the appended end-of-turn token, masked, then the delta
+            assert ids[1] == eot and mask[1] == 0 and ids[2] == 40
 
 
 def test_episodes_over_at_the_first_turn_are_single_turn_sampling(tiny):

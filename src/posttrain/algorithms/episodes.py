@@ -173,6 +173,7 @@ class EpisodeRunner:
                "episode/model_tokens": statistics.mean(ep.model_tokens_B),
                "episode/env_tokens": statistics.mean(ep.env_tokens_B),
                "episode/truncated": statistics.mean(float(t) for t in ep.truncated_B),
+               "episode/cut_turns": statistics.mean(ep.cut_turns_B),
                "episode/env_errors": statistics.mean(float(p.error) for p in plays), **self.counts.metrics()}
         for key in ("success", "correct", "tool_calls", "parse_failures", "tool_errors"):
             vals = [float(p.info[key]) for p in plays if isinstance(p.info.get(key), (int, float))]

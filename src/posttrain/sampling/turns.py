@@ -41,7 +41,9 @@ from posttrain.sampling.skinny_linear import skinny_linears
 
 Respond = Callable[[int, list[int], bool], "list[int] | None"]
 """``respond(episode, turn_ids, cut)``: the ids to append after the turn, or None: the episode is over.
-``cut`` is True when the turn ended at a token cap instead of its end-of-turn token."""
+``cut`` is True when the turn ended at ``max_new_tokens`` instead of its end-of-turn token: the
+environment still answers it, and the episode goes on after the end-of-turn token (appended, not
+trained), as a chat would."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,8 @@ class TurnLimits:
     max_turns: int = 4
     """Model turns per episode."""
     max_total_tokens: int = 1024
-    """Tokens per episode after its prompt, the model's and the environment's."""
+    """Tokens per episode after its prompt, the model's and the environment's; an episode that would
+    pass it ends (truncated)."""
 
 
 @dataclasses.dataclass
@@ -60,7 +63,9 @@ class Episodes:
     model_tokens_B: list[int]
     env_tokens_B: list[int]
     truncated_B: list[bool]
-    """Ended by a cap (turns, tokens, a turn without its end-of-turn token), not by the environment."""
+    """Ended by a cap (turns, tokens), not by the environment."""
+    cut_turns_B: list[int]
+    """Turns that reached ``max_new_tokens`` without their end-of-turn token."""
     prefill_tokens: int = 0
     """Tokens run through the model outside decoding (prompts, deltas, re-fills): the cache's saving."""
 
@@ -75,6 +80,7 @@ class _Episode:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer ([H, n, D] keys, values) of the tokens fed so far."""
     turns: int = 0
+    cut_turns: int = 0
     turn: list[int] = dataclasses.field(default_factory=list)
     done: bool = False
     truncated: bool = False
@@ -106,6 +112,7 @@ class _Sampler:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
         self.stop = torch.tensor(eos_ids(model, tokenizer), device=self.device)
+        self.eot = tokenizer.eos_token_id
         self.prompts = [list(p) for p in prompt_ids]
         self.eps = [_Episode() for _ in range(len(self.prompts) * G)]
         self.prefilled = 0
@@ -136,7 +143,10 @@ class _Sampler:
             delta = self.respond(b, list(ep.turn), cut)
             ep.pending = ep.turn[-1:]  # the turn's last token is sampled, not yet fed
             ep.turn = []
-            capped = cut or ep.turns >= self.limits.max_turns
+            ep.cut_turns += int(cut)
+            if cut and delta is not None and self.eot is not None:  # close the turn with its end-of-turn token
+                delta = [self.eot] + list(delta)  # (not sampled, so not trained)
+            capped = ep.turns >= self.limits.max_turns
             if delta is None:
                 ep.done = True
             elif capped or len(ep.seq) + len(delta) >= self.limits.max_total_tokens:
@@ -254,4 +264,5 @@ class _Sampler:
         rollouts = Rollouts(prompt_PL, pmask_PL, ids_BC, mask_BC, logp_BC,
                             torch.tensor(truncated, device=self.device), self.G, seconds)
         return Episodes(rollouts, [ep.turns for ep in self.eps], [sum(ep.model) for ep in self.eps],
-                        [len(ep.seq) - sum(ep.model) for ep in self.eps], truncated, self.prefilled)
+                        [len(ep.seq) - sum(ep.model) for ep in self.eps], truncated, [ep.cut_turns for ep in self.eps],
+                        self.prefilled)
