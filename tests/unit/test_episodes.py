@@ -98,3 +98,60 @@ def test_guess_number_spec_runs_episodes(stoppable):
         prompt_generators=[torch.Generator().manual_seed(i) for i in range(2)])
     assert batch.rewards_B.shape == (4,) and set(batch.rewards_B.tolist()) <= {0.0, 1.0}
     assert "episode/turns" in metrics
+
+
+class Scripted(torch.nn.Module):
+    """The tiny model made to write ``script`` (one forward call, one next token): a batch of one."""
+
+    def __init__(self, model, script):
+        super().__init__()
+        self.inner, self.script, self.calls = model, list(script), 0
+        self.config, self.generation_config = model.config, model.generation_config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        out.logits[:, -1, token] += 1e4
+        return out
+
+
+class Lower(Environment):
+    def reset(self, row, seed):
+        self.n = 0
+        return [{"role": "user", "content": "Guess my number."}]
+
+    def step(self, text):
+        self.n += 1
+        return Step([], reward=1.0, done=True) if self.n == 2 else Step([{"role": "user", "content": "Lower."}])
+
+
+def test_a_template_that_drops_earlier_thinking_does_not_change_the_trained_tokens(stoppable):
+    """Qwen3-style: earlier assistant turns are rendered without their <think> block. Re-rendering the
+    conversation (what a rollout that re-tokenizes does) loses the first turn's sampled thinking;
+    the episode keeps exactly the sampled ids."""
+    from posttrain.envs import EnvFactory
+
+    model, tok = stoppable
+    tok2 = type(tok).from_pretrained(tok.name_or_path)
+    tok2.chat_template = tok.chat_template.replace(
+        "message['content']",
+        "((message['content'].split('</think>')[-1]) if message['role'] == 'assistant' and not loop.last "
+        "else message['content'])")
+    eot = tok.eos_token_id
+    turn1 = tok("<think>hmm</think>7", add_special_tokens=False)["input_ids"] + [eot]
+    turn2 = tok("<think>lower</think>3", add_special_tokens=False)["input_ids"] + [eot]
+    runner = EpisodeRunner(EnvFactory("lower", Lower, {}, "lower"), TurnLimits(max_turns=3))
+    batch, _ = runner.generate_and_score(Scripted(model, turn1 + turn2), tok2, [{"k": 1}], 1,
+                                         SamplingConfig(temperature=1.0, max_new_tokens=16))
+    r = batch.rollouts
+    ids, mask = r.completion_ids_BC[0].tolist(), r.completion_mask_BC[0].tolist()
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained == turn1 + turn2 and batch.rewards_B.tolist() == [1.0]
+    delta = delta_ids(tok2, [{"role": "user", "content": "Lower."}])
+    assert ids[:len(turn1) + len(delta) + len(turn2)] == turn1 + delta + turn2
+    # the hazard: the template's own rendering of the same conversation drops the first turn's thinking
+    messages = [{"role": "user", "content": "Guess my number."}, {"role": "assistant", "content": "<think>hmm</think>7"},
+                {"role": "user", "content": "Lower."}, {"role": "assistant", "content": "<think>lower</think>3"}]
+    rerendered = tok2.apply_chat_template(messages, tokenize=False)
+    assert "<think>hmm</think>" not in rerendered and "<think>lower</think>" in rerendered
