@@ -108,3 +108,20 @@ def test_environment_tokens_get_no_gradient(stoppable_dir):
                                     adv=p.adv + junk * model_BC if p.adv.dim() == 2 else p.adv + 1.0)
         assert not torch.allclose(before, _grads(policy, cfg, batch, moved), atol=1e-6), advantage
         policy.eval()
+
+
+def test_sigkill_mid_multi_turn_run_then_resume_matches_the_uninterrupted_run(tmp_path, stoppable_dir, kill_and_resume):
+    import os
+
+    def command(name):
+        return [sys.executable, "-m", "posttrain.cli", "train", "grpo", "--model", stoppable_dir,
+                "--env", "guess_number(hi=8)", "--max-turns", "3", "--max-new-tokens", "6", "--max-steps", "6",
+                "--group-size", "2", "--prompts-per-step", "2", "--lr", "1e-2", "--beta", "0.04",
+                "--checkpoint-every", "2", "--eval-size", "2", "--output-dir", str(tmp_path), "--name", name,
+                "--seed", "3"]
+
+    straight, resumed = kill_and_resume(command, "grpo", tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6] and resumed == straight
+    assert any(m["episode/turns"] > 1 for m in straight)
+    samples = lambda name: [json.loads(l)["completions"] for l in (tmp_path / name / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    assert samples("killed") == samples("straight")

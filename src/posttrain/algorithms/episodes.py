@@ -105,6 +105,7 @@ class EpisodeRunner:
                            generator: torch.Generator | None = None,
                            prompt_generators: list[torch.Generator] | None = None) -> tuple[ScoredBatch, dict]:
         plays, prompts = [], []
+        self.counts = GuardCounts()  # per batch: the step's faults (and a resumed run's are the same)
         for row in rows:
             group = []
             for _ in range(group_size):
