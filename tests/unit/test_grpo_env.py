@@ -125,3 +125,10 @@ def test_sigkill_mid_multi_turn_run_then_resume_matches_the_uninterrupted_run(tm
     assert any(m["episode/turns"] > 1 for m in straight)
     samples = lambda name: [json.loads(l)["completions"] for l in (tmp_path / name / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert samples("killed") == samples("straight")
+
+
+def test_an_episode_budget_past_the_models_context_is_refused(tmp_path, stoppable_dir):
+    proc = posttrain("train", "grpo", "--model", stoppable_dir, "--env", "guess_number", "--max-episode-tokens",
+                     "100000", "--output-dir", tmp_path / "runs")
+    assert_user_error(proc, "--max-episode-tokens", "context")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -138,6 +138,11 @@ def _env_setup(config, lora_rank_for) -> RolloutSetup:
                    factory.rows("test", config.eval_size, config.seed))
     runner = EpisodeRunner(factory, TurnLimits(config.max_turns, config.max_episode_tokens), config.env_timeout)
     policy, tok = load_policy(config, lora_rank_for=lora_rank_for)
+    n_ctx = context_length(policy)
+    if n_ctx is not None and config.max_episode_tokens >= n_ctx:  # the first messages need room too
+        raise ConfigError(f"field 'max_episode_tokens': --max-episode-tokens {config.max_episode_tokens} fills the "
+                          f"model's context of {n_ctx} tokens and leaves no room for the first messages: lower it",
+                          ("max_episode_tokens",))
     return RolloutSetup(rows, runner, runner, policy, tok)
 
 
