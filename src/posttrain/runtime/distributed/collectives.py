@@ -10,6 +10,7 @@ identity). The package docstring (``distributed/__init__.py``) explains the whol
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Iterable, Sequence
 
@@ -42,6 +43,9 @@ def setup(device: str = "auto") -> None:
     PartialState(cpu=str(device) == "cpu" or not torch.cuda.is_available())
     if not _dist().is_initialized():  # pragma: no cover - accelerate did not recognise the launcher
         raise RuntimeError("WORLD_SIZE > 1 but no process group could be set up from the launcher's environment")
+    # leave the group before the interpreter exits: a gloo group still alive at exit aborted a rank
+    # now and then ("terminate called without an active exception", exit -6) after a finished run
+    atexit.register(_leave)
     sharding = [k for k in SHARDING_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
     if sharding and is_main():
         import warnings
@@ -49,6 +53,12 @@ def setup(device: str = "auto") -> None:
         warnings.warn(f"{', '.join(sharding)}: posttrain does not apply DeepSpeed; every process holds the whole "
                       "model and trains data-parallel (FSDP is supported: README, Scaling out)", RuntimeWarning,
                       stacklevel=2)
+
+
+def _leave() -> None:
+    d = _dist()
+    if d.is_available() and d.is_initialized():
+        d.destroy_process_group()
 
 
 def active() -> bool:
