@@ -165,6 +165,7 @@ class _Sampler:
 
     def _first_turn_cache(self):
         prompt_PL, pmask_PL = (x.to(self.device) for x in left_pad(self.prompts, self.pad_id))
+        self.prompt_PL, self.pmask_PL = prompt_PL, pmask_PL  # the result's prompts
         cache = decode_cache(getattr(self.model, "config", None), reserve=self.cfg.max_new_tokens)
         out = self.model(input_ids=prompt_PL, attention_mask=pmask_PL, position_ids=positions(pmask_PL),
                          cache=cache, use_cache=True, logits_to_keep=1)
@@ -249,7 +250,6 @@ class _Sampler:
     # ------------------------------------------------------------------------------ the result
 
     def _result(self, seconds: float) -> Episodes:
-        prompt_PL, pmask_PL = (x.to(self.device) for x in left_pad(self.prompts, self.pad_id))
         width = max(1, max(len(ep.seq) for ep in self.eps))
         B = len(self.eps)
         ids_BC = torch.full((B, width), self.pad_id, dtype=torch.long, device=self.device)
@@ -261,7 +261,7 @@ class _Sampler:
             mask_BC[b, :n] = torch.tensor(ep.model, dtype=torch.long)
             logp_BC[b, :n] = torch.tensor(ep.logp)
         truncated = [ep.truncated for ep in self.eps]
-        rollouts = Rollouts(prompt_PL, pmask_PL, ids_BC, mask_BC, logp_BC,
+        rollouts = Rollouts(self.prompt_PL, self.pmask_PL, ids_BC, mask_BC, logp_BC,
                             torch.tensor(truncated, device=self.device), self.G, seconds)
         return Episodes(rollouts, [ep.turns for ep in self.eps], [sum(ep.model) for ep in self.eps],
                         [len(ep.seq) - sum(ep.model) for ep in self.eps], truncated, [ep.cut_turns for ep in self.eps],
