@@ -439,3 +439,40 @@ class RolloutConfig(TrainConfig):
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.min_new_tokens)
+
+
+@dataclasses.dataclass
+class EpisodeConfig(RolloutConfig):
+    """The rollout trainers that can sample episodes of an environment (GRPO and its estimators,
+    PPO): ``--env`` replaces the rows and the reward (``inputs.rollout_setup``)."""
+
+    env: Optional[str] = None
+    """A multi-turn environment instead of --task/--data and --reward: guess_number, tool_arithmetic,
+    single_turn(task=...), ta:GAME (textarena) or module:Class (see README: environments). Its
+    episodes are the group's samples; the episode's reward (the sum of its turns') is the reward."""
+    max_turns: Annotated[int, Positive] = 4
+    """Model turns per episode (with --env; --max-new-tokens caps each turn)."""
+    max_episode_tokens: Annotated[int, Positive] = 1024
+    """Tokens per episode after its first messages, the model's and the environment's (with --env)."""
+    env_timeout: Annotated[float, Positive] = 30.0
+    """Seconds an environment call may take before its episode ends as an error (with --env)."""
+
+    APPLIES_WHEN: ClassVar[dict] = {
+        "max_turns": ("with --env", lambda c: c.env is not None),
+        "max_episode_tokens": ("with --env", lambda c: c.env is not None),
+        "env_timeout": ("with --env", lambda c: c.env is not None),
+    }
+
+    def check_inputs(self) -> None:
+        if self.env is None:
+            return super().check_inputs()
+        given = [f for f in ("data", "task", "reward") if getattr(self, f) is not None]
+        if given:
+            raise refuse("env", f"--env gives the rows and the reward; drop --{given[0]} (a task as an environment: "
+                         "--env 'single_turn(task=arithmetic)')", *given)
+        from posttrain.envs import EnvError, get_env
+
+        try:
+            get_env(self.env)
+        except EnvError as e:
+            raise refuse("env", f"{e} (see `posttrain tasks`)") from None

@@ -76,7 +76,7 @@ FULL_FT_LR = common.RL_FULL_FT_LR
 
 
 @dataclasses.dataclass
-class GRPOConfig(common.RolloutConfig):
+class GRPOConfig(common.EpisodeConfig):
     """GRPO, Dr. GRPO, REINFORCE++ and RLOO on verifiable rewards."""
 
     advantage: Literal["grpo", "dr_grpo", "reinforce_pp", "rloo"] = "grpo"
@@ -106,23 +106,9 @@ class GRPOConfig(common.RolloutConfig):
     """DAPO dynamic sampling: draw more prompts until the batch holds informative groups."""
     max_sampling_rounds: Annotated[int, Positive] = 3
     """Bound on sampling rounds per step with dynamic_sampling."""
-    env: Optional[str] = None
-    """A multi-turn environment instead of --task/--data and --reward: guess_number, tool_arithmetic,
-    single_turn(task=...), ta:GAME (textarena) or module:Class (see README: environments). Its
-    episodes are the group's samples; the episode's reward (the sum of its turns') is the reward."""
-    max_turns: Annotated[int, Positive] = 4
-    """Model turns per episode (with --env; --max-new-tokens caps each turn)."""
-    max_episode_tokens: Annotated[int, Positive] = 1024
-    """Tokens per episode after its first messages, the model's and the environment's (with --env)."""
-    env_timeout: Annotated[float, Positive] = 30.0
-    """Seconds an environment call may take before its episode ends as an error (with --env)."""
-
     APPLIES_WHEN: ClassVar[dict] = {
         "max_sampling_rounds": ("with --dynamic-sampling", lambda c: c.dynamic_sampling),
         "scale_rewards": ("with --advantage grpo (the estimator that divides by a std)", lambda c: c.advantage == "grpo"),
-        "max_turns": ("with --env", lambda c: c.env is not None),
-        "max_episode_tokens": ("with --env", lambda c: c.env is not None),
-        "env_timeout": ("with --env", lambda c: c.env is not None),
     }
 
     @property
@@ -131,20 +117,6 @@ class GRPOConfig(common.RolloutConfig):
 
     def per_token_advantages(self) -> bool:
         return self.advantage == "reinforce_pp"  # the estimator that puts the KL in the per-token reward
-
-    def check_inputs(self) -> None:
-        if self.env is None:
-            return super().check_inputs()
-        given = [f for f in ("data", "task", "reward") if getattr(self, f) is not None]
-        if given:
-            raise refuse("env", f"--env gives the rows and the reward; drop --{given[0]} (a task as an environment: "
-                         "--env 'single_turn(task=arithmetic)')", *given)
-        from posttrain.envs import EnvError, get_env
-
-        try:
-            get_env(self.env)
-        except EnvError as e:
-            raise refuse("env", f"{e} (see `posttrain tasks`)") from None
 
     def check(self) -> None:
         super().check()

@@ -40,6 +40,10 @@ Choices and departures:
   weights of the policy loss; a masking kind narrows the policy loss's mask (and its normalisers),
   the critic still fits every token. ``policy_loss`` picks the loss (``gspo`` is refused: GAE's
   advantages are per token; ``gspo_token`` takes them); ``clip_ratio`` None = the loss's range.
+- ``--env`` (``common.EpisodeConfig``): a completion is an episode of the environment (its turns,
+  the environment's messages between them as holes in the mask: ``episodes.EpisodeRunner``). The
+  episode's reward sits at its last model token; GAE steps from each model token to the next one,
+  over the holes; the critic is fitted and the policy trained on model tokens only.
 - ``group_size > 1`` samples several completions per prompt (each prompt still run once per group
   in every forward); the critic, not the group, is the baseline.
 - Under several processes each takes 1/N of the prompts; every process splits its part into
@@ -66,6 +70,7 @@ Choices and departures:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Annotated, ClassVar, Literal, Optional
 
 import torch
@@ -93,7 +98,7 @@ VALUE_LR_MULTIPLIER = 10.0
 
 
 @dataclasses.dataclass
-class PPOConfig(common.RolloutConfig):
+class PPOConfig(common.EpisodeConfig):
     """PPO with a value model and a KL penalty to the reference (reward model or any reward).
 
     Memory: PPO trains a second network, the critic. With ``value_model=adapter`` (the default
@@ -206,6 +211,27 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
             "pg_mask": mask_BC * keep_BC.to(mask_BC.dtype), "weight": weight_BC}
 
 
+def minibatch_loss(policy, critic: ValueModel, config: PPOConfig, r, ro: dict, mb: torch.Tensor, b: torch.Tensor):
+    """The minibatch ``mb`` (prompts; ``b`` their completion rows)'s weighted loss and its parts:
+    the policy loss and entropy bonus over ``ro["pg_mask"]``, the value loss over ``ro["mask"]``
+    (model tokens only: environment tokens in an episode are holes in both). Called through DDP's
+    forward in data-parallel runs (``OptimizerStep.forward``)."""
+    m, pm_BC = ro["mask"][b], ro["pg_mask"][b]  # the critic's mask, the policy loss's (corrected)
+    clip = losses.clip_range(config.policy_loss, config.clip_ratio, config.clip_ratio)
+    logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
+    pg, pm = losses.POLICY_LOSSES[config.policy_loss].compute(
+        logp, ro["old"][b], ro["adv"][b], pm_BC, *clip, config.reduce, max_len=config.max_new_tokens,
+        weight_BT=ro["weight"][b], clip_ratio_c=config.clip_ratio_c)
+    ent_loss, em = losses.entropy_bonus(ent, pm_BC, config.entropy_coef, config.reduce, config.max_new_tokens)
+    v = critic.values(r, rows=mb)
+    vl, vm = losses.value_loss(v, ro["values"][b], ro["returns"][b], m, clip=config.value_clip)
+    # the global minibatch's normalisers, of each loss's mask
+    whole, whole_pg = (distributed.all_sum(losses.reduction_counts(x)) for x in (m, pm_BC))
+    w_pg = losses.reduction_share(config.reduce, pm_BC, whole_pg)
+    w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
+    return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
+
+
 def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, batch: ScoredBatch, ro: dict,
            generator: torch.Generator) -> dict:
     """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
@@ -214,35 +240,18 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
     r = batch.rollouts
     P, G = r.num_prompts, r.group_size
     size = -(-P // config.minibatches)
-    mask_BC, old_BC, v_old_BC, adv_BC, ret_BC = ro["mask"], ro["old"], ro["values"], ro["adv"], ro["returns"]
-    pg_mask_BC, weight_BC = ro["pg_mask"], ro["weight"]
-    clip = losses.clip_range(config.policy_loss, config.clip_ratio, config.clip_ratio)
+    mask_BC, adv_BC = ro["mask"], ro["adv"]
+    loss_of = functools.partial(minibatch_loss, policy, critic, config, r, ro)
     sums: dict[str, float] = {}
     n_steps, nonfinite = 0, 0
     policy.train()
     critic.train()
 
-    def minibatch_loss(mb: torch.Tensor, b: torch.Tensor):
-        """The minibatch's weighted loss and its parts (through DDP's forward in data-parallel runs)."""
-        m, pm_BC = mask_BC[b], pg_mask_BC[b]  # the critic's mask, the policy loss's (corrected)
-        logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
-        pg, pm = losses.POLICY_LOSSES[config.policy_loss].compute(
-            logp, old_BC[b], adv_BC[b], pm_BC, *clip, config.reduce, max_len=config.max_new_tokens,
-            weight_BT=weight_BC[b], clip_ratio_c=config.clip_ratio_c)
-        ent_loss, em = losses.entropy_bonus(ent, pm_BC, config.entropy_coef, config.reduce, config.max_new_tokens)
-        v = critic.values(r, rows=mb)
-        vl, vm = losses.value_loss(v, v_old_BC[b], ret_BC[b], m, clip=config.value_clip)
-        # the global minibatch's normalisers, of each loss's mask
-        whole, whole_pg = (distributed.all_sum(losses.reduction_counts(x)) for x in (m, pm_BC))
-        w_pg = losses.reduction_share(config.reduce, pm_BC, whole_pg)
-        w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
-        return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
-
     for _ in range(config.ppo_epochs):
         order = torch.randperm(P, generator=generator)
         for i in range(0, P, size):
             mb = order[i:i + size]
-            loss, pg, vl, pm, em, vm = rule.forward(minibatch_loss, mb, group_rows(mb, G))
+            loss, pg, vl, pm, em, vm = rule.forward(loss_of, mb, group_rows(mb, G))
             rule.backward(loss)
             (norm_p, norm_v), ok = rule.step()
             if not ok:
