@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--suite", choices=["sycophancy"], help="an adversarial suite instead of a task")
+    parser.add_argument("--env", help="an environment (see `posttrain tasks`): greedy episodes on its --split rows; "
+                        "accuracy is the mean episode reward")
+    parser.add_argument("--max-turns", type=positive_int, default=4, help="model turns per episode (with --env)")
+    parser.add_argument("--max-episode-tokens", type=positive_int, default=1024,
+                        help="tokens per episode after its first messages (with --env)")
     parser.add_argument("--examples", type=nonnegative_int, default=2, help="example completions to print")
     parser.add_argument("--json", action="store_true", help="print JSON")
     remember_defaults(parser)
@@ -36,7 +41,24 @@ def _rules():
              "--suite runs its own fixed probes, greedily, scored by its own verdict"),
         Rule(("split", "seed"), lambda a: a.data,
              "--data rows are read from the file in order (--split and --seed draw a task's rows)"),
+        Rule(("reward",), lambda a: a.env, "--env scores its own episodes"),
+        Rule(("max_turns", "max_episode_tokens"), lambda a: not a.env, "they bound the episodes of --env"),
     )
+
+
+def _env_rows(args):
+    """(rows, runner) of --env: its --split rows and the episode runner that plays and scores them."""
+    from posttrain.algorithms.episodes import EpisodeRunner
+    from posttrain.commands._args import FlagError
+    from posttrain.envs import EnvError, get_env
+    from posttrain.sampling.turns import TurnLimits
+
+    try:
+        factory = get_env(args.env)
+        rows = factory.rows(args.split, args.n, args.seed)
+    except EnvError as e:
+        raise FlagError(f"--env: {e} (see `posttrain tasks`)") from None
+    return rows, EpisodeRunner(factory, TurnLimits(args.max_turns, args.max_episode_tokens))
 
 
 def _rows(args):
@@ -70,6 +92,8 @@ def _evaluate(spec: str, flag: str, args, rows, reward):
 
         return run_sycophancy(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               examples=args.examples)
+    if args.env:
+        return reward.evaluate(model, tok, rows, args.max_new_tokens, args.batch_size, examples=args.examples)
     from posttrain.algorithms.evaluate import greedy_eval
 
     return greedy_eval(model, tok, rows, reward, args.max_new_tokens, args.batch_size, examples=args.examples)
@@ -84,19 +108,19 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.commands._args import exactly_one, refuse_inapplicable
     from posttrain.models import check_model_flag
 
-    exactly_one(args, "task", "data", "suite")
+    exactly_one(args, "task", "data", "suite", "env")
     refuse_inapplicable(args, _rules())
     models = {"--model": args.model, **({"--baseline": args.baseline} if args.baseline else {})}
     for flag, spec in models.items():
         check_model_flag(flag, spec)
-    rows, reward = (None, None) if args.suite else _rows(args)
+    rows, reward = (None, None) if args.suite else _env_rows(args) if args.env else _rows(args)
     results = {spec: _evaluate(spec, flag, args, rows, reward) for flag, spec in models.items()}
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     console = Console()
     key = "agreement_rate" if args.suite == "sycophancy" else "accuracy"
-    table = Table(title=f"{args.suite or args.task or args.data} ({key})")
+    table = Table(title=f"{args.suite or args.task or args.data or args.env} ({key})")
     for col in ("model", key, "n"):
         table.add_column(col)
     for spec, res in results.items():
