@@ -11,7 +11,9 @@ still 0 on failure. ``info``: ``success`` (1.0/0.0) and ``guesses`` (turns used)
 Rows are ``{"secret": s}``: a stable hash of the secret (``posttrain.envs.base.split_values``) puts 1
 secret in 10 in ``test``, so held-out episodes hide numbers never hidden in training. The departure
 from the usual "guess the number" of textarena: the feedback is a plain word, without the running
-history of guesses (the conversation already holds it).
+history of guesses (the conversation already holds it); the first message shows the answer's form
+with an example, the middle of the range (without it the embedded model answers the game with prose:
+its greedy first turn held no number).
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ class GuessNumber(Environment):
             raise EnvError(f"guess_number: row secret {secret!r} is not an integer in {self.lo}..{self.hi}")
         self.secret, self.guesses = secret, 0
         return [{"role": "user", "content": (
-            f"I am thinking of a whole number between {self.lo} and {self.hi}. Guess it: say one number "
-            f"each turn and I will answer 'Higher.' or 'Lower.'. You have {self.max_turns} guesses.")}]
+            f"I am thinking of a whole number between {self.lo} and {self.hi}. Guess it: reply with one number "
+            f"only (for example: {(self.lo + self.hi) // 2}) and I will answer 'Higher.' or 'Lower.'. You have "
+            f"{self.max_turns} guesses.")}]
 
     def _reward(self) -> float:
         if not self.shaped or self.max_turns == 1:
