@@ -155,3 +155,27 @@ def test_a_template_that_drops_earlier_thinking_does_not_change_the_trained_toke
                 {"role": "user", "content": "Lower."}, {"role": "assistant", "content": "<think>lower</think>3"}]
     rerendered = tok2.apply_chat_template(messages, tokenize=False)
     assert "<think>hmm</think>" not in rerendered and "<think>lower</think>" in rerendered
+
+
+def test_tool_arithmetic_episode_calls_the_calculator_and_reports_tool_metrics(stoppable):
+    """The model (scripted) calls the calculator in the Hermes form, gets the real product back as a
+    tool message, then answers it: reward 1, and the step's metrics count the call; a malformed call
+    in the other episode is an error observation, counted, not a crash."""
+    model, tok = stoppable
+    factory = get_env("tool_arithmetic")
+    row = factory.rows("test", 1, 0)[0]
+    eos = [tok.eos_token_id]
+    call = tok(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{row["a"]} * {row["b"]}"}}}}\n'
+               "</tool_call>", add_special_tokens=False)["input_ids"] + eos
+    answer = tok(f"Answer: {row['answer']}", add_special_tokens=False)["input_ids"] + eos
+    runner = EpisodeRunner(factory, TurnLimits(max_turns=3))
+    batch, metrics = runner.generate_and_score(Scripted(model, call + answer), tok, [row], 1,
+                                               SamplingConfig(temperature=1.0, max_new_tokens=64))
+    assert batch.rewards_B.tolist() == [1.0] and row["answer"] in batch.texts[0]
+    assert metrics["episode/tool_calls"] == 1.0 and metrics["episode/correct"] == 1.0
+    assert metrics["episode/tool_parse_failures"] == 0.0 and metrics["episode/turns"] == 2.0
+    bad = tok('<tool_call>{"name": "calculator", "arguments": </tool_call>', add_special_tokens=False)["input_ids"] + eos
+    batch, metrics = runner.generate_and_score(Scripted(model, bad + answer), tok, [row], 1,
+                                               SamplingConfig(temperature=1.0, max_new_tokens=64))
+    assert metrics["episode/tool_parse_failures"] == 1.0 and metrics["episode/env_errors"] == 0.0
+    assert "error:" in batch.texts[0] and batch.rewards_B.tolist() == [1.0]

@@ -176,7 +176,7 @@ class EpisodeRunner:
                "episode/truncated": statistics.mean(float(t) for t in ep.truncated_B),
                "episode/cut_turns": statistics.mean(ep.cut_turns_B),
                "episode/env_errors": statistics.mean(float(p.error) for p in plays), **self.counts.metrics()}
-        for key in ("success", "correct", "tool_calls", "parse_failures", "tool_errors"):
+        for key in ("success", "correct", "tool_calls", "tool_parse_failures", "tool_errors"):
             vals = [float(p.info[key]) for p in plays if isinstance(p.info.get(key), (int, float))]
             if vals:
                 out[f"episode/{key}"] = statistics.mean(vals)
