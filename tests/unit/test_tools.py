@@ -99,6 +99,26 @@ def test_parse_reads_one_or_several_calls_and_arguments_given_as_a_string():
     assert parse_tool_calls("The answer is 5. </tool_call>") == []
 
 
+def test_the_json_forms_of_llama_and_mistral_templates_are_calls_and_answers_are_not():
+    """Llama 3.1-3.3 (the turn is one JSON call with "parameters", maybe after <|python_tag|>) and
+    Mistral ([TOOL_CALLS] and a JSON list, with call ids): read as calls; the markers are optional
+    (special tokens, dropped in decoding); a turn that is not such JSON is a final answer."""
+    llama = '{"name": "calculator", "parameters": {"expression": "2+3"}}'
+    assert parse_tool_calls(llama) == parse_tool_calls("<|python_tag|>" + llama) == \
+        [ToolCall("calculator", {"expression": "2+3"})]
+    mistral = '[{"name": "add", "arguments": {"a": 1}, "id": "a1b2c3d4e"}, {"name": "add", "arguments": {"a": 2}}]'
+    assert parse_tool_calls("[TOOL_CALLS] " + mistral) == parse_tool_calls(mistral) == \
+        [ToolCall("add", {"a": 1}), ToolCall("add", {"a": 2})]
+    for answer in ("Answer: 5", '{"answer": 5}', "[1, 2, 3]", '{"name": "Ada"}', "{not json"):
+        assert parse_tool_calls(answer) == [], answer
+    for broken in ('[TOOL_CALLS] [{"name": "add", "arguments": ', "<|python_tag|>print(1)", '[TOOL_CALLS] {"x": 1}'):
+        [bad] = parse_tool_calls(broken)
+        assert isinstance(bad, BadCall) and "tool call" in bad.error, broken
+    box = ToolBox([add])
+    assert box.handle(llama.replace("calculator", "add").replace('"expression": "2+3"', '"a": 2, "b": 3')) == \
+        [{"role": "tool", "name": "add", "content": "5"}]
+
+
 def test_malformed_blocks_become_bad_calls_with_a_reason():
     cases = {
         "<tool_call>{'name': 'add'}</tool_call>": "not valid JSON",

@@ -18,6 +18,14 @@ is a final answer (an empty list). Where it departs from the strict format, on p
   - nothing else is repaired: single quotes, trailing text or comments inside a block make it
     a `BadCall` with a message that says what is wrong, never an exception.
 
+The forms of templates that define their own (read when the turn has no ``<tool_call>`` tag): a turn
+that *is* the call, a JSON object ``{"name": ..., "parameters"|"arguments": {...}}`` (Llama 3.1-3.3's
+JSON tool calling, optionally after ``<|python_tag|>``) or a JSON list of them (Mistral's
+``[TOOL_CALLS] [{"name": ..., "arguments": {...}}]``). The markers are special tokens that the
+episode runner's decoding drops, so they are optional here; after a marker the text must be such a
+call (else a `BadCall`), without one a turn that does not parse as one is a final answer. The table
+``CALL_FORMS`` lists the forms.
+
 `check_arguments(schema, arguments)` checks a call's arguments against the tool's JSON schema
 (as `transformers.utils.get_json_schema` writes it): missing required, unknown extra and
 wrong-typed arguments (``integer`` accepts no ``true`` and no ``3.0``; ``number`` accepts ints),
@@ -58,14 +66,46 @@ class BadCall:
     name: str | None = None
 
 
+CALL_FORMS = {
+    "hermes": "<tool_call>{json}</tool_call> blocks anywhere in the turn (Hermes, Qwen2.5/3, SmolLM3)",
+    "json": 'the whole turn one JSON call, "parameters" or "arguments" (Llama 3.1-3.3; after <|python_tag|>)',
+    "json_list": "the whole turn a JSON list of calls (Mistral; after [TOOL_CALLS])",
+}
+"""The call forms read, in the order tried (module docstring)."""
+_TURN_MARKERS = ("[TOOL_CALLS]", "<|python_tag|>")
+
+
 def has_tool_call(text: str) -> bool:
-    """Whether the text opens at least one ``<tool_call>`` block."""
-    return "<tool_call>" in text
+    """Whether the turn holds a tool call in any of the `CALL_FORMS`."""
+    return bool(parse_tool_calls(text))
 
 
 def parse_tool_calls(text: str) -> list[ToolCall | BadCall]:
-    """Every ``<tool_call>`` block of `text`, in order, read as a `ToolCall` or a `BadCall`."""
-    return [_parse_block(m.group(1)) for m in TOOL_CALL_RE.finditer(text)]
+    """Every call of the turn, in order, read as a `ToolCall` or a `BadCall`: its ``<tool_call>``
+    blocks, else the turn itself as a JSON call or list of calls (`CALL_FORMS`); [] for an answer."""
+    if "<tool_call>" in text:
+        return [_parse_block(m.group(1)) for m in TOOL_CALL_RE.finditer(text)]
+    return _whole_turn_calls(text)
+
+
+def _whole_turn_calls(text: str) -> list[ToolCall | BadCall]:
+    body, marked = text.strip(), False
+    for marker in _TURN_MARKERS:
+        if body.startswith(marker):
+            body, marked = body[len(marker):].strip(), True
+    fenced = _FENCE_RE.match(body)
+    body = fenced.group(1).strip() if fenced else body
+    shape = 'a JSON call {"name": ..., "parameters": {...}} or a list of them'
+    if not body.startswith(("{", "[")):
+        return [BadCall(f"after the tool call marker: expected {shape}")] if marked else []
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        return [BadCall(f"the tool call is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")] if marked else []
+    items = obj if isinstance(obj, list) else [obj]
+    if items and all(isinstance(i, dict) and "name" in i and any(k in i for k in _ARGUMENT_KEYS) for i in items):
+        return [_parse_object({k: v for k, v in i.items() if k != "id"}) for i in items]  # Mistral's call ids
+    return [BadCall(f"after the tool call marker: expected {shape}")] if marked else []
 
 
 def _parse_block(block: str) -> ToolCall | BadCall:
@@ -78,6 +118,10 @@ def _parse_block(block: str) -> ToolCall | BadCall:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return BadCall(f"the <tool_call> block is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    return _parse_object(obj)
+
+
+def _parse_object(obj: Any) -> ToolCall | BadCall:
     if not isinstance(obj, dict):
         return BadCall(f'the <tool_call> block must be a JSON object {{"name": ..., "arguments": {{...}}}}, '
                        f"got {_json_type(obj)}")
