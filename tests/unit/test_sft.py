@@ -322,4 +322,19 @@ def test_a_lora_sft_run_is_the_start_of_the_next_stage(tmp_path, tiny_dir, pc_fi
     with torch.no_grad(), policy.disable_adapter():
         got_BTV = policy(ids_BT).logits
     torch.testing.assert_close(got_BTV, want_BTV, atol=1e-5, rtol=1e-5)
-    assert len(train_grpo(GRPOConfig(**cfg, max_steps=1, name="stage2")).history) == 1
+    res = train_grpo(GRPOConfig(**cfg, max_steps=1, lr=5e-2, name="stage2"))
+    assert len(res.history) == 1
+    # stage 2's final/ is its adapter on the SFT model: loading it gives both stages (its
+    # adapter_config names stage 1's final/ as the base, merged at load); not the raw base + adapter
+    assert json.loads((res.run_dir / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(Path(final).resolve())
+    chained, _ = load_model(str(res.run_dir / "final"))
+    stage2 = load_policy(GRPOConfig(**cfg, max_steps=1, name="probe2"))[0]
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(stage2, load_file(res.run_dir / "final" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        got_BTV, trained_BTV = chained(ids_BT).logits, stage2(ids_BT).logits
+    assert not torch.allclose(trained_BTV, want_BTV, atol=1e-4)  # the GRPO step changed it too
+    torch.testing.assert_close(got_BTV, trained_BTV, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ from posttrain.runtime.config import (Checked, ConfigError, Fraction, NonNegativ
 from posttrain.sampling.generation import SamplingConfig
 from posttrain.objectives.losses import MASK_BAND, POLICY_LOSSES, ROLLOUT_CORRECTIONS, TIS_CAP, rollout_correction
 from posttrain.models import (EMBEDDED, LORA_LR_MULTIPLIER, add_lora, check_model_flag, count_parameters,
-                              load_model, resolve_device, rl_lora_rank)
+                              load_model, local_dir, resolve_device, rl_lora_rank)
 
 @dataclasses.dataclass
 class TrainConfig(Checked):
@@ -227,10 +227,12 @@ def seed_everything(seed: int) -> None:
 def load_policy(config: TrainConfig, lora_rank_for=rl_lora_rank):
     """Load the model and tokenizer, with a fresh LoRA adapter when ``config.lora``. A model that is
     a LoRA adapter directory (the ``final/`` of an earlier LoRA stage: SFT, then RL) is merged
-    into its base first: the new run trains (and, with LoRA, references) that merged model."""
+    into its base first: the new run trains (and, with LoRA, references) that merged model, and
+    its own adapter names that directory as its base (``load_model`` merges it again on loading)."""
     model, tok = load_model(config.model, device=resolve_device(config.device))
     if hasattr(model, "merge_and_unload"):  # a PeftModel: the adapter of an earlier stage
         model = model.merge_and_unload()
+        model.config._name_or_path = model.name_or_path = str(local_dir(config.model).resolve())
     if config.lora:
         rank = config.lora_rank or lora_rank_for(count_parameters(model))
         targets = config.lora_target if config.lora_target == "all-linear" else [

@@ -339,6 +339,8 @@ def _load_local(path: Path, dtype: torch.dtype, padding_side: str):
         from peft import PeftModel
 
         base, tokenizer = load_model(_adapter_base(path), dtype, "cpu", padding_side)
+        if hasattr(base, "merge_and_unload"):  # a later stage's adapter: its base is an earlier stage's
+            base = base.merge_and_unload()
         with _peft_quiet():
             model = PeftModel.from_pretrained(base, str(path))
         if (path / "tokenizer_config.json").is_file():
