@@ -43,7 +43,9 @@ def test_recommend_takes_an_environment_and_names_its_tools():
 
     rec = recommend(env="tool_arithmetic")
     assert rec.method == "grpo" and rec.defaults["env"] == "tool_arithmetic" and "calculator" in rec.reasons[0]
-    assert "--env tool_arithmetic" in rec.command and rec.alternatives[0]["method"] == "rloo"
+    assert "--env tool_arithmetic" in rec.command and [a["method"] for a in rec.alternatives] == ["rloo", "ppo", "sft"]
+    assert rec.alternatives[1]["command"].startswith("posttrain train ppo --env tool_arithmetic")
+    assert [a["method"] for a in recommend(env="guess_number").alternatives] == ["rloo", "ppo"]  # no tools: no SFT
     assert_user_error(posttrain("recommend", "--env", "nope"), "--env", "unknown environment")
     assert_user_error(posttrain("recommend", "--env", "guess_number", "--task", "arithmetic"), "--env", "--task")
 

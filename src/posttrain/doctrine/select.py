@@ -366,9 +366,17 @@ def _env_branch(env: str, model_arg: str | None, n_params: float) -> Recommendat
                "context and never trained"]
     defaults = {"env": env, "max_turns": factory.max_turns or 4, **method_defaults("grpo", n_params)}
     reasons.append(_defaults_reason(defaults, n_params, "grpo"))
-    alt = {"method": "rloo", "why": "the group's leave-one-out mean as the baseline, no std division",
-           "command": _command("grpo", None, model_arg, {**defaults, "advantage": "rloo"})}
-    return Recommendation("grpo", reasons, _command("grpo", None, model_arg, defaults), defaults, [alt], "grpo")
+    alts = [{"method": "rloo", "why": "the group's leave-one-out mean as the baseline, no std division",
+             "command": _command("grpo", None, model_arg, {**defaults, "advantage": "rloo"})},
+            {"method": "ppo", "why": "a critic instead of the group's baseline: credit per token across the turns, "
+             "for one more adapter and its passes", "command": _command(
+                 "ppo", None, model_arg, {"env": env, "max_turns": defaults["max_turns"], "group_size": 2,
+                                          **method_defaults("ppo", n_params)})}]
+    if factory.tools:
+        alts.append({"method": "sft", "why": f"a base model that never calls {tools} in the form the system prompt "
+                     "shows scores 0 on every episode: SFT on a few demonstrations first (README: "
+                     "examples/tool_arithmetic_sft_then_grpo.sh), then GRPO from its final/"})
+    return Recommendation("grpo", reasons, _command("grpo", None, model_arg, defaults), defaults, alts, "grpo")
 
 
 def recommend(data_path: str | None = None, columns: Sequence[str] | None = None, judge: str | None = None,
