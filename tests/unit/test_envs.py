@@ -12,7 +12,7 @@ from posttrain import rewards
 from posttrain.data.tasks import TaskError, get_task
 from posttrain.envs import EnvError, Environment, GuardCounts, Guarded, Step, UnknownEnvError, get_env, list_envs, \
     parse_env, run_step
-from posttrain.envs.games import last_integer
+from posttrain.envs.games import last_integer, only_integer
 from posttrain.errors import UserError
 
 
@@ -36,7 +36,7 @@ def test_a_spec_names_a_builtin_with_its_options():
 
 @pytest.mark.parametrize("spec,fragment", [
     ("guess_numbr", "unknown environment 'guess_numbr' (did you mean 'guess_number'?)"),
-    ("guess_number(hii=3)", "has no option 'hii' (did you mean 'hi'?); its options: lo, hi, max_turns, shaped"),
+    ("guess_number(hii=3)", "has no option 'hii' (did you mean 'hi'?); its options: lo, hi, max_turns, shaped, strict"),
     ("guess_number(hi=big)", "option hi='big' must be an integer"),
     ("guess_number(shaped=3)", "option shaped=3 must be true or false"),
     ("guess_number(lo=5, hi=3)", "hi must be greater than lo"),  # the environment's own check, at spec time
@@ -230,6 +230,10 @@ def test_guess_number_binary_search_wins_and_bad_guessing_loses():
     shaped = get_env("guess_number(shaped=true, max_turns=5)")()
     assert play(shaped, ["10", "37"], {"secret": 37})[-1].reward == pytest.approx(1 - 0.5 * 1 / 4)
     assert last_integer("between 1 and 50, say 25") == 25 and last_integer("none") is None
+    strict = get_env("guess_number(strict=true)")()
+    steps = play(strict, ["I will say 37. You have 7 guesses.", "37 or 37", "37"], {"secret": 37})
+    assert steps[0].messages[0]["content"].startswith("Say one number") and steps[1].reward == 1.0
+    assert only_integer("I say 7.") == 7 and only_integer("4 guesses, so 5") is None and only_integer("") is None
 
 
 def test_guess_number_train_and_test_secrets_are_disjoint_and_seeded():

@@ -1,9 +1,12 @@
 """Built-in games: ``guess_number``, the smallest multi-turn environment with feedback to learn from.
 
-``guess_number(lo=1, hi=50, max_turns=8, shaped=false)``: the environment holds a secret whole number
-in [lo, hi]; each turn the model says a number (the last integer in its text counts), and the
-environment answers "Higher." or "Lower."; a text with no integer gets "Say one number." and uses the
-turn. Binary search needs ceil(log2(hi - lo + 2)) guesses (6 for 1..50), so the default 8 turns leave
+``guess_number(lo=1, hi=50, max_turns=8, shaped=false, strict=false)``: the environment holds a secret
+whole number in [lo, hi]; each turn the model says a number (the last integer in its text counts), and
+the environment answers "Higher." or "Lower."; a text with no integer gets "Say one number." and uses
+the turn. ``strict=true`` counts a turn only when it holds exactly one distinct integer ("7", "I say
+7."): a text with several ("You have 4 guesses, so 5") gets "Say one number." too. Measured on the
+embedded model (README): under the default rule GRPO learned to write sentences full of numbers
+("I will say 5. You have 1 guess." counts as 1), a reward hack the rule allows and strict closes. Binary search needs ceil(log2(hi - lo + 2)) guesses (6 for 1..50), so the default 8 turns leave
 room. Reward: 1 on success, 0 otherwise, given on the last turn; ``shaped=true`` pays fewer guesses
 more: ``1 - 0.5 * (guesses - 1) / (max_turns - 1)`` on success (1 on the first guess, 0.5 on the last),
 still 0 on failure. ``info``: ``success`` (1.0/0.0) and ``guesses`` (turns used), on the last step.
@@ -33,18 +36,25 @@ def last_integer(text: str) -> int | None:
     return int(found[-1].replace("\u2212", "-")) if found else None
 
 
+def only_integer(text: str) -> int | None:
+    """The integer of a text that holds exactly one distinct integer ("I say 7." -> 7), else None."""
+    found = {int(x.replace("\u2212", "-")) for x in _INTEGER.findall(text or "")}
+    return found.pop() if len(found) == 1 else None
+
+
 class GuessNumber(Environment):
     name = "guess_number"
-    description = "guess a secret number in [lo, hi] from 'higher'/'lower' feedback; options: lo=1, hi=50, max_turns=8"
+    description = ("guess a secret number in [lo, hi] from 'higher'/'lower' feedback; options: lo=1, hi=50, "
+                   "max_turns=8, shaped=false, strict=false")
 
-    def __init__(self, lo: int = 1, hi: int = 50, max_turns: int = 8, shaped: bool = False):
+    def __init__(self, lo: int = 1, hi: int = 50, max_turns: int = 8, shaped: bool = False, strict: bool = False):
         if hi <= lo:
             raise EnvError(f"guess_number: hi must be greater than lo, got lo={lo}, hi={hi}")
         if hi - lo > 1_000_000:
             raise EnvError(f"guess_number: the range lo..hi holds at most 1,000,001 numbers, got {hi - lo + 1}")
         if max_turns < 1:
             raise EnvError(f"guess_number: max_turns must be >= 1, got {max_turns}")
-        self.lo, self.hi, self.max_turns, self.shaped = lo, hi, max_turns, shaped
+        self.lo, self.hi, self.max_turns, self.shaped, self.strict = lo, hi, max_turns, shaped, strict
         self.secret: int | None = None
         self.guesses = 0
 
@@ -73,7 +83,7 @@ class GuessNumber(Environment):
         if self.secret is None:
             raise RuntimeError("guess_number: step before reset")
         self.guesses += 1
-        guess = last_integer(assistant_text)
+        guess = only_integer(assistant_text) if self.strict else last_integer(assistant_text)
         if guess == self.secret:
             return Step([], reward=self._reward(), done=True, info={"success": 1.0, "guesses": float(self.guesses)})
         if self.guesses >= self.max_turns:
@@ -83,4 +93,4 @@ class GuessNumber(Environment):
         return Step([{"role": "user", "content": f"{feedback} ({left} guess{'es' if left > 1 else ''} left)"}])
 
 
-__all__ = ["GuessNumber", "last_integer"]
+__all__ = ["GuessNumber", "last_integer", "only_integer"]
