@@ -6,10 +6,11 @@ the environment answers "Higher." or "Lower."; a text with no integer gets "Say 
 the turn. ``strict=true`` counts a turn only when it holds exactly one distinct integer ("7", "I say
 7."): a text with several ("You have 4 guesses, so 5") gets "Say one number." too. Measured on the
 embedded model (README): under the default rule GRPO learned to write sentences full of numbers
-("I will say 5. You have 1 guess." counts as 1), a reward hack the rule allows and strict closes. Binary search needs ceil(log2(hi - lo + 2)) guesses (6 for 1..50), so the default 8 turns leave
-room. Reward: 1 on success, 0 otherwise, given on the last turn; ``shaped=true`` pays fewer guesses
-more: ``1 - 0.5 * (guesses - 1) / (max_turns - 1)`` on success (1 on the first guess, 0.5 on the last),
-still 0 on failure. ``info``: ``success`` (1.0/0.0) and ``guesses`` (turns used), on the last step.
+("I will say 5. You have 1 guess." counts as 1), a reward hack the rule allows and strict closes.
+Binary search needs ceil(log2(hi - lo + 2)) guesses (6 for 1..50), so the default 8 turns leave room.
+Reward: 1 on success, 0 otherwise, given on the last turn; ``shaped=true`` pays fewer guesses more:
+``1 - 0.5 * (guesses - 1) / (max_turns - 1)`` on success (1 on the first guess, 0.5 on the last), still 0
+on failure. ``info``: ``success`` (1.0/0.0) and ``guesses`` (turns used), on the last step.
 
 Rows are ``{"secret": s}``: a stable hash of the secret (``posttrain.envs.base.split_values``) puts 1
 secret in 10 in ``test``, so held-out episodes hide numbers never hidden in training. The departure

@@ -101,7 +101,8 @@ def _whole_turn_calls(text: str) -> list[ToolCall | BadCall]:
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
-        return [BadCall(f"the tool call is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")] if marked else []
+        bad = BadCall(f"the tool call is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+        return [bad] if marked else []
     items = obj if isinstance(obj, list) else [obj]
     if items and all(isinstance(i, dict) and "name" in i and any(k in i for k in _ARGUMENT_KEYS) for i in items):
         return [_parse_object({k: v for k, v in i.items() if k != "id"}) for i in items]  # Mistral's call ids
