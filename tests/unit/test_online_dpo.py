@@ -56,8 +56,10 @@ def test_pairs_are_best_against_worst_and_skips_are_counted():
 def test_reward_rises(tmp_path, peaked_dir, toy_prompts):
     # seed 1, lr 1e-2, 4 steps per round: the sampled reward went 0.38 -> 0.98 by round 9 (measured;
     # seed 0 got there too, from round 8); when every sample scores 1 there is no pair left and the run
-    # stops early with its model saved
-    res = train_online_dpo(config(tmp_path, peaked_dir, toy_prompts, max_steps=40, seed=1, name="up"))
+    # stops early with its model saved. On an AVX512 Xeon of another model (family 6 model 167) the
+    # float rounding differs and the same seed got there at round 12 (0.39 -> 0.97; seed 0 at round
+    # 11), hence up to 15 rounds
+    res = train_online_dpo(config(tmp_path, peaked_dir, toy_prompts, max_steps=60, seed=1, name="up"))
     per_round = [m["reward/mean"] for m in res.history if "reward/mean" in m]
     assert max(per_round[-2:]) - sum(per_round[:2]) / 2 > 0.35, per_round
     assert any(m.get("rewards/margin", 0) > 0 for m in res.history)
