@@ -36,7 +36,9 @@ def test_a_spec_names_a_builtin_with_its_options():
 
 @pytest.mark.parametrize("spec,fragment", [
     ("guess_numbr", "unknown environment 'guess_numbr' (did you mean 'guess_number'?)"),
-    ("guess_number(hii=3)", "has no option 'hii' (did you mean 'hi'?); its options: lo, hi, max_turns, shaped, strict"),
+    ("guess_number(hii=3)",
+     "has no option 'hii' (did you mean 'hi'?); its options: lo, hi, max_turns, shaped, strict, invalid_penalty"),
+    ("guess_number(invalid_penalty=2)", "invalid_penalty must be in [0, 1], got 2"),
     ("guess_number(hi=big)", "option hi='big' must be an integer"),
     ("guess_number(shaped=3)", "option shaped=3 must be true or false"),
     ("guess_number(lo=5, hi=3)", "hi must be greater than lo"),  # the environment's own check, at spec time
@@ -217,7 +219,8 @@ def test_guess_number_binary_search_wins_and_bad_guessing_loses():
     factory = get_env("guess_number")
     for row in factory.rows("test", 5, 0) + factory.rows("train", 20, 0):
         steps = binary_search(factory(), row)
-        assert steps[-1].reward == 1.0 and steps[-1].info == {"success": 1.0, "guesses": float(len(steps))}
+        assert steps[-1].reward == 1.0
+        assert steps[-1].info == {"success": 1.0, "guesses": float(len(steps)), "invalid": 0.0}
         assert len(steps) <= 6  # ceil(log2(51))
         assert sum(s.reward for s in steps[:-1]) == 0
     env = factory()
@@ -234,6 +237,13 @@ def test_guess_number_binary_search_wins_and_bad_guessing_loses():
     steps = play(strict, ["I will say 37. You have 7 guesses.", "37 or 37", "37"], {"secret": 37})
     assert steps[0].messages[0]["content"].startswith("Say one number") and steps[1].reward == 1.0
     assert only_integer("I say 7.") == 7 and only_integer("4 guesses, so 5") is None and only_integer("") is None
+    penalised = get_env("guess_number(strict=true, invalid_penalty=0.25, max_turns=3)")()
+    steps = play(penalised, ["hm", "36 or 38", "37"], {"secret": 37})
+    assert [s.reward for s in steps] == [-0.25, -0.25, 1.0] and steps[-1].info["invalid"] == 2.0
+    steps = play(penalised, ["20", "no idea", "30"], {"secret": 37})
+    assert [s.reward for s in steps] == [0.0, -0.25, 0.0] and steps[-1].info == {"success": 0.0, "guesses": 3.0,
+                                                                                  "invalid": 1.0}
+    assert play(penalised, ["x", "y", "z"], {"secret": 37})[-1].reward == -0.25  # the last turn's own penalty
 
 
 def test_guess_number_train_and_test_secrets_are_disjoint_and_seeded():
