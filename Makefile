@@ -18,6 +18,8 @@ TEST_MARKERS ?= not slow
 $(STAMP): pyproject.toml Makefile
 	@# the code sandbox runs candidates with the system interpreter and its full standard library
 	@/usr/bin/python3 -c "import json, ctypes" 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3)
+	@# the review page's browser tests (and the report's): Debian's chromium and its chromedriver
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -56,9 +56,11 @@ ALLOWED: dict[str, set[str]] = {
     "doctrine": {"runtime", "models", "data", "sampling", "objectives", "rewards", "envs"},
     # the trainers: everything below; the Run calls the doctor (doctrine) at every step and at the end
     "algorithms": {"runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "envs", "doctrine"},
+    # human review of runs (the review page's server and labels): reads runs, the doctor's flags and plots
+    "review": {"runtime", "doctrine"},
     # one module per CLI verb: any layer (``info`` reads the root's version)
     "commands": {ROOT, "runtime", "models", "data", "sampling", "objectives", "rlaif", "rewards", "envs", "doctrine",
-                 "algorithms"},
+                 "algorithms", "review"},
     # the `posttrain` command: finds the verbs in commands
     "cli": {"commands"},
     # `python -m posttrain`

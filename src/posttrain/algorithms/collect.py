@@ -213,17 +213,29 @@ def tokens_of(batch: ScoredBatch) -> float:
     return float(distributed.all_sum(batch.rollouts.completion_mask_BC.sum().double()))
 
 
-def review_samples(batch: ScoredBatch, n_groups: int) -> list[dict]:
+def review_samples(batch: ScoredBatch, n_groups: int, advantages_B: torch.Tensor | None = None) -> list[dict]:
     """The first ``n_groups`` groups of a batch for ``samples.jsonl`` (human review): the prompt, its
-    completions, their rewards (None where unjudged) and each reward function's part."""
+    completions, their rewards (None where unjudged), each reward function's part, and each
+    completion's advantage when given (the review page's group view shows them)."""
     out = []
     G = batch.group_size
     for p in range(min(n_groups, len(batch.rows))):
-        out.append({
+        rec = {
             "prompt": rw.as_text(batch.rows[p]["prompt"]) if "prompt" in batch.rows[p] else json.dumps(batch.rows[p]),
             "completions": batch.texts[p * G:(p + 1) * G],
             "rewards": [None if v != v else float(v) for v in batch.rewards_B[p * G:(p + 1) * G].tolist()],
             "parts": {k: v[p * G:(p + 1) * G] for k, v in batch.parts.items()},
-        })
+        }
+        if advantages_B is not None:
+            rec["advantages"] = [float(v) for v in advantages_B[p * G:(p + 1) * G].tolist()]
+        out.append(rec)
     return out
+
+
+def sequence_advantages(adv: torch.Tensor, mask_BC: torch.Tensor) -> torch.Tensor:
+    """One advantage per completion: ``adv_B`` itself, or the mean of ``adv_BC`` over its loss tokens."""
+    if adv.dim() == 1:
+        return adv
+    mask_BC = mask_BC.to(adv.dtype)
+    return (adv * mask_BC).sum(1) / mask_BC.sum(1).clamp(min=1)
 

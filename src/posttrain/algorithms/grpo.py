@@ -59,8 +59,8 @@ from typing import Annotated, ClassVar, Literal, Optional
 import torch
 
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples, step_metrics,
-                                          tokens_of)
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples,
+                                          sequence_advantages, step_metrics, tokens_of)
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
 from posttrain.algorithms.evaluate import greedy_eval_sharded
@@ -307,9 +307,11 @@ def train_grpo(config: GRPOConfig) -> RunResult:
 
     def update_step(collected) -> loop.StepResult:
         batch, cmetrics = collected
-        umetrics = update(policy, rule, config, batch, reference)
+        prepared = advantages(policy, reference, config, batch)
+        umetrics = optimise(policy, rule, config, batch, prepared)
         return loop.StepResult({**step_metrics(batch, reward_fn, cmetrics), **umetrics}, tokens_of(batch),
-                               review_samples(batch, config.samples_per_step))
+                               review_samples(batch, config.samples_per_step,
+                                              sequence_advantages(prepared.adv, prepared.mask_BC)))
 
     trainer = loop.Trainer(run, policy, optimizer, scheduler, stream, collect_step, update_step, evaluate)
     metrics = loop.train(trainer, start)

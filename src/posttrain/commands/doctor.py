@@ -2,7 +2,8 @@
 
 Replays the doctor's rules (posttrain.doctrine.doctor) over the run's metrics.jsonl and samples.jsonl and
 prints each problem at the step it appeared: symptom, likely cause and fix, from the doctrine's
-debugging table and reward-hacking section. Thresholds can be changed with --set name=value.
+debugging table and reward-hacking section, and the samples a reviewer marked reward-hacked on the
+review page (``reviews.jsonl``, ``posttrain review``). Thresholds can be changed with --set name=value.
 Exit code 0 when no error-level event fired, 1 otherwise; 2 for a bad input (the error contract,
 ``posttrain.errors``). A torn last line of metrics.jsonl or samples.jsonl (a run killed, or still
 writing) is skipped with a note; any other line that is not JSON is an error naming the file and line.
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from posttrain.doctrine.doctor import RULES, diagnose
+    from posttrain.doctrine.doctor.human import flagged, human_event
     from posttrain.runtime.tracking import RunDirError, read_jsonl
 
     run_dir = Path(args.run_dir)
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
                           f"logged at least one step")
     overrides = _thresholds(args.set)  # a FlagError: cli.main reports it (exit 2)
     events = diagnose(history, read_jsonl(run_dir / "samples.jsonl"), **overrides)
+    human = human_event(flagged(run_dir))  # samples a reviewer marked reward-hacked (`posttrain review`)
+    events = sorted(events + [human], key=lambda e: e.step) if human else events
     if args.json:
         for ev in events:
             print(json.dumps(ev.to_dict()))

@@ -5,6 +5,7 @@ oversight: periodic quality checks"):
 - reward and KL against step on one figure (twin axes); for DPO, the implicit rewards (chosen,
   rejected, margin) and the preference accuracy;
 - completion length and the share of completions cut at max_new_tokens; entropy; clip fraction;
+  the rollout mismatch (sampler vs trainer KL and the share masked, when a correction is on);
   each reward function's mean; loss and gradient norm; held-out evaluations (evals.jsonl);
 - the doctor's events as dashed lines on every plot's timeline and as a table with symptom, cause
   and fix. The report does not run the doctor: the caller passes the events (`Doctor.finish`, the
@@ -153,7 +154,9 @@ def _timeline_plot(history, events, path: Path) -> Path | None:
     return _save(fig, path, "Doctor events")
 
 
-def _plots(run_dir: Path, history, events, evals) -> list[tuple[str, Path]]:
+def render_plots(run_dir: Path, history, events, evals) -> list[tuple[str, Path]]:
+    """Draw the plots that have metrics into ``run_dir``: (title, PNG path) of each (the review page
+    draws them into its own directory)."""
     parts = sorted({k for h in history for k in h if k.startswith("reward/") and k not in _SKIP_PARTS
                     and not k.endswith("/none")})
     specs = [
@@ -170,6 +173,9 @@ def _plots(run_dir: Path, history, events, evals) -> list[tuple[str, Path]]:
                                      "Clip fraction", "share of tokens", "")),
         ("Reward functions", _twin_plot(history, events, parts, [], run_dir / "reward_parts.png",
                                         "Each reward function's mean", "reward", "") if parts else None),
+        ("Rollout mismatch", _twin_plot(history, events, ["mismatch/kl"], ["mismatch/masked_frac"],
+                                        run_dir / "mismatch.png", "Sampler vs trainer log-probs (rollout mismatch)",
+                                        "KL(sampler || trainer)", "masked share")),
         ("Loss and gradient norm", _twin_plot(history, events, ["loss"], ["grad_norm"], run_dir / "loss.png",
                                               "Loss and gradient norm", "loss", "grad norm")),
         ("Held-out evaluation", _evals_plot(evals, run_dir / "evals.png")),
@@ -294,7 +300,7 @@ def write_report(run_dir: str | Path, events: Sequence[Any] | None = None) -> Pa
     events = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in events]
     events = [e for e in events if "step" in e and "rule" in e]
     config = _config(run_dir)
-    plots = _plots(run_dir, history, events, evals) if history or evals else []
+    plots = render_plots(run_dir, history, events, evals) if history or evals else []
     figures = "".join(f"<h3>{_e(t)}</h3><img src='{_e(p.name)}' alt='{_e(t)}'>" for t, p in plots)
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{_e(run_dir.name)}: posttrain report</title>
 <style>{_CSS}</style></head><body>

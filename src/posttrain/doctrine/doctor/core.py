@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from posttrain.doctrine.doctor.context import Context
+from posttrain.doctrine.doctor import human
 from posttrain.doctrine.doctor.events import Event
 from posttrain.doctrine.doctor.rules import POINT_RULES, RULES
 from posttrain.doctrine.doctor.thresholds import Thresholds
@@ -34,6 +35,7 @@ class Doctor:
         self._started = False
         self._cache: dict = {}
         self._quiet_since: dict[str, int] = {}
+        self._flagged = 0  # samples a reviewer marked hacked, as last reported
 
     def check(self, history: Sequence[dict], samples: Sequence[dict] = ()) -> list[Event]:
         """New events at the latest step of ``history`` (rules that fire now and did not at the last check)."""
@@ -103,7 +105,7 @@ class Doctor:
                 self.events.clear()
         if not force and not self.due(step):
             return []
-        new = self.check(history, samples)
+        new = self.check(history, samples) + self._human(run_dir, step)
         if new:
             with log.open("a", encoding="utf-8") as f:
                 for ev in new:
@@ -116,6 +118,17 @@ class Doctor:
                     style = {"error": "bold red", "warning": "yellow"}.get(ev.severity, "")
                     console.print(f"doctor: {ev.line()}", style=style, highlight=False)
         return new
+
+    def _human(self, run_dir: Path, step: int) -> list[Event]:
+        """A new event when more samples are marked reward-hacked on the review page than last reported."""
+        records = human.flagged(run_dir)
+        if len(records) <= self._flagged:
+            self._flagged = len(records)
+            return []
+        self._flagged = len(records)
+        event = human.human_event(records, step)
+        self.events.append(event)
+        return [event]
 
     def finish(self, run_dir: str | Path, history: Sequence[dict], report: bool = True) -> Path | None:
         """End of a run: a last check (whatever the step), then ``report.html`` (posttrain.doctrine.report) with
@@ -163,7 +176,9 @@ def diagnose_run(run_dir: str | Path, **overrides: Any) -> list[Event]:
     from posttrain.runtime.tracking import read_jsonl
 
     run_dir = Path(run_dir)
-    return diagnose(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "samples.jsonl"), **overrides)
+    events = diagnose(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "samples.jsonl"), **overrides)
+    flagged = human.human_event(human.flagged(run_dir))
+    return sorted(events + [flagged], key=lambda e: e.step) if flagged else events
 
 
 def run_events(run_dir: str | Path) -> list[dict] | list[Event]:
@@ -172,4 +187,10 @@ def run_events(run_dir: str | Path) -> list[dict] | list[Event]:
     from posttrain.runtime.tracking import read_jsonl
 
     log = Path(run_dir) / "doctor.jsonl"
-    return read_jsonl(log) if log.is_file() else diagnose_run(run_dir)
+    if not log.is_file():
+        return diagnose_run(run_dir)
+    events = read_jsonl(log)
+    flagged = human.human_event(human.flagged(run_dir))  # labels made after the run: not in its log
+    if flagged and not any(e.get("rule") == human.RULE for e in events):
+        events = sorted(events + [flagged.to_dict()], key=lambda e: e.get("step", 0))
+    return events
