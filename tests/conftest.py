@@ -98,6 +98,25 @@ def peaked_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def scripted_episodes():
+    """``make(policy, tok, group_size)``: multi-turn episodes (``sampling.turns.Episodes``) of two prompts,
+    seeded, whose scripted environment answers each turn with three fixed token ids until the episode
+    holds 40 ids: the rollouts with holes in their loss mask that the no-gradient tests perturb."""
+    def make(policy, tok, group_size: int):
+        from posttrain.data import encode_prompt
+        from posttrain.sampling.generation import SamplingConfig
+        from posttrain.sampling.turns import TurnLimits, sample_episodes
+
+        prompts = [encode_prompt(tok, "Say a word like apple."), encode_prompt(tok, "Name a fruit.")]
+        respond = lambda b, ids, cut: None if len(ids) > 40 else [40 + b, 41, 42]  # noqa: E731
+        return sample_episodes(policy, tok, prompts, group_size, SamplingConfig(temperature=1.0, max_new_tokens=16),
+                               respond, TurnLimits(max_turns=3, max_total_tokens=200),
+                               prompt_generators=[torch.Generator().manual_seed(i) for i in range(2)])
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def stoppable_dir(tmp_path_factory) -> str:
     """The peaked tiny model, with the EOS output row turned toward the typical final hidden state,
     so completions end at varied lengths (about half of 12 tokens) instead of always running to

@@ -64,7 +64,7 @@ def _grads(policy, cfg, batch, p):
     return torch.cat([q.grad.flatten() for q in policy.parameters() if q.grad is not None]).clone()
 
 
-def test_environment_tokens_get_no_gradient(stoppable_dir):
+def test_environment_tokens_get_no_gradient(stoppable_dir, scripted_episodes):
     """Advantages, sampling log-probs and reference log-probs at environment tokens are perturbed (what
     a mask with holes in the wrong place would let into the loss): the gradient does not change."""
     import dataclasses
@@ -73,19 +73,11 @@ def test_environment_tokens_get_no_gradient(stoppable_dir):
 
     from posttrain.algorithms import grpo
     from posttrain.algorithms.collect import ScoredBatch
-    from posttrain.data import encode_prompt
     from posttrain.models import load_model
-    from posttrain.sampling.generation import SamplingConfig
-    from posttrain.sampling.turns import TurnLimits, sample_episodes
 
     policy, tok = load_model(stoppable_dir)
     policy.eval()
-    prompts = [encode_prompt(tok, "Say a word like apple."), encode_prompt(tok, "Name a fruit.")]
-    respond = lambda b, ids, cut: None if len(ids) > 40 else [40 + b, 41, 42]  # noqa: E731
-    ep = sample_episodes(policy, tok, prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=16), respond,
-                         TurnLimits(max_turns=3, max_total_tokens=200),
-                         prompt_generators=[torch.Generator().manual_seed(i) for i in range(2)])
-    r = ep.rollouts
+    r = scripted_episodes(policy, tok, 4).rollouts
     env_BC = (r.completion_mask_BC == 0) & (r.completion_ids_BC != tok.pad_token_id)
     assert env_BC.sum() >= 6
     batch = ScoredBatch([{}, {}], r, [""] * 8, torch.tensor([0.0, 1.0, 0.5, 0.0, 1.0, 0.0, 0.25, 1.0]), {})

@@ -35,18 +35,6 @@ def test_ppo_refuses_env_with_task_before_anything_loads(tmp_path):
     assert not out.exists()
 
 
-def _episodes(policy, tok):
-    from posttrain.data import encode_prompt
-    from posttrain.sampling.generation import SamplingConfig
-    from posttrain.sampling.turns import TurnLimits, sample_episodes
-
-    prompts = [encode_prompt(tok, "Say a word like apple."), encode_prompt(tok, "Name a fruit.")]
-    respond = lambda b, ids, cut: None if len(ids) > 40 else [40 + b, 41, 42]  # noqa: E731
-    return sample_episodes(policy, tok, prompts, 2, SamplingConfig(temperature=1.0, max_new_tokens=16), respond,
-                           TurnLimits(max_turns=3, max_total_tokens=200),
-                           prompt_generators=[torch.Generator().manual_seed(i) for i in range(2)]).rollouts
-
-
 def _grads(policy, critic, cfg, r, ro):
     from posttrain.algorithms.ppo import minibatch_loss
 
@@ -60,7 +48,7 @@ def _grads(policy, critic, cfg, r, ro):
 
 
 @pytest.mark.parametrize("value_model", ["separate", "adapter"])
-def test_environment_tokens_move_neither_policy_nor_critic(stoppable_dir, value_model):
+def test_environment_tokens_move_neither_policy_nor_critic(stoppable_dir, value_model, scripted_episodes):
     """Old log-probs, advantages, old values, returns and sampler log-probs at the environment's
     tokens are perturbed: the gradient of the whole PPO loss (policy, entropy, value) is unchanged;
     the same perturbation at the model's tokens changes it (the test can fail). GAE runs over the
@@ -74,7 +62,7 @@ def test_environment_tokens_move_neither_policy_nor_critic(stoppable_dir, value_
 
     policy, tok = load_model(stoppable_dir)
     policy.eval()
-    r = _episodes(policy, tok)
+    r = scripted_episodes(policy, tok, 2).rollouts
     lora = value_model == "adapter"
     if lora:
         policy = add_lora(policy, 4)
