@@ -179,3 +179,15 @@ def test_tool_arithmetic_episode_calls_the_calculator_and_reports_tool_metrics(s
                                                SamplingConfig(temperature=1.0, max_new_tokens=64))
     assert metrics["episode/tool_parse_failures"] == 1.0 and metrics["episode/env_errors"] == 0.0
     assert "error:" in batch.texts[0] and batch.rewards_B.tolist() == [1.0]
+
+
+def test_episode_metrics_of_a_step_count_every_sampling_round():
+    """With dynamic sampling a step samples several rounds; its episode rates are over every episode
+    sampled (the last round alone once reported success 0 beside a mean reward of 0.36), counts summed."""
+    from posttrain.algorithms.collect import merge_rounds
+
+    rounds = [({"episode/success": 1.0, "episode/turns": 2.0, "env/calls": 4.0, "env/errors/total": 1.0}, 2),
+              ({"episode/success": 0.0, "env/calls": 6.0, "env/errors/total": 0.0}, 6)]
+    assert merge_rounds(rounds) == {"episode/success": 0.25, "episode/turns": 2.0, "env/calls": 10.0,
+                                    "env/errors/total": 1.0}
+    assert merge_rounds([]) == {}

@@ -129,6 +129,27 @@ def prompt_generators(generator: torch.Generator, part: slice, device) -> list[t
             for i in range(part.start, part.stop)]
 
 
+ROUND_SUMS = ("env/",)
+"""Episode metrics that are counts (the guard's ``env/errors/*``, ``env/calls``): summed over the
+sampling rounds of a step; the others (``episode/*``, means over episodes) are averaged, weighted by
+each round's prompts."""
+
+
+def merge_rounds(rounds: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """The episode metrics of a step from those of its sampling rounds ``(metrics, prompts)``: every
+    episode sampled counts, kept or dropped by dynamic sampling (the policy's own rates, not the
+    selected batch's)."""
+    out: dict[str, float] = {}
+    n_total = sum(n for m, n in rounds) or 1
+    for key in {k for m, _ in rounds for k in m}:
+        seen = [(m[key], n) for m, n in rounds if key in m]
+        if key.startswith(ROUND_SUMS):
+            out[key] = sum(v for v, _ in seen)
+        else:
+            out[key] = sum(v * n for v, n in seen) / (sum(n for _, n in seen) or n_total)
+    return out
+
+
 def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling: SamplingConfig, reward_fn,
             generator: torch.Generator | None, chat_template: bool = True, dynamic_sampling: bool = False,
             max_rounds: int = 3, rollout=None) -> tuple[ScoredBatch, dict[str, float]]:
@@ -137,7 +158,7 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
     ``time/score``, ``sampling/rounds``). ``generator`` None samples from torch's global RNG.
     ``rollout`` (a ``rollout_model.RolloutModel``) samples from its copy of the policy, synced first."""
     t_gen = t_score = 0.0
-    episode_metrics: dict[str, float] = {}
+    episode_rounds: list[tuple[dict[str, float], int]] = []
     informative: list[ScoredBatch] = []
     flat: list[ScoredBatch] = []
     n_inf = zero = total = rounds = 0
@@ -157,6 +178,7 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
         with distributed.gathered(sampler if sampler is policy else None):  # FSDP: ranks stop at different lengths
             if play is not None:
                 batch, episode_metrics = play(sampler, tokenizer, rows, group_size, sampling, None, gens)
+                episode_rounds.append((episode_metrics, len(rows)))
             else:
                 batch = generate_and_score(sampler, tokenizer, rows, group_size, sampling, reward_fn, None,
                                            chat_template, gens)
@@ -179,7 +201,8 @@ def collect(policy, tokenizer, stream, n_prompts: int, group_size: int, sampling
             pool = _join(informative + flat, tokenizer.pad_token_id)
             result = _take(pool, list(range(n_mine)))  # informative groups first
             break
-    metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score, **episode_metrics}
+    metrics = {"frac_zero_std": zero / max(1, total), "time/gen": t_gen, "time/score": t_score,
+               **merge_rounds(episode_rounds)}
     if dynamic_sampling:
         metrics["sampling/rounds"] = rounds
     return result, metrics
