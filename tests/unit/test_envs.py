@@ -12,7 +12,7 @@ from posttrain import rewards
 from posttrain.data.tasks import TaskError, get_task
 from posttrain.envs import EnvError, Environment, GuardCounts, Guarded, Step, UnknownEnvError, get_env, list_envs, \
     parse_env, run_step
-from posttrain.envs.games import last_integer, only_integer
+from posttrain.envs.games import last_integer, only_integer, spelled
 from posttrain.errors import UserError
 
 
@@ -226,7 +226,7 @@ def test_guess_number_binary_search_wins_and_bad_guessing_loses():
     env = factory()
     steps = play(env, ["1"] * 20, {"secret": 37})
     assert len(steps) == 8 and steps[-1].done and steps[-1].reward == 0.0 and steps[-1].info["success"] == 0.0
-    assert steps[0].messages == [{"role": "user", "content": "Higher. (7 guesses left)"}]
+    assert steps[0].messages == [{"role": "user", "content": "Higher. (seven guesses left)"}]  # no digit to echo
     steps = play(env, ["I don't know", "50 is too high, so 20", "37"], {"secret": 37})
     assert [s.messages[0]["content"].split(".")[0] for s in steps[:2]] == ["Say one number", "Higher"]
     assert steps[2].reward == 1.0 and steps[2].info["guesses"] == 3.0
@@ -237,6 +237,8 @@ def test_guess_number_binary_search_wins_and_bad_guessing_loses():
     steps = play(strict, ["I will say 37. You have 7 guesses.", "37 or 37", "37"], {"secret": 37})
     assert steps[0].messages[0]["content"].startswith("Say one number") and steps[1].reward == 1.0
     assert only_integer("I say 7.") == 7 and only_integer("4 guesses, so 5") is None and only_integer("") is None
+    assert "You have eight guesses." in get_env("guess_number")().reset({"secret": 3}, 0)[0]["content"]
+    assert spelled(1) == "one" and spelled(20) == "twenty" and spelled(21) == "21"
     penalised = get_env("guess_number(strict=true, invalid_penalty=0.25, max_turns=3)")()
     steps = play(penalised, ["hm", "36 or 38", "37"], {"secret": 37})
     assert [s.reward for s in steps] == [-0.25, -0.25, 1.0] and steps[-1].info["invalid"] == 2.0

@@ -15,6 +15,11 @@ one number." turns), the invalid-move penalty of textarena's games: a denser sig
 answer than success alone. ``info``: ``success`` (1.0/0.0), ``guesses`` (turns used) and ``invalid``
 (turns without a guess), on the last step.
 
+The counts of guesses are written in words ("You have four guesses.", "(three guesses left)"): with
+digits, GRPO under the strict rule learned to echo the counter ("You have 4 guesses left." then "You
+have 3 guesses left."), a valid guess each turn that walks 4, 3, 2, 1 and wins whenever the secret is at
+most 4 (measured on the embedded model, seen on the review page).
+
 Rows are ``{"secret": s}``: a stable hash of the secret (``posttrain.envs.base.split_values``) puts 1
 secret in 10 in ``test``, so held-out episodes hide numbers never hidden in training. The departure
 from the usual "guess the number" of textarena: the feedback is a plain word, without the running
@@ -31,6 +36,13 @@ import re
 from posttrain.envs.base import Environment, EnvError, Step, split_values
 
 _INTEGER = re.compile(r"[-\u2212]?\d+")
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen twenty").split()
+
+
+def spelled(n: int) -> str:
+    """``n`` in words up to twenty ("four"), else in digits: the game's counts of guesses."""
+    return _WORDS[n] if 0 <= n < len(_WORDS) else str(n)
 _FEEDBACK = {True: "Higher.", False: "Lower."}  # keyed by "the secret is higher than the guess"
 
 
@@ -80,7 +92,7 @@ class GuessNumber(Environment):
         return [{"role": "user", "content": (
             f"I am thinking of a whole number between {self.lo} and {self.hi}. Guess it: reply with one number "
             f"only (for example: {(self.lo + self.hi) // 2}) and I will answer 'Higher.' or 'Lower.'. You have "
-            f"{self.max_turns} guesses.")}]
+            f"{spelled(self.max_turns)} guesses.")}]
 
     def _reward(self) -> float:
         if not self.shaped or self.max_turns == 1:
@@ -100,8 +112,8 @@ class GuessNumber(Environment):
             return Step([], reward=(self._reward() if won else 0.0) + penalty, done=True, info=info)
         left = self.max_turns - self.guesses
         feedback = "Say one number." if guess is None else _FEEDBACK[self.secret > guess]
-        return Step([{"role": "user", "content": f"{feedback} ({left} guess{'es' if left > 1 else ''} left)"}],
+        return Step([{"role": "user", "content": f"{feedback} ({spelled(left)} guess{'es' if left > 1 else ''} left)"}],
                     reward=penalty)
 
 
-__all__ = ["GuessNumber", "last_integer", "only_integer"]
+__all__ = ["GuessNumber", "last_integer", "only_integer", "spelled"]
