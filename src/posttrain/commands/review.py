@@ -15,10 +15,12 @@ HELP = "Review a run in the browser: plots, doctor events, samples; label sample
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a run directory (runs/<name>) or a directory of runs")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     parser.add_argument("--export-pairs", metavar="FILE",
-                        help="write the labelled samples as preference pairs (JSON lines for train dpo / train rm) and exit")
+                        help="write the labelled samples as preference pairs (JSON lines for train dpo / train rm) "
+                             "and exit")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -91,7 +91,8 @@ def samples_of(records: Iterable[dict]) -> list[Sample]:
             out.append(Sample(
                 id=f"{step}-{group}-{k}", step=step, group=group, index=k, prompt=str(rec.get("prompt", "")),
                 completion=str(text), reward=_number(rewards[k]) if k < len(rewards) else None,
-                parts={name: _number(v[k]) if isinstance(v, list) and k < len(v) else None for name, v in parts.items()},
+                parts={name: _number(v[k]) if isinstance(v, list) and k < len(v) else None
+                       for name, v in parts.items()},
                 advantage=_number(advantages[k]) if k < len(advantages) else None))
     set_flags(out)
     return out

@@ -85,6 +85,7 @@ class Review:
         self._plots_dir = Path(tempfile.mkdtemp(prefix="posttrain-review-"))
         self._plots: dict[str, tuple[tuple, list[tuple[str, str]]]] = {}
         self._samples: dict[str, tuple[tuple | None, list[Sample]]] = {}
+        self._events: dict[str, tuple[tuple, list[dict]]] = {}
         self._lock = threading.Lock()
 
     def runs(self) -> dict[str, Path]:
@@ -108,7 +109,8 @@ class Review:
                 return cached[1]
             out = self._plots_dir / run_dir.name
             out.mkdir(exist_ok=True)
-            drawn = render_plots(out, read_jsonl(run_dir / "metrics.jsonl"), events, read_jsonl(run_dir / "evals.jsonl"))
+            drawn = render_plots(out, read_jsonl(run_dir / "metrics.jsonl"), events,
+                                 read_jsonl(run_dir / "evals.jsonl"))
             names = [(title, p.name) for title, p in drawn]
             self._plots[run_dir.name] = (stamp, names)
             return names
@@ -124,6 +126,23 @@ class Review:
         found = read_samples(run_dir)
         with self._lock:
             self._samples[run_dir.name] = (stamp, found)
+        return found
+
+    def events(self, run_dir: Path) -> list[dict]:
+        """The doctor's events of the run (``run_events``: doctor.jsonl, else a replay, and the
+        reviewers' flags), computed again only when its logs changed."""
+        from posttrain.doctrine.doctor import run_events
+
+        samples = run_dir / "samples.jsonl"
+        stamp = _stamp(run_dir) + (samples.stat().st_size if samples.is_file() else 0,)
+        with self._lock:
+            cached = self._events.get(run_dir.name)
+            if cached and cached[0] == stamp:
+                return cached[1]
+        found = [e.to_dict() if hasattr(e, "to_dict") else e for e in run_events(run_dir)] \
+            if (run_dir / "metrics.jsonl").is_file() else []
+        with self._lock:
+            self._events[run_dir.name] = (stamp, found)
         return found
 
     def plot_file(self, run: str, name: str) -> Path | None:
@@ -167,16 +186,15 @@ def create_app(review: Review) -> Starlette:
                              for n, p in review.runs().items()])
 
     def state(request: Request) -> Response:
-        from posttrain.doctrine.doctor import run_events
-
         run_dir = review.run(request)
         history = read_jsonl(run_dir / "metrics.jsonl")
-        events = [e.to_dict() if hasattr(e, "to_dict") else e for e in (run_events(run_dir) if history else [])]
+        events = review.events(run_dir)
         samples = review.samples(run_dir)
         current = lab.current(lab.history(run_dir))
         counts = {k: sum(1 for r in current.values() if r["label"] == k) for k in LABELS}
         return JSONResponse({
-            "run": run_dir.name, "running": _running(run_dir), "step": history[-1].get("step", len(history)) if history else 0,
+            "run": run_dir.name, "running": _running(run_dir),
+            "step": history[-1].get("step", len(history)) if history else 0,
             "events": events, "evals": read_jsonl(run_dir / "evals.jsonl"), "samples": len(samples),
             "plots": [{"title": t, "url": f"/plots/{run_dir.name}/{n}"} for t, n in review.plots(run_dir, events)],
             "labels": counts, "reward_fns": sorted({k for s in samples for k in s.parts}),
@@ -199,7 +217,8 @@ def create_app(review: Review) -> Starlette:
         run_dir = review.run(request)
         q = request.query_params
         current = lab.current(lab.history(run_dir))
-        return JSONResponse({"samples": _labelled(group(review.samples(run_dir), int(q["step"]), int(q["group"])), current)})
+        found = group(review.samples(run_dir), int(q["step"]), int(q["group"]))
+        return JSONResponse({"samples": _labelled(found, current)})
 
     def prompt_view(request: Request) -> Response:
         run_dir = review.run(request)
