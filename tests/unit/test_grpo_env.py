@@ -25,6 +25,9 @@ def test_grpo_trains_on_guess_number_episodes(tmp_path, stoppable_dir):
     sample = json.loads((res.run_dir / "samples.jsonl").read_text().splitlines()[0])
     text = json.dumps(sample)
     assert "secret" in text and "[assistant]" in text and "[user]" in text  # the row and the whole conversation
+    # each completion's advantage (the review page's group view): GRPO's, from the group's rewards
+    rewards, adv = sample["rewards"], sample["advantages"]
+    assert len(adv) == 2 and (adv[0] > adv[1]) == (rewards[0] > rewards[1]) and abs(sum(adv)) < 1e-5
 
 
 def test_bad_env_input_is_one_error_naming_the_flag(tmp_path):

@@ -2,6 +2,8 @@
 critic on the episodes' model tokens, logs episode metrics and evaluates by greedy episodes; the
 environment's tokens move neither the policy's nor the critic's gradient."""
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +27,8 @@ def test_ppo_trains_on_guess_number_episodes(tmp_path, stoppable_dir):
     assert all(k in m for k in ("value_loss", "explained_variance", "kl", "episode/truncated"))
     assert all(e["n"] == 3 and 0.0 <= e["accuracy"] <= 1.0 for e in res.evals)
     assert (res.run_dir / "final" / "value" / "value_head.safetensors").exists()
+    sample = json.loads((res.run_dir / "samples.jsonl").read_text().splitlines()[-1])
+    assert len(sample["advantages"]) == 2 and all(math.isfinite(a) for a in sample["advantages"])  # GAE, per sequence
 
 
 def test_ppo_refuses_env_with_task_before_anything_loads(tmp_path):

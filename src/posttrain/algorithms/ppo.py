@@ -77,8 +77,8 @@ import torch
 
 from posttrain.objectives import advantages as advmod
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples, step_metrics,
-                                          tokens_of)
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples,
+                                          sequence_advantages, step_metrics, tokens_of)
 from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, explained_variance, make_value_model,
                                             policy_params, token_rewards)
@@ -323,7 +323,8 @@ def train_ppo(config: PPOConfig) -> RunResult:
         if "kl/seq" in ro["stats"]:
             kl_ctl.update(ro["stats"]["kl/seq"], int(distributed.all_sum(batch.valid_B.sum())))
         return loop.StepResult({**step_metrics(batch, reward_fn, cmetrics), **ro["stats"], **umetrics},
-                               tokens_of(batch), review_samples(batch, config.samples_per_step))
+                               tokens_of(batch), review_samples(batch, config.samples_per_step,
+                                                                sequence_advantages(ro["adv"], ro["mask"])))
 
     trainer = loop.Trainer(run, policy, state, scheduler, stream, collect_step, update_step, evaluate,
                            extra=lambda: {"kl_coef": kl_ctl.value})
