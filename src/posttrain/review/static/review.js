@@ -20,8 +20,15 @@ function el(tag, attrs, ...children) {
 
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
-  if (!r.ok) throw new Error(`${url}: ${r.status}`);
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({}));
+    throw new Error(body.error || `${url}: ${r.status}`);
+  }
   return r.json();
+}
+
+function showError(e) {
+  $("#shown").textContent = `(${e.message})`;
 }
 
 function fmt(v) {
@@ -197,7 +204,7 @@ async function start() {
     $("#panel").hidden = true;
     refreshState();
   });
-  $("#filters").addEventListener("submit", (e) => { e.preventDefault(); loadSamples(false); });
+  $("#filters").addEventListener("submit", (e) => { e.preventDefault(); loadSamples(false).catch(showError); });
   $("#filters").addEventListener("reset", () => setTimeout(() => loadSamples(false), 0));
   $("#more").addEventListener("click", () => loadSamples(true));
   $("#panel-close").addEventListener("click", () => { $("#panel").hidden = true; });
