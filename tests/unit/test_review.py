@@ -185,6 +185,9 @@ def test_label_writes_need_the_token_and_the_pages_origin(tmp_path):
         assert lab.current(lab.history(run))["1-0-0"]["label"] == "good"
         headers = urllib.request.urlopen(url, timeout=10).headers
         assert "script-src 'self'" in headers["Content-Security-Policy"]
+        rebound = urllib.request.Request(url + "api/samples", headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError, match="400"):  # a DNS-rebinding page reads nothing
+            urllib.request.urlopen(rebound, timeout=10)
 
 
 def test_the_doctor_reports_human_flagged_hacking(tmp_path):

@@ -10,7 +10,8 @@ polls ``/api/state``, so a running run's new steps appear without a reload.
 Writes: ``POST /api/label`` with ``{"run", "id", "label", "note"}`` is accepted only with the header
 ``X-Review-Token`` equal to this server's per-session token (a random value put in the page it
 serves) and, when the browser sends one, an ``Origin`` equal to the server's own; anything else is
-refused with 403 before the body is read. Every response carries a Content-Security-Policy that
+refused with 403 before the body is read. Bound to a loopback address, the app answers only requests
+whose Host is a loopback name (a DNS-rebinding page gets 400). Every response carries a Content-Security-Policy that
 allows only the page's own scripts, and the page writes sample text with ``textContent``: a
 completion holding ``<script>`` is shown, never run.
 
@@ -26,12 +27,14 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 import typing
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -46,6 +49,9 @@ RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_LIMIT = 200
+PLOT_EVERY_S = 10.0
+"""A running run's plots are drawn again at most this often (drawing them takes a second or two)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ORDERS = {"newest": lambda xs: sorted(xs, key=lambda s: (-s.step, s.group, s.index)), "oldest": lambda xs: xs}
 """How the sample list is ordered: the latest step first (a live run's new samples on top), or as logged."""
 
@@ -83,7 +89,7 @@ class Review:
         self.token = token or secrets.token_urlsafe(24)
         self.origins: set[str] = set()  # set by `serve` once the port is known
         self._plots_dir = Path(tempfile.mkdtemp(prefix="posttrain-review-"))
-        self._plots: dict[str, tuple[tuple, list[tuple[str, str]]]] = {}
+        self._plots: dict[str, tuple[tuple, float, list[tuple[str, str]]]] = {}
         self._samples: dict[str, tuple[tuple | None, list[Sample]]] = {}
         self._events: dict[str, tuple[tuple, list[dict]]] = {}
         self._lock = threading.Lock()
@@ -105,14 +111,14 @@ class Review:
         stamp = _stamp(run_dir)
         with self._lock:
             cached = self._plots.get(run_dir.name)
-            if cached and cached[0] == stamp:
-                return cached[1]
+            if cached and (cached[0] == stamp or time.monotonic() - cached[1] < PLOT_EVERY_S):
+                return cached[2]
             out = self._plots_dir / run_dir.name
             out.mkdir(exist_ok=True)
             drawn = render_plots(out, read_jsonl(run_dir / "metrics.jsonl"), events,
                                  read_jsonl(run_dir / "evals.jsonl"))
             names = [(title, p.name) for title, p in drawn]
-            self._plots[run_dir.name] = (stamp, names)
+            self._plots[run_dir.name] = (stamp, time.monotonic(), names)
             return names
 
     def samples(self, run_dir: Path) -> list[Sample]:
@@ -147,7 +153,7 @@ class Review:
 
     def plot_file(self, run: str, name: str) -> Path | None:
         with self._lock:
-            known = {n for _, n in self._plots.get(run, ((), []))[1]}
+            known = {n for _, n in self._plots.get(run, ((), 0.0, []))[2]}
         return self._plots_dir / run / name if name in known else None
 
 
@@ -175,7 +181,9 @@ def _filter(request: Request) -> Filter:
     return Filter(**{name: parse(q[name]) for name, parse in _FILTER_TYPES.items() if q.get(name, "") != ""})
 
 
-def create_app(review: Review) -> Starlette:
+def create_app(review: Review, hosts: tuple[str, ...] = LOOPBACK) -> Starlette:
+    """The app; ``hosts``: the Host names it answers (loopback names by default: a page of another
+    site that rebinds its name to 127.0.0.1 gets 400, so it cannot read the samples or the token)."""
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     def index(request: Request) -> Response:
@@ -277,7 +285,8 @@ def create_app(review: Review) -> Starlette:
         Route("/", index), Route("/api/runs", runs), Route("/api/state", state), Route("/api/samples", sample_list),
         Route("/api/group", group_view), Route("/api/prompt", prompt_view), Route("/plots/{run}/{name}", plot),
         Route("/api/label", label, methods=["POST"]), Mount("/static", StaticFiles(directory=STATIC)),
-    ], middleware=[Middleware(BaseHTTPMiddleware, dispatch=secure_headers)],
+    ], middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts)),
+                   Middleware(BaseHTTPMiddleware, dispatch=secure_headers)],
         exception_handlers={_NotFound: not_found, ValueError: bad_query, KeyError: bad_query})
     return app
 
@@ -296,9 +305,10 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, ready=None) -> 
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     review.origins = {f"http://{shown}:{bound}"}
-    if host in ("127.0.0.1", "::1"):
+    if host in LOOPBACK:
         review.origins.add(f"http://localhost:{bound}")
-    server = uvicorn.Server(uvicorn.Config(create_app(review), log_level="warning", access_log=False))
+    hosts = LOOPBACK if host in LOOPBACK else ("*",)
+    server = uvicorn.Server(uvicorn.Config(create_app(review, hosts), log_level="warning", access_log=False))
     if ready is not None:
         ready(f"http://{shown}:{bound}/")
     try:
