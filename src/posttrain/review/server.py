@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -89,7 +90,8 @@ class Review:
         self.token = token or secrets.token_urlsafe(24)
         self.origins: set[str] = set()  # set by `serve` once the port is known
         self._plots_dir = Path(tempfile.mkdtemp(prefix="posttrain-review-"))
-        self._plots: dict[str, tuple[tuple, float, list[tuple[str, str]]]] = {}
+        self._plots: dict[str, tuple[tuple, float, Path, list[tuple[str, str]]]] = {}
+        self._drawn = 0
         self._samples: dict[str, tuple[tuple | None, list[Sample]]] = {}
         self._events: dict[str, tuple[tuple, list[dict]]] = {}
         self._lock = threading.Lock()
@@ -112,13 +114,16 @@ class Review:
         with self._lock:
             cached = self._plots.get(run_dir.name)
             if cached and (cached[0] == stamp or time.monotonic() - cached[1] < PLOT_EVERY_S):
-                return cached[2]
-            out = self._plots_dir / run_dir.name
-            out.mkdir(exist_ok=True)
+                return cached[3]
+            self._drawn += 1  # a fresh directory per drawing: a PNG being served is never rewritten in place
+            out = self._plots_dir / str(self._drawn)
+            out.mkdir()
             drawn = render_plots(out, read_jsonl(run_dir / "metrics.jsonl"), events,
                                  read_jsonl(run_dir / "evals.jsonl"))
             names = [(title, p.name) for title, p in drawn]
-            self._plots[run_dir.name] = (stamp, time.monotonic(), names)
+            if cached:  # a response still sending an old PNG holds it open: removing it is safe
+                shutil.rmtree(cached[2], ignore_errors=True)
+            self._plots[run_dir.name] = (stamp, time.monotonic(), out, names)
             return names
 
     def samples(self, run_dir: Path) -> list[Sample]:
@@ -153,8 +158,10 @@ class Review:
 
     def plot_file(self, run: str, name: str) -> Path | None:
         with self._lock:
-            known = {n for _, n in self._plots.get(run, ((), 0.0, []))[2]}
-        return self._plots_dir / run / name if name in known else None
+            cached = self._plots.get(run)
+        if cached is None or name not in {n for _, n in cached[3]}:
+            return None
+        return cached[2] / name
 
 
 class _NotFound(Exception):
@@ -314,8 +321,6 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, ready=None) -> 
     try:
         server.run(sockets=[sock])
     finally:
-        import shutil
-
         shutil.rmtree(review._plots_dir, ignore_errors=True)
 
 
