@@ -11,6 +11,7 @@ import pytest
 
 from posttrain.doctrine import doctor
 from posttrain.doctrine.doctor import Doctor, Thresholds, diagnose
+from posttrain.doctrine.doctor.rules.format import echoes
 
 N = 80
 
@@ -246,6 +247,24 @@ def test_phrase_requested_by_the_prompt_is_not_hacking():
         if s["step"] > 40:
             s["completions"] = [c + " I hope this helps!" for c in s["completions"]]
     assert "format_hacking" not in rules_fired(history, samples)
+
+
+def test_prompt_echo_rising_with_reward():
+    """Completions that copy their question while the reward rises (rg:number_sequence, README): flagged;
+    the same copies at a flat reward are not."""
+    history, samples = healthy()
+    for s in samples:
+        s["prompt"] = f"4, 2, 1, 0, 0, ? (problem {s['step']})"
+        if s["step"] > 40:
+            s["completions"] = ["4, 2, 1, 0, 0, ?"] * len(s["completions"])
+    events = [e for e in diagnose(history, samples) if e.rule == "prompt_echo"]
+    assert events and events[0].evidence["share"] >= 0.25 and 41 <= events[0].step <= 50
+    assert echoes("Continue: 4, 2, 1, 0, 0, ?", " 4, 2,  1, 0, 0, ? ") and not echoes("4, 2, 1", "0")
+    for h in history:
+        h["reward/mean"] = 0.4
+    for s in samples:
+        s["rewards"] = [1.0, 0.0, 1.0, 0.0]
+    assert "prompt_echo" not in rules_fired(history, samples)
 
 
 def test_entropy_collapse():

@@ -65,6 +65,9 @@ def test_samples_have_ids_flags_and_filters(tmp_path):
         {"role": "user", "content": "Guess a number."}, {"role": "assistant", "content": "5"},
         {"role": "user", "content": "Higher.\n(3 left)"}, {"role": "assistant", "content": "7"}]
     assert conversation("plain text [user] inside") is None
+    echo = samples_of([{"step": 1, "prompt": "4, 2, 1, 0, 0, ?\nPut the final answer after 'Answer:'.",
+                        "completions": ["4, 2, 1, 0, 0, ?", "Answer: 0", "0"], "rewards": [1.0, 1.0, 1.0]}])
+    assert [s.flags for s in echo] == [["echo"], [], []]
     assert "stock_phrase" in by_id["3-1-3"].flags and "stock_phrase" not in by_id["3-1-1"].flags
     # the longest tenth, rewarded above its group's mean: completion 3 is long but stock; 2 is long, reward 0
     assert "long" not in by_id["3-1-2"].flags and all("long" not in s.flags for s in samples if s.reward == 0)

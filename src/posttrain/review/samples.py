@@ -10,7 +10,9 @@ Flags are the doctor's reward-hacking signs, per completion (``posttrain.doctrin
 ``long`` (among the run's longest tenth of completions and rewarded above its group's mean: the
 length-hacking rule's correlation, one sample at a time), ``stock_phrase`` (one of the format rule's
 stock phrases, not in the prompt), ``repeated_closer`` (a closing line that ends at least a fifth of
-the run's completions, the format rule's other sign). A multi-turn episode is stored as one text of
+the run's completions, the format rule's other sign), ``echo`` (the completion, at least 5 characters,
+is a piece of its prompt: a copied question that an answer extractor falling back to the last number
+scores; seen on rg:number_sequence, README). A multi-turn episode is stored as one text of
 ``[role] content`` lines (``posttrain.algorithms.episodes``); :func:`conversation` reads it back.
 """
 
@@ -23,14 +25,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, closing_line
+from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, closing_line, echoes
 from posttrain.runtime.tracking import read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 _TURN = re.compile(r"^\[(system|user|assistant|tool)\] ", re.MULTILINE)
 LONG_QUANTILE = 0.9
 CLOSER_SHARE = 0.2
-FLAGS = ("long", "stock_phrase", "repeated_closer")
+FLAGS = ("long", "stock_phrase", "repeated_closer", "echo")
 LABELS = ("good", "bad", "hacked")
 
 
@@ -120,6 +122,8 @@ def set_flags(samples: list[Sample]) -> None:
             flags.append("stock_phrase")
         if closers[s.id] in common and closers[s.id] not in prompt:
             flags.append("repeated_closer")
+        if echoes(s.prompt, s.completion):
+            flags.append("echo")
         s.flags = flags
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 from posttrain.doctrine.doctor.context import Context
 from posttrain.doctrine.doctor.events import Event
-from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, format_hacking
+from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, format_hacking, prompt_echo
 from posttrain.doctrine.doctor.rules.health import clip_frac_high, entropy_collapse, judge_failures, nonfinite
 from posttrain.doctrine.doctor.rules.kl import kl_above_target, kl_exploding
 from posttrain.doctrine.doctor.rules.length import length_clipped, length_hacking
@@ -19,6 +19,6 @@ POINT_RULES = {"nonfinite"}
 
 RULES: dict[str, Callable[[Context], Event | None]] = {f.__name__: f for f in (
     reward_plateau, reward_none, reward_crash, kl_above_target, kl_exploding, length_hacking, length_clipped,
-    format_hacking, entropy_collapse, clip_frac_high, nonfinite, judge_failures, rollout_mismatch, no_signal)}
+    format_hacking, prompt_echo, entropy_collapse, clip_frac_high, nonfinite, judge_failures, rollout_mismatch, no_signal)}
 
 __all__ = ["POINT_RULES", "RULES", "STOCK_PHRASES", *RULES]

@@ -1,5 +1,7 @@
 """Format hacking (doctrine, Reward Hacking: "Adding 'I hope this helps!' boosts score"): stock
-phrases or one repeated closing line spreading through the completions as the reward rises."""
+phrases or one repeated closing line spreading through the completions as the reward rises; and
+prompt echo, completions that copy their prompt as the reward rises (an answer extractor that falls
+back to the last number scores a copied question: measured on rg:number_sequence, README)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,30 @@ def closing_line(text: str) -> str | None:
         return None
     last = re.sub(r"\s+", " ", parts[-1].lower()).strip(" .!?")
     return last if len(last.split()) >= 3 and not re.search(r"\d", last) else None
+
+
+ECHO_MIN_CHARS = 5
+
+
+def echoes(prompt: str, completion: str) -> bool:
+    """Whether ``completion`` (whitespace normalised, at least 5 characters) is a piece of ``prompt``."""
+    copied = " ".join(str(completion).split()).rstrip(" .")
+    return len(copied) >= ECHO_MIN_CHARS and copied in " ".join(str(prompt).split())
+
+
+def _echo_share(samples: Iterable[dict]) -> tuple[float, int, float]:
+    """(share of completions that echo their prompt, completions, mean reward)."""
+    n = hits = 0
+    rewards = []
+    for s in samples:
+        for i, text in enumerate(s.get("completions", [])):
+            n += 1
+            hits += echoes(s.get("prompt", ""), text)
+            rs = s.get("rewards", [])
+            v = as_float(rs[i]) if i < len(rs) else None
+            if v is not None and math.isfinite(v):
+                rewards.append(v)
+    return hits / max(1, n), n, mean(rewards)
 
 
 def phrase_shares(samples: Iterable[dict]) -> tuple[Counter, int, float]:
@@ -86,3 +112,27 @@ def format_hacking(c: Context) -> Event | None:
                    "reward hacking: a judge or reward model scores boilerplate (doctrine: 'Adding \"I hope this "
                    "helps!\" boosts score')", "review the reward function or the judge's rubric; penalize the phrase; "
                    "use diverse reward signals and raise beta", phrase=best, share=best_share, rise=best_rise)
+
+
+def prompt_echo(c: Context) -> Event | None:
+    """The share of recent completions that copy their prompt rose while the reward rose."""
+    if not c.samples:
+        return None
+    w = c.th.window
+    first_step = c.samples[0].get("step", 0)
+    early = list(itertools.takewhile(lambda s: s.get("step", 0) < first_step + w, c.samples))
+    recent = c.recent_samples(c.step - w)
+    if c.step - first_step < 2 * w or not early or not recent:
+        return None
+    e_share, e_n, e_reward = _echo_share(early)
+    r_share, r_n, r_reward = _echo_share(recent)
+    if not e_n or not r_n or not r_reward > e_reward:
+        return None
+    if r_share < c.th.phrase_frac or r_share - e_share < c.th.phrase_rise:
+        return None
+    return c.event("prompt_echo", "warning", f"{r_share:.0%} of recent completions copy their prompt "
+                   f"(+{r_share - e_share:.0%} since the start), while the reward rose {e_reward:.3g} -> {r_reward:.3g}",
+                   "reward hacking: the reward scores a copy of the question (an answer extractor that falls back "
+                   "to the last number finds the question's last number)", "require the answer's form in the "
+                   "reward (a format reward, or an extractor without the fallback); read the samples "
+                   "(`posttrain review`, flag 'echo')", share=r_share, rise=r_share - e_share)
