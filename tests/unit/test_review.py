@@ -206,6 +206,14 @@ def test_the_doctor_reports_human_flagged_hacking(tmp_path):
     assert len(new) == 1 and new[0].step == 12 and new[0].severity == "error"
     assert "1 sample(s)" in new[0].symptom and "steps 7" in new[0].symptom
     assert not [e for e in doc.watch(run, history, force=True) if e.rule == "human_flagged_hacking"]  # once
+    (run / "doctor.jsonl").write_text(json.dumps(new[0].to_dict()) + "\n")  # as the live doctor logged it
+    resumed = Doctor(echo=False)  # a resumed run's doctor does not report the same flags again
+    assert not [e for e in resumed.watch(run, history, force=True) if e.rule == "human_flagged_hacking"]
+    from posttrain.doctrine.doctor import run_events
+
+    assert [e["evidence"]["flagged"] for e in run_events(run) if e["rule"] == "human_flagged_hacking"] == [1]
+    lab.add_label(run, s["8-0-3"], "hacked")  # labelled after the run: the report and the page see it
+    assert sorted(e["evidence"]["flagged"] for e in run_events(run) if e["rule"] == "human_flagged_hacking") == [1, 2]
     proc = terminal.posttrain("doctor", run)
     assert proc.returncode == 1 and "1 event(s)" in proc.stdout and "reward-hacked" in " ".join(proc.stdout.split())
     proc = terminal.posttrain("doctor", run, "--json")

@@ -97,8 +97,9 @@ class Doctor:
             if log.is_file():
                 from posttrain.runtime.tracking import read_lines
 
-                kept = [ln for ln, ev in read_lines(log)[0] if ev["step"] <= step]  # a torn last line dropped
-                log.write_text("".join(ln + "\n" for ln in kept))
+                records = [(ln, ev) for ln, ev in read_lines(log)[0] if ev["step"] <= step]  # torn line dropped
+                log.write_text("".join(ln + "\n" for ln, _ in records))
+                self._flagged = human.reported(ev for _, ev in records)
                 for i in range(1, len(history)):  # rebuild which rules are active
                     if self.due(int(history[i - 1].get("step", i))):
                         self.check(history[:i], _upto(samples, history[i - 1].get("step", i)))
@@ -190,7 +191,7 @@ def run_events(run_dir: str | Path) -> list[dict] | list[Event]:
     if not log.is_file():
         return diagnose_run(run_dir)
     events = read_jsonl(log)
-    flagged = human.human_event(human.flagged(run_dir))  # labels made after the run: not in its log
-    if flagged and not any(e.get("rule") == human.RULE for e in events):
-        events = sorted(events + [flagged.to_dict()], key=lambda e: e.get("step", 0))
+    records = human.flagged(run_dir)  # labels made after the run's last check are not in its log
+    if len(records) > human.reported(events):
+        events = sorted(events + [human.human_event(records).to_dict()], key=lambda e: e.get("step", 0))
     return events

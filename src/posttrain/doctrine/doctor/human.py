@@ -34,6 +34,11 @@ def flagged(run_dir: str | Path) -> list[dict]:
     return sorted((r for r in last.values() if r.get("label") == "hacked"), key=lambda r: (r.get("step", 0), r["id"]))
 
 
+def reported(events) -> int:
+    """How many flagged samples the logged events (dicts) already reported (0 if none did)."""
+    return max((int(e.get("evidence", {}).get("flagged", 0)) for e in events if e.get("rule") == RULE), default=0)
+
+
 def human_event(records: list[dict], step: int | None = None) -> Event | None:
     """The event for the ``hacked`` label records (None when there are none), at ``step`` (default:
     the first flagged sample's step)."""
@@ -52,4 +57,4 @@ def human_event(records: list[dict], step: int | None = None) -> Event | None:
         evidence={"flagged": len(records), "steps": steps, "ids": [r["id"] for r in records][:20]})
 
 
-__all__ = ["RULE", "flagged", "human_event"]
+__all__ = ["RULE", "flagged", "human_event", "reported"]
