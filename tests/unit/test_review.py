@@ -218,4 +218,4 @@ def test_the_doctor_reports_human_flagged_hacking(tmp_path):
     assert proc.returncode == 1 and "1 event(s)" in proc.stdout and "reward-hacked" in " ".join(proc.stdout.split())
     proc = terminal.posttrain("doctor", run, "--json")
     event = [json.loads(line) for line in proc.stdout.splitlines() if "human_flagged" in line][0]
-    assert event["step"] == 7 and event["evidence"]["ids"] == ["7-0-3"] and "I hope this helps" in event["symptom"]
+    assert event["step"] == 7 and event["evidence"]["ids"] == ["7-0-3", "8-0-3"] and "I hope this helps" in event["symptom"]
