@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,12 +39,15 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator["object"]:
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-quic", f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
     try:
-        yield driver
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+        driver.set_page_load_timeout(60)
+        try:
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)  # nothing left behind in the temp dir
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -158,7 +159,9 @@ def test_review_errors_at_the_terminal(tmp_path):
     terminal.assert_user_error(terminal.posttrain("review", run, "--port", "70000"), "--port 70000")
     with browser.review_server(run) as url:
         port = url.rstrip("/").rsplit(":", 1)[1]
+        before = set(Path(tempfile.gettempdir()).glob("posttrain-review-*"))
         terminal.assert_user_error(terminal.posttrain("review", run, "--port", port), f"--port {port}", "cannot listen")
+        assert set(Path(tempfile.gettempdir()).glob("posttrain-review-*")) == before  # nothing left behind
 
 
 def _post(url: str, body: dict, headers: dict) -> tuple[int, dict]:

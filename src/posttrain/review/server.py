@@ -304,12 +304,16 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, ready=None) -> 
 
     import uvicorn
 
-    review = Review(path)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.listen(128)  # connections made once `ready` has printed the address wait in the backlog
     bound = sock.getsockname()[1]
+    review = Review(path)  # after the bind: a port in use leaves no temporary directory behind
     shown = f"[{host}]" if ":" in host else host
     review.origins = {f"http://{shown}:{bound}"}
     if host in LOOPBACK:
