@@ -145,6 +145,15 @@ def test_export_pairs_at_the_terminal_feeds_train_dpo(tmp_path, tiny_dir):
     proc = terminal.posttrain("review", tmp_path / "runs", "--export-pairs", out)  # a directory of runs
     assert proc.returncode == 0, proc.stderr
     assert "2 preference pair(s) from 1 run(s)" in proc.stdout
+    written = out.read_bytes()
+    terminal.assert_user_error(terminal.posttrain("review", run, "--export-pairs", out), "the file exists", "--overwrite")
+    assert out.read_bytes() == written  # a user's file is never replaced unasked
+    assert terminal.posttrain("review", run, "--export-pairs", out, "--overwrite").returncode == 0
+    terminal.assert_user_error(terminal.posttrain("review", run, "--export-pairs", tmp_path), "is a directory")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    terminal.assert_user_error(terminal.posttrain("review", run, "--export-pairs", blocker / "pairs.jsonl"),
+                               "cannot write it")
     proc = terminal.posttrain("train", "dpo", "--model", tiny_dir, "--data", out, "--max-steps", "1", "--no-lora",
                               "--eval-fraction", "0", "--output-dir", tmp_path / "dpo", "--name", "from-review")
     assert proc.returncode == 0, proc.stderr[-2000:]

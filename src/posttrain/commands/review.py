@@ -2,8 +2,9 @@
 
 Serves the page (``posttrain.review.server``) on 127.0.0.1 by default and prints its address; it
 updates while the run trains. ``--export-pairs FILE`` instead writes the preference pairs of the
-labels made on the page (``posttrain.review.labels``) and exits. Bad input (a path that is not a run
-or a directory of runs, a port in use, no pairs to export) is one ``error:`` line, exit 2.
+labels made on the page (``posttrain.review.labels``) and exits; a file that exists is replaced only
+with ``--overwrite``. Bad input (a path that is not a run or a directory of runs, a port in use, no
+pairs to export, an export path that cannot be written) is one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-pairs", metavar="FILE",
                         help="write the labelled samples as preference pairs (JSON lines for train dpo / train rm) "
                              "and exit")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --export-pairs file that exists")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from posttrain.commands._args import FlagError
+    from posttrain.commands._args import FlagError, out_file
     from posttrain.review.server import find_runs
 
     path = Path(args.path)
@@ -39,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.export_pairs:
         from posttrain.review.labels import export_pairs
 
-        n, episodes = export_pairs(list(runs.values()), args.export_pairs)
+        out_file("--export-pairs", args.export_pairs, args.overwrite)  # a user's file is never replaced unasked
+        try:
+            n, episodes = export_pairs(list(runs.values()), args.export_pairs)
+        except OSError as e:
+            raise FlagError(f"--export-pairs {args.export_pairs}: cannot write it ({e.strerror or e})") from None
         note = f"; {episodes} labelled multi-turn episode(s) make no pairs" if episodes else ""
         print(f"{args.export_pairs}: {n} preference pair(s) from {len(runs)} run(s){note}")
         return 0
