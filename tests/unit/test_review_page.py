@@ -178,6 +178,20 @@ def test_a_running_run_shows_new_steps_without_a_reload(tmp_path, stoppable_dir,
             assert int(later.split()[3]) > int(status.split()[3])  # more samples
             browser.wait_for(lambda: len(_cards(d)) > 2 * 4, what="the new steps' samples")
             assert all(c.find_element(By.CSS_SELECTOR, ".advantage").text != "advantage -" for c in _cards(d))
+            # a label made while the run keeps writing its samples is kept
+            sid = _cards(d)[0].get_attribute("data-id")
+            status = d.execute_async_script("""
+                const done = arguments[arguments.length - 1];
+                const token = document.querySelector('meta[name="review-token"]').content;
+                fetch('/api/label', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-Review-Token': token},
+                                     body: JSON.stringify({run: 'live', id: arguments[0], label: 'bad', note: 'live'})})
+                  .then(r => done(r.status));""", sid)
+            assert status == 200
+            steps = len((out / "live" / "metrics.jsonl").read_text().splitlines())
+            browser.wait_for(lambda: len((out / "live" / "metrics.jsonl").read_text().splitlines()) >= steps + 2,
+                             timeout=120, what="more steps after the label")
+            labels = [json.loads(line) for line in (out / "live" / "reviews.jsonl").read_text().splitlines()]
+            assert [(r["id"], r["label"], r["note"]) for r in labels] == [(sid, "bad", "live")]
     finally:
         train.terminate()
         _, err = train.communicate(timeout=60)
