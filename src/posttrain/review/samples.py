@@ -29,7 +29,7 @@ from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, closing_line, 
 from posttrain.runtime.tracking import read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
-_TURN = re.compile(r"^\[(system|user|assistant|tool)\] ", re.MULTILINE)
+_TURN = re.compile(rf"^\[({'|'.join(ROLES)})\] ", re.MULTILINE)
 LONG_QUANTILE = 0.9
 CLOSER_SHARE = 0.2
 FLAGS = ("long", "stock_phrase", "repeated_closer", "echo")
@@ -109,10 +109,10 @@ def set_flags(samples: list[Sample]) -> None:
     closers = {s.id: closing_line(s.completion) for s in samples}
     closer_counts = Counter(c for c in closers.values() if c)
     common = {c for c, n in closer_counts.items() if n >= max(2, CLOSER_SHARE * len(samples))}
-    group_mean: dict[tuple[int, int], float] = {}
-    for key in {(s.step, s.group) for s in samples}:
-        rs = [s.reward for s in samples if (s.step, s.group) == key and s.reward is not None]
-        group_mean[key] = sum(rs) / len(rs) if rs else math.nan
+    group_rewards: dict[tuple[int, int], list[float]] = {}
+    for s in samples:  # one pass: the group means of a long run
+        group_rewards.setdefault((s.step, s.group), []).extend([s.reward] if s.reward is not None else [])
+    group_mean = {k: sum(rs) / len(rs) if rs else math.nan for k, rs in group_rewards.items()}
     for s in samples:
         flags = []
         if s.length >= long_from and s.reward is not None and s.reward > group_mean[(s.step, s.group)]:

@@ -43,44 +43,25 @@ def echoes(prompt: str, completion: str) -> bool:
     return len(copied) >= ECHO_MIN_CHARS and copied in " ".join(str(prompt).split())
 
 
+def _completions(samples: Iterable[dict]) -> Iterable[tuple[str, str, float | None]]:
+    """(prompt, completion, finite reward or None) of every completion of the sample records."""
+    for s in samples:
+        rs = s.get("rewards", [])
+        for i, text in enumerate(s.get("completions", [])):
+            v = as_float(rs[i]) if i < len(rs) else None
+            yield str(s.get("prompt", "")), str(text), v if v is not None and math.isfinite(v) else None
+
+
 def _echo_share(samples: Iterable[dict]) -> tuple[float, int, float]:
     """(share of completions that echo their prompt, completions, mean reward)."""
-    n = hits = 0
-    rewards = []
-    for s in samples:
-        for i, text in enumerate(s.get("completions", [])):
-            n += 1
-            hits += echoes(s.get("prompt", ""), text)
-            rs = s.get("rewards", [])
-            v = as_float(rs[i]) if i < len(rs) else None
-            if v is not None and math.isfinite(v):
-                rewards.append(v)
-    return hits / max(1, n), n, mean(rewards)
+    rows = list(_completions(samples))
+    hits = sum(echoes(prompt, text) for prompt, text, _ in rows)
+    return hits / max(1, len(rows)), len(rows), mean([v for _, _, v in rows if v is not None])
 
 
-def phrase_shares(samples: Iterable[dict]) -> tuple[Counter, int, float]:
-    """(count of completions per stock phrase / repeated closer, completions, mean reward)."""
-    counts: Counter = Counter()
-    n, rewards = 0, []
-    for s in samples:
-        prompt = str(s.get("prompt", "")).lower()
-        for i, text in enumerate(s.get("completions", [])):
-            n += 1
-            low = str(text).lower()
-            found = {p for p in STOCK_PHRASES if p in low and p not in prompt}
-            closer = closing_line(str(text))
-            if closer and closer not in prompt:
-                found.add(closer)
-            counts.update(p for p in found if not any(p != q and p in q for q in found))  # longest match
-            rs = s.get("rewards", [])
-            v = as_float(rs[i]) if i < len(rs) else None
-            if v is not None and math.isfinite(v):
-                rewards.append(v)
-    return counts, n, mean(rewards)
-
-
-def format_hacking(c: Context) -> Event | None:
-    """A stock phrase or one closing line spread through the recent completions while the reward rose."""
+def _windows(c: Context) -> tuple[list[dict], list[dict]] | None:
+    """(the first ``window`` steps' sample records, the last ``window`` steps'), once the run has two
+    windows of samples; else None."""
     if not c.samples:
         return None
     w = c.th.window
@@ -89,7 +70,33 @@ def format_hacking(c: Context) -> Event | None:
     recent = c.recent_samples(c.step - w)
     if c.step - first_step < 2 * w or not early or not recent:
         return None
-    key = ("early phrases", first_step, len(early), id(early[-1]))
+    return early, recent
+
+
+def phrase_shares(samples: Iterable[dict]) -> tuple[Counter, int, float]:
+    """(count of completions per stock phrase / repeated closer, completions, mean reward)."""
+    counts: Counter = Counter()
+    n, rewards = 0, []
+    for prompt, text, v in _completions(samples):
+        n += 1
+        prompt, low = prompt.lower(), text.lower()
+        found = {p for p in STOCK_PHRASES if p in low and p not in prompt}
+        closer = closing_line(text)
+        if closer and closer not in prompt:
+            found.add(closer)
+        counts.update(p for p in found if not any(p != q and p in q for q in found))  # longest match
+        if v is not None:
+            rewards.append(v)
+    return counts, n, mean(rewards)
+
+
+def format_hacking(c: Context) -> Event | None:
+    """A stock phrase or one closing line spread through the recent completions while the reward rose."""
+    windows = _windows(c)
+    if windows is None:
+        return None
+    early, recent = windows
+    key = ("early phrases", early[0].get("step", 0), len(early), id(early[-1]))
     if key not in c.cache:
         c.cache.clear()
         c.cache[key] = phrase_shares(early)
@@ -116,14 +123,10 @@ def format_hacking(c: Context) -> Event | None:
 
 def prompt_echo(c: Context) -> Event | None:
     """The share of recent completions that copy their prompt rose while the reward rose."""
-    if not c.samples:
+    windows = _windows(c)
+    if windows is None:
         return None
-    w = c.th.window
-    first_step = c.samples[0].get("step", 0)
-    early = list(itertools.takewhile(lambda s: s.get("step", 0) < first_step + w, c.samples))
-    recent = c.recent_samples(c.step - w)
-    if c.step - first_step < 2 * w or not early or not recent:
-        return None
+    early, recent = windows
     e_share, e_n, e_reward = _echo_share(early)
     r_share, r_n, r_reward = _echo_share(recent)
     if not e_n or not r_n or not r_reward > e_reward:
