@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.doctrine.doctor.human import REVIEWS
+from posttrain.doctrine.doctor.human import REVIEWS, latest
 from posttrain.errors import UserError
 from posttrain.review.samples import LABELS, Sample, conversation
 from posttrain.runtime.tracking import read_jsonl
@@ -78,13 +78,7 @@ def history(run_dir: str | Path) -> list[dict]:
 
 def current(records: list[dict]) -> dict[str, dict]:
     """The label of each sample id: its last record, unless that one clears it."""
-    out: dict[str, dict] = {}
-    for rec in records:
-        if rec.get("label") == CLEAR:
-            out.pop(rec.get("id"), None)
-        elif rec.get("id") is not None:
-            out[rec["id"]] = rec
-    return out
+    return {sid: rec for sid, rec in latest(records).items() if rec.get("label") != CLEAR}
 
 
 def add_label(run_dir: str | Path, sample: Sample, label: str, note: str = "") -> dict:

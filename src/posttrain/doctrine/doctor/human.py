@@ -18,20 +18,24 @@ RULE = "human_flagged_hacking"
 REVIEWS = "reviews.jsonl"
 
 
+def latest(records) -> dict[str, dict]:
+    """The last label record of each sample id (``reviews.jsonl`` is a history: the last one counts)."""
+    return {r["id"]: r for r in records if isinstance(r, dict) and r.get("id") is not None}
+
+
 def flagged(run_dir: str | Path) -> list[dict]:
     """The label records of the samples whose current label is ``hacked`` (a torn last line skipped)."""
     path = Path(run_dir) / REVIEWS
     if not path.is_file():
         return []
-    last: dict[str, dict] = {}
+    records = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line
             continue
-        if isinstance(rec, dict) and rec.get("id") is not None:
-            last[rec["id"]] = rec
-    return sorted((r for r in last.values() if r.get("label") == "hacked"), key=lambda r: (r.get("step", 0), r["id"]))
+    return sorted((r for r in latest(records).values() if r.get("label") == "hacked"),
+                  key=lambda r: (r.get("step", 0), r["id"]))
 
 
 def reported(events) -> int:
@@ -57,4 +61,4 @@ def human_event(records: list[dict], step: int | None = None) -> Event | None:
         evidence={"flagged": len(records), "steps": steps, "ids": [r["id"] for r in records][:20]})
 
 
-__all__ = ["RULE", "flagged", "human_event", "reported"]
+__all__ = ["RULE", "flagged", "human_event", "latest", "reported"]
