@@ -1,38 +1,55 @@
-"""Our GRPO step vs TRL's GRPOTrainer step: same model, prompts, group size, completion length
-(forced equal with min_new_tokens = max_new_tokens), beta, and LoRA/full setting.
+"""Our GRPO step vs TRL's GRPOTrainer step over a grid of the configurations users run.
 
-Time: each framework runs in its own worker process, as its users run it (ours sets up the process
-as `train_grpo` does, `common.start`: on CPU that keeps freed memory for reuse, see
-`posttrain.runtime.cpu_allocator`; TRL's keeps glibc's defaults), and the two alternate step by step (a
-TRL step, then one of ours, the other process waiting), so machine noise hits both alike. The
-median over the measured steps after warm-up is reported, with per-phase times.
+A cell is (group size, LoRA placement, completion lengths, beta):
+  group size   completions per prompt (--groups, default 4,8,16), --prompts prompts a step;
+  LoRA         `attn` (q/k/v/o projections), `all` (every linear layer but the head), `full`
+               (full fine-tuning), r16 alpha 32 on both sides;
+  lengths      `forced` (min_new_tokens = max_new_tokens: equal work on both sides) or `natural`
+               (each samples until EOS or --new-tokens at temperature 1; the tokens each side
+               sampled are in the table, and the time per completion token beside the step time);
+  beta         the KL coefficient (0: no reference pass on either side).
+Same model, prompts, learning rate, one optimizer update per batch.
 
-Peak memory: each framework runs warm-up + 3 steps in its own child process, which reports its
-peak RSS growth over the RSS once the trainer is built (the peak counter VmHWM reset there), or
-the CUDA peak (GPU). Two readings on CPU: "live", with glibc told to return freed blocks at once so
-RSS follows live memory (what a GPU's max_memory_allocated reports), and "as run", each process
-with the allocator settings its framework runs with (ours then keeps its peak resident).
-TRL is a benchmark-only dependency (`pip install -e .[bench]`).
+Time: each framework runs in its own worker process, as its users run it (ours sets up the process as
+`train_grpo` does, `common.start`; TRL's keeps glibc's defaults), and the two alternate step by step
+(a TRL step, then one of ours, the other process waiting), so machine noise hits both alike. The
+median over the measured steps after warm-up is reported, with per-phase times: generation, the
+log-prob passes before the update (ours: the reference; TRL's: reference and scoring) and the update.
 
-usage: python bench/grpo_vs_trl.py [--modes lora,full] [--steps 5] [--warmup 1] [--prompts 2]
-                                   [--group-size 8] [--new-tokens 64] [--beta 0.04]
+Peak memory: each worker's peak RSS growth over its RSS once the trainer is built (the kernel's
+VmHWM reset there), over warm-up and the measured steps, as run (each with its framework's
+allocator settings), or the CUDA peak on a GPU. TRL is a benchmark-only dependency
+(`pip install -e .[bench]`, `make bench`).
+
+Results go to --out (JSON: the machine's CPU model and flags, torch and TRL versions, threads, date,
+and one record per cell); a cell already in that file is skipped, so a long grid can be resumed.
+
+usage: python bench/grpo_vs_trl.py [--groups 4,8,16] [--loras attn,all,full] [--lengths natural,forced]
+           [--betas 0,0.04] [--prompts 2] [--new-tokens 64] [--steps 5] [--warmup 1] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peak_memory import peak_kb, reset_peak, rss_kb  # bench/peak_memory.py
 
 QUESTIONS = [(23, 45), (61, 17), (38, 54), (72, 19), (15, 66), (49, 28), (83, 11), (26, 37)]
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS = {"attn": ATTN, "all": "all-linear", "full": None}  # LoRA placement -> target modules
+LR = 1e-5
 
 
 def prompts(n: int) -> list[str]:
@@ -42,41 +59,50 @@ def prompts(n: int) -> list[str]:
 def trl_reward(prompts, completions, **_):
     from posttrain.rewards.math import extract_answer
 
-    out = []
-    for c in completions:
-        text = c[-1]["content"] if isinstance(c, list) else c
-        out.append(1.0 if extract_answer(text) else 0.0)
-    return out
+    return [1.0 if extract_answer(c[-1]["content"] if isinstance(c, list) else c) else 0.0 for c in completions]
 
 
-def current_rss_mb() -> float:
-    return rss_kb() / 1024
+class Peak:
+    """Peak RSS growth (MB) since construction, or the CUDA peak."""
+
+    def __init__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.base, self.how = rss_kb(), reset_peak()
+
+    def mb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return (peak_kb(self.how) - self.base) / 1024
 
 
 # ------------------------------------------------------------------------------------------ ours
 class Ours:
-    def __init__(self, args, lora: bool):
+    def __init__(self, cell: dict, args):
         from posttrain import rewards as rw
         from posttrain.algorithms import common, grpo
-        from posttrain.sampling.generation import SamplingConfig
+        from posttrain.algorithms.optim import OptimizerStep, trainable_params
+        from posttrain.algorithms.reference import Reference
         from posttrain.sampling.rollout_model import rollout_model
 
-        self.grpo, self.common = grpo, common
+        lora = cell["lora"] != "full"
+        forced = args.new_tokens if cell["lengths"] == "forced" else 0
+        targets = TARGETS[cell["lora"]]
+        self.grpo = grpo
+        adapter = dict(lora_rank=16, lora_alpha=32, lora_target=",".join(targets) if isinstance(targets, list)
+                       else targets) if lora else {}
         self.cfg = grpo.GRPOConfig(
-            data="unused", group_size=args.group_size, prompts_per_step=args.prompts, max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens, beta=args.beta, lora=lora, lora_rank=16, lr=1e-5, temperature=1.0)
+            data="unused", group_size=cell["group"], prompts_per_step=args.prompts, max_new_tokens=args.new_tokens,
+            min_new_tokens=forced, beta=cell["beta"], lora=lora, lr=LR, temperature=1.0, **adapter)
         common.start(self.cfg)  # as train_grpo: seeds, and on CPU keeps freed memory for reuse
         self.policy, self.tok = common.load_policy(self.cfg)
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
-        from posttrain.algorithms.optim import OptimizerStep, trainable_params
-        from posttrain.algorithms.reference import Reference
-
         self.ref = Reference(self.policy, self.cfg.lora) if self.cfg.beta > 0 else None  # as train_grpo
         self.rule = OptimizerStep(self.opt, [trainable_params(self.policy)], self.cfg.max_grad_norm, [self.policy])
         self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as train_grpo samples
         self.stream = common.PromptStream([{"prompt": p} for p in prompts(64)], 0)
-        self.sampling = SamplingConfig(1.0, 1.0, 0, args.new_tokens, args.new_tokens)
+        self.sampling = self.cfg.sampling()
         self.reward = rw.from_spec("format(pattern=.*Answer.*)")
         self.gen = torch.Generator().manual_seed(0)
 
@@ -88,54 +114,60 @@ class Ours:
         batch, m = collect(self.policy, self.tok, self.stream, self.cfg.prompts_per_step, self.cfg.group_size,
                            self.sampling, self.reward, self.gen, rollout=self.rollout)
         t1 = time.perf_counter()
-        self.grpo.update(self.policy, self.rule, self.cfg, batch, self.ref)
-        self.sched.step()  # as the loop does once per step
+        prepared = self.grpo.advantages(self.policy, self.ref, self.cfg, batch)
         t2 = time.perf_counter()
-        assert int(batch.rollouts.completion_mask_BC.sum()) == self.cfg.prompts_per_step * self.cfg.group_size * self.cfg.max_new_tokens
-        return {"step": t2 - t0, "gen": m["time/gen"], "update": t2 - t1}
+        self.grpo.optimise(self.policy, self.rule, self.cfg, batch, prepared)
+        self.sched.step()  # as the loop does once per step
+        t3 = time.perf_counter()
+        tokens = int(batch.rollouts.completion_mask_BC.sum())
+        return {"step": t3 - t0, "gen": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------- TRL
-def build_trl(args, lora: bool, max_steps: int, callbacks=()):
+def build_trl(cell: dict, args, max_steps: int, callbacks=()):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain.models import load_model
-
-    from posttrain.models import ensure_embedded
+    from posttrain.models import ensure_embedded, load_model
 
     torch.manual_seed(0)
     model, tok = load_model()
     model.config._name_or_path = str(ensure_embedded())  # TRL loads its reference copy from this path
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts(64)]
+    forced = {"min_new_tokens": args.new_tokens} if cell["lengths"] == "forced" else {}
     cfg = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.prompts * args.group_size,
-        num_generations=args.group_size, max_completion_length=args.new_tokens,
-        generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, beta=args.beta,
-        learning_rate=1e-5, max_steps=max_steps, logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), bf16=False, gradient_accumulation_steps=1, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.prompts * cell["group"],
+        num_generations=cell["group"], max_completion_length=args.new_tokens, generation_kwargs=forced,
+        temperature=1.0, beta=cell["beta"], learning_rate=LR, max_steps=max_steps, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False, gradient_accumulation_steps=1,
+        seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    targets = TARGETS[cell["lora"]]
+    peft_config = None if targets is None else LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                          task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=peft_config, callbacks=list(callbacks))
-    phases = {"gen": 0.0, "gen_and_score": 0.0}
+    phases = {"gen": 0.0, "gen_and_score": 0.0, "tokens": 0}
 
-    def timed(name, fn):
+    def timed(name, fn, count=False):
         def wrapper(*a, **k):
             t = time.perf_counter()
             try:
-                return fn(*a, **k)
+                out = fn(*a, **k)
+                if count:  # _generate returns (prompt_ids, completion_ids, ...)
+                    phases["tokens"] += sum(len(c) for c in out[1])
+                return out
             finally:
                 phases[name] += time.perf_counter() - t
         return wrapper
 
-    trainer._generate = timed("gen", trainer._generate)
+    trainer._generate = timed("gen", trainer._generate, count=True)
     trainer._generate_and_score_completions = timed("gen_and_score", trainer._generate_and_score_completions)
     return trainer, phases
 
 
+# ------------------------------------------------------------------------------------ the workers
 MARK = "@@bench "  # prefix of the workers' protocol lines (TRL prints its logs to stdout too)
 
 
@@ -143,15 +175,17 @@ def _send(obj) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
-def worker(framework: str, lora: bool, args) -> None:
-    """One framework in its own process: 'ready', then a step per line read from stdin."""
+def worker(framework: str, cell: dict, args) -> None:
+    """One framework in its own process: 'ready', then a step per line read from stdin, each
+    reported with the peak memory growth so far."""
     total = args.warmup + args.steps
     if framework == "ours":
-        ours = Ours(args, lora)
+        ours = Ours(cell, args)
+        peak = Peak()
         _send("ready")
         for _ in range(total):
             sys.stdin.readline()
-            _send(ours.step())
+            _send({**ours.step(), "peak_mb": peak.mb()})
         return
     from transformers import TrainerCallback
 
@@ -164,20 +198,23 @@ def worker(framework: str, lora: bool, args) -> None:
             dt = time.perf_counter() - self.t0
             gen = phases["gen"] - self.p0["gen"]
             gs = phases["gen_and_score"] - self.p0["gen_and_score"]
-            _send({"step": dt, "gen": gen, "logprob_passes": gs - gen, "update": dt - gs})
+            _send({"step": dt, "gen": gen, "logprobs": gs - gen, "update": dt - gs,
+                   "tokens": phases["tokens"] - self.p0["tokens"], "peak_mb": peak.mb()})
 
-    trainer, phases = build_trl(args, lora, total, callbacks=[Gate()])
+    trainer, phases = build_trl(cell, args, total, callbacks=[Gate()])
+    peak = Peak()
     _send("ready")
     trainer.train()
 
 
 class Worker:
-    def __init__(self, framework: str, mode: str, args):
-        cmd = [sys.executable, __file__, "--worker", framework, *_shape_args(mode, args)]
+    def __init__(self, framework: str, cell: dict, args, started: list):
+        cmd = [sys.executable, __file__, "--worker", framework, "--cell", json.dumps(cell), *_shape_args(args)]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=dict(os.environ, HF_HUB_OFFLINE="1"))
         self.name = framework
+        started.append(self)
         self.read()  # "ready"
 
     def read(self):
@@ -197,95 +234,115 @@ class Worker:
         self.proc.wait(timeout=600)
 
 
-def interleaved(args, lora: bool) -> dict:
-    mode = "lora" if lora else "full"
-    trl = Worker("trl", mode, args)
-    ours = Worker("ours", mode, args)
-    trl_times, our_times = [], []
-    for _ in range(args.warmup + args.steps):
-        trl_times.append(trl.step())
-        our_times.append(ours.step())
-    trl.close()
-    ours.close()
-    trl_m, our_m = trl_times[args.warmup:], our_times[args.warmup:]
-    med = lambda rows, k: statistics.median(r[k] for r in rows)
-    return {
-        "trl": {k: med(trl_m, k) for k in trl_m[0]},
-        "ours": {k: med(our_m, k) for k in our_m[0]},
-        "ratio": med(our_m, "step") / med(trl_m, "step"),
-        "steps": len(our_m),
-    }
-
-
-def _shape_args(mode: str, args) -> list[str]:
-    return ["--modes", mode, "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-            "--new-tokens", str(args.new_tokens), "--beta", str(args.beta), "--steps", str(args.steps),
+def _shape_args(args) -> list[str]:
+    return ["--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
             "--warmup", str(args.warmup)]
 
 
-def child_memory(framework: str, mode: str, args, live: bool) -> float:
-    cmd = [sys.executable, __file__, "--child", framework, *_shape_args(mode, args)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if live:  # glibc returns freed blocks >= 128 KiB at once, so RSS follows live memory (as in bench/dpo_vs_trl.py)
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+def measure(cell: dict, args) -> dict:
+    """One cell: both workers alternating step by step; medians after warm-up and the final peaks."""
+    workers = []
+    try:
+        trl = Worker("trl", cell, args, workers)
+        ours = Worker("ours", cell, args, workers)
+        rows = {"trl": [], "ours": []}
+        for _ in range(args.warmup + args.steps):
+            rows["trl"].append(trl.step())
+            rows["ours"].append(ours.step())
+        for w in workers:
+            w.close()
+    finally:  # a worker that failed or was left behind must not run on ungated
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    out = {}
+    for name, steps in rows.items():
+        kept = steps[args.warmup:]
+        out[name] = {k: statistics.median(r[k] for r in kept) for k in ("step", "gen", "logprobs", "update", "tokens")}
+        out[name]["peak_mb"] = steps[-1]["peak_mb"]
+    out["time_ratio"] = out["ours"]["step"] / out["trl"]["step"]
+    out["memory_ratio"] = out["ours"]["peak_mb"] / out["trl"]["peak_mb"]
+    return out
 
 
-def run_child(framework: str, lora: bool, args) -> None:
-    from posttrain.models import load_model
+# ------------------------------------------------------------------------------------- the grid
+def machine() -> dict:
+    info = {"date": datetime.date.today().isoformat(), "platform": platform.platform(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    try:
+        import trl
 
-    load_model()  # warm the model cache into the baseline
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu"] = fields.get("model name", "")
+        info["cpu_flags"] = fields.get("flags", "").split()
+    except OSError:
+        pass
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    if framework == "ours":
-        ours = Ours(args, lora)
-        base, how = current_rss_mb(), reset_peak()
-        for _ in range(4):
-            ours.step()
-    else:
-        trainer, _ = build_trl(args, lora, 4)
-        base, how = current_rss_mb(), reset_peak()
-        trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_kb(how) / 1024 - base
-    print(json.dumps({"peak_mb": peak}))
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def key(cell: dict) -> str:
+    return f"g{cell['group']}-{cell['lora']}-{cell['lengths']}-b{cell['beta']}"
+
+
+def table(cells: list[dict]) -> str:
+    head = ("| group | LoRA | lengths | beta | TRL s/step (gen/logp/upd) | ours s/step (gen/logp/upd) | tokens TRL/ours "
+            "| time ratio | peak MB TRL/ours | memory ratio |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in cells:
+        c, t, o = r["cell"], r["trl"], r["ours"]
+        phases = lambda x: f"{x['step']:.1f} ({x['gen']:.1f}/{x['logprobs']:.1f}/{x['update']:.1f})"
+        lines.append(f"| {c['group']} | {c['lora']} | {c['lengths']} | {c['beta']} | {phases(t)} | {phases(o)} "
+                     f"| {t['tokens']:.0f}/{o['tokens']:.0f} | **{r['time_ratio']:.2f}** "
+                     f"| {t['peak_mb']:.0f}/{o['peak_mb']:.0f} | **{r['memory_ratio']:.2f}** |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--modes", default="lora,full")
+    p.add_argument("--groups", default="4,8,16")
+    p.add_argument("--loras", default="attn,all,full")
+    p.add_argument("--lengths", default="natural,forced")
+    p.add_argument("--betas", default="0,0.04")
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--child", choices=["ours", "trl"])
+    p.add_argument("--out", default="bench/results/grpo_grid.json")
     p.add_argument("--worker", choices=["ours", "trl"])
-    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--cell")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    if args.child:
-        run_child(args.child, args.modes == "lora", args)
-        return
     if args.worker:
-        worker(args.worker, args.modes == "lora", args)
+        worker(args.worker, json.loads(args.cell), args)
         return
-    print(f"GRPO step, {args.prompts} prompts x {args.group_size} completions x {args.new_tokens} tokens (forced), "
-          f"beta {args.beta}, torch threads {torch.get_num_threads()}")
-    for mode in args.modes.split(","):
-        res = interleaved(args, mode == "lora")
-        o, t = res["ours"], res["trl"]
-        print(f"\n[{mode}] median over {res['steps']} steps after {args.warmup} warm-up")
-        print(f"  TRL : step {t['step']:.2f}s  gen {t['gen']:.2f}s  logprob passes {t['logprob_passes']:.2f}s  update {t['update']:.2f}s")
-        print(f"  ours: step {o['step']:.2f}s  gen {o['gen']:.2f}s  update (ref pass + fwd/bwd) {o['update']:.2f}s")
-        print(f"  step time ratio ours/TRL: {res['ratio']:.2f}  (target <= 0.5)")
-        if args.no_memory:
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "cells": []}
+    done = {key(r["cell"]) for r in saved["cells"]}
+    grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b)} for g, lo, ln, b in itertools.product(
+        args.groups.split(","), args.loras.split(","), args.lengths.split(","), args.betas.split(","))]
+    print(f"GRPO step, {args.prompts} prompts x group x up to {args.new_tokens} tokens, torch threads "
+          f"{torch.get_num_threads()}, {len(grid)} cells ({len([c for c in grid if key(c) in done])} already in {out})")
+    for cell in grid:
+        if key(cell) in done:
             continue
-        readings = ["live", "as run"] if not torch.cuda.is_available() else ["live"]
-        for reading in readings:
-            mo, mt = (child_memory(f, mode, args, reading == "live") for f in ("ours", "trl"))
-            print(f"  peak memory growth ({reading}): ours {mo:.0f} MB, TRL {mt:.0f} MB, ratio {mo / mt:.2f}  (target <= 0.8)")
+        res = {"cell": cell, "prompts": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps,
+               **measure(cell, args)}
+        saved["cells"].append(res)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
+        os.replace(tmp, out)
+        print(table([res]).splitlines()[-1], flush=True)
+    print(f"\n{saved['machine'].get('cpu', '')}, {saved['machine']['date']}; targets: time ratio <= 0.5, memory ratio <= 0.7")
+    print(table([r for r in saved["cells"] if key(r["cell"]) in {key(c) for c in grid}]))
 
 
 if __name__ == "__main__":
