@@ -176,8 +176,12 @@ def _sample_groups(model, tokenizer, prompt_ids, group_size, cfg, generator, pro
     B, C = P * G, cfg.max_new_tokens
 
     cache = decode_cache(getattr(model, "config", None), reserve=C)
+    # the last position as an index tensor, not `logits_to_keep=1`: the slice [:, -1:] is a strided
+    # view, and a strided 3-d input to the head's linear makes torch expand the [V, H] weight per
+    # prompt for a batched matmul (bfloat16: 113 MB copied, 0.16 s per call for 2 prompts)
+    last = torch.tensor([prompt_PL.shape[1] - 1], device=device)
     out = model(input_ids=prompt_PL, attention_mask=pmask_PL, position_ids=positions(pmask_PL),
-                cache=cache, use_cache=True, logits_to_keep=1)
+                cache=cache, use_cache=True, logits_to_keep=last)
     logits_BV = out.logits[:, -1].repeat_interleave(G, dim=0)
     cache = out.cache if getattr(out, "cache", None) is not None else cache
     cache.batch_repeat_interleave(G)
@@ -188,6 +192,7 @@ def _sample_groups(model, tokenizer, prompt_ids, group_size, cfg, generator, pro
     logp_BC = torch.zeros((B, C), dtype=torch.float32, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)  # rows still in the batch, in cache order
+    lean = getattr(model, "lean_decoder", None)  # the bfloat16 sampling copy's fast step (`lean_decode`)
     for t in range(C):
         if t < cfg.min_new_tokens and len(stop):
             logits_BV = logits_BV.index_fill(-1, stop, float("-inf"))
@@ -205,9 +210,12 @@ def _sample_groups(model, tokenizer, prompt_ids, group_size, cfg, generator, pro
             set_reserve(cache, C - t)
             active, token_A, attn_BL, next_pos_B = active[keep], token_A[keep], attn_BL[keep], next_pos_B[keep]
         attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=-1)
-        out = model(input_ids=token_A[:, None], attention_mask=attn_BL, position_ids=next_pos_B[:, None],
-                    cache=cache, use_cache=True)
-        logits_BV = out.logits[:, -1]
+        if lean is not None:
+            logits_BV = lean.step(token_A, attn_BL, next_pos_B, cache)
+        else:
+            out = model(input_ids=token_A[:, None], attention_mask=attn_BL, position_ids=next_pos_B[:, None],
+                        cache=cache, use_cache=True)
+            logits_BV = out.logits[:, -1]
         next_pos_B = next_pos_B + 1
 
     lengths_B = _lengths(tokens_BC, done_B, stop)

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from posttrain.runtime import distributed
+from posttrain.sampling import lean_decode
 
 RolloutDtype = Literal["auto", "bfloat16", "float32"]
 _PEFT_PREFIX = "base_model.model."
@@ -102,6 +103,8 @@ class RolloutModel:
         self.model = AutoModelForCausalLM.from_config(base.config, dtype=dtype, attn_implementation=ATTENTION).to(device).eval()
         self.model.requires_grad_(False)
         self.model.generation_config = base.generation_config
+        if lean_decode.supports(base.config):  # before the parameters are listed below: it replaces some
+            self.model.lean_decoder = lean_decode.LeanDecoder(self.model, lean_decode.fuse_weights(self.model))
         self._lora = _lora_modules(policy)
         lora_weights = {f"{n}.weight" for n in self._lora}
         own = dict(self.model.named_parameters())
