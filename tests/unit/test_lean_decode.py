@@ -5,6 +5,8 @@ it follows the policy after a sync (its fused weights are the modules' weights);
 not cover decode through transformers' forward."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from posttrain.sampling import lean_decode
 from posttrain.sampling.generation import left_pad, positions
 from posttrain.sampling.kv_cache import decode_cache
 from posttrain.sampling.rollout_model import RolloutModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _gap(a, b) -> float:
@@ -92,3 +96,32 @@ def test_models_it_does_not_cover_decode_through_transformers():
     policy, _ = tiny_model(seed=0)
     assert lean_decode.supports(policy.config)
     assert not hasattr(RolloutModel(policy, torch.float32).model, "lean_decoder")  # float32: the policy itself
+
+
+def _family(model_type: str, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_logprobs_architectures import COMMON, FAMILIES  # the tiny configs of the log-prob family tests
+
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[model_type][0], "initializer_range": 0.2, **over})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+
+
+@pytest.mark.parametrize("model_type,over", [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": None})])
+def test_lean_step_matches_each_family_it_covers(model_type, over):
+    policy = _family(model_type, **over)
+    copy_ = RolloutModel(policy, torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 8, 6)]
+    tokens_SA = torch.randint(3, 96, (5, 3), generator=g)
+    gaps = _steps(copy_.model, copy_.model.lean_decoder, prompts, tokens_SA, drop_after=1)
+    assert max(gaps) < 0.005, gaps
+
+
+@pytest.mark.parametrize("model_type,over", [("qwen2", {}), ("phi3", {}), ("olmo2", {}), ("smollm3", {}),
+                                             ("gemma2", {}), ("mistral", {"sliding_window": 16})])
+def test_families_it_does_not_cover_keep_transformers_forward(model_type, over):
+    policy = _family(model_type, **over)
+    assert not hasattr(RolloutModel(policy, torch.bfloat16).model, "lean_decoder")
