@@ -325,6 +325,10 @@ def main() -> None:
         return
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "cells": []}
+    here = machine()
+    if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "trl", "threads")):
+        sys.exit(f"{out} holds cells measured on another machine or setup ({saved['machine'].get('cpu')}, torch "
+                 f"{saved['machine'].get('torch')}): give another --out")
     done = {key(r["cell"]) for r in saved["cells"]}
     grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b)} for g, lo, ln, b in itertools.product(
         args.groups.split(","), args.loras.split(","), args.lengths.split(","), args.betas.split(","))]
