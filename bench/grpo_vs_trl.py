@@ -324,8 +324,8 @@ def main() -> None:
         worker(args.worker, json.loads(args.cell), args)
         return
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"machine": machine(), "cells": []}
     here = machine()
+    saved = json.loads(out.read_text()) if out.exists() else {"machine": here, "cells": []}
     if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "trl", "threads")):
         sys.exit(f"{out} holds cells measured on another machine or setup ({saved['machine'].get('cpu')}, torch "
                  f"{saved['machine'].get('torch')}): give another --out")
@@ -346,7 +346,8 @@ def main() -> None:
         os.replace(tmp, out)
         print(table([res]).splitlines()[-1], flush=True)
     print(f"\n{saved['machine'].get('cpu', '')}, {saved['machine']['date']}; targets: time ratio <= 0.5, memory ratio <= 0.7")
-    print(table([r for r in saved["cells"] if key(r["cell"]) in {key(c) for c in grid}]))
+    wanted = {key(c) for c in grid}
+    print(table([r for r in saved["cells"] if key(r["cell"]) in wanted]))
 
 
 if __name__ == "__main__":

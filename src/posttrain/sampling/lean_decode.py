@@ -12,7 +12,7 @@ same step from the layers' weights directly:
   * the keys and values go to the same cache layers as transformers' forward (`cache.layers[i]
     .update`), so the pre-fill (still transformers' forward) and batch selection work unchanged;
   * query heads that share a key/value head are stacked as rows against the unexpanded keys;
-  * RMSNorm, RoPE (the model's own rotary module) and softmax in float32 as transformers does.
+  * the model's own RMSNorm and rotary modules, and softmax in float32 as transformers does.
 Results equal transformers' step up to bfloat16 rounding (the fused matmuls group the same sums
 differently); `tests/unit/test_lean_decode.py` checks the logits over several steps, padding and
 dropped rows included.
@@ -37,13 +37,6 @@ def supports(config) -> bool:
             and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
             and not getattr(config, "attn_logit_softcapping", None) and not getattr(config, "sliding_window", None)
             and getattr(config, "pretraining_tp", 1) == 1)
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: float32 statistics, the weight applied in the input's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def _rope(x_AHD: torch.Tensor, cos_A1D: torch.Tensor, sin_A1D: torch.Tensor) -> torch.Tensor:
@@ -78,7 +71,6 @@ class LeanDecoder:
     def __init__(self, model, fused: list[tuple[torch.Tensor, torch.Tensor]]):
         cfg = model.config
         self.model = model
-        self.eps = cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
@@ -86,7 +78,7 @@ class LeanDecoder:
         for layer, (qkv, gate_up) in zip(model.model.layers, fused):
             att, mlp = layer.self_attn, layer.mlp
             norms = (getattr(att, "q_norm", None), getattr(att, "k_norm", None))
-            self.layers.append((layer.input_layernorm.weight, qkv, att.o_proj.weight, layer.post_attention_layernorm.weight,
+            self.layers.append((layer.input_layernorm, qkv, att.o_proj.weight, layer.post_attention_layernorm,
                                 gate_up, mlp.down_proj.weight, norms))
 
     @torch.no_grad()
@@ -97,8 +89,8 @@ class LeanDecoder:
         cos_A1D, sin_A1D = m.model.rotary_emb(h_AE, pos_A[:, None])
         bias_A11L = torch.zeros(attn_AL.shape, dtype=h_AE.dtype, device=h_AE.device).masked_fill_(
             attn_AL == 0, torch.finfo(h_AE.dtype).min)[:, None, None, :]
-        for i, (n1, qkv, wo, n2, gate_up, down, (q_norm, k_norm)) in enumerate(self.layers):
-            x = _rms(h_AE, n1, self.eps) @ qkv.t()
+        for i, (norm1, qkv, wo, norm2, gate_up, down, (q_norm, k_norm)) in enumerate(self.layers):
+            x = norm1(h_AE) @ qkv.t()
             q_AHD = x[:, :H * D].view(A, H, D)
             k_AKD = x[:, H * D:(H + K) * D].view(A, K, D)
             v_AK1D = x[:, (H + K) * D:].reshape(A, K, 1, D)
@@ -109,7 +101,7 @@ class LeanDecoder:
             scores_AKGL = (q_AHD.view(A, K, H // K, D) @ keys_AKLD.transpose(2, 3)) * self.scale + bias_A11L
             weights = torch.softmax(scores_AKGL, dim=-1, dtype=torch.float32).to(h_AE.dtype)
             h_AE = h_AE + (weights @ values_AKLD).reshape(A, H * D) @ wo.t()
-            gu = _rms(h_AE, n2, self.eps) @ gate_up.t()
+            gu = norm2(h_AE) @ gate_up.t()
             half = gu.shape[-1] // 2
             h_AE = h_AE + (torch.nn.functional.silu(gu[:, :half]) * gu[:, half:]) @ down.t()
         return m.lm_head(m.model.norm(h_AE))
