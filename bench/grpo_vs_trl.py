@@ -288,6 +288,14 @@ def machine() -> dict:
     return info
 
 
+def commit() -> str:
+    """The posttrain commit measured (``+`` when the work tree had changes), or '' outside git."""
+    here = Path(__file__).resolve().parent
+    run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = run("rev-parse", "--short", "HEAD")
+    return head + ("+" if head and run("status", "--porcelain", "--untracked-files=no", "--", "../src") else "")
+
+
 def key(cell: dict) -> str:
     return f"g{cell['group']}-{cell['lora']}-{cell['lengths']}-b{cell['beta']}"
 
@@ -318,6 +326,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/grpo_grid.json")
     p.add_argument("--worker", choices=["ours", "trl"])
     p.add_argument("--cell")
+    p.add_argument("--remeasure", action="store_true", help="measure the chosen cells again, replacing their results")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.worker:
@@ -329,7 +338,7 @@ def main() -> None:
     if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "trl", "threads")):
         sys.exit(f"{out} holds cells measured on another machine or setup ({saved['machine'].get('cpu')}, torch "
                  f"{saved['machine'].get('torch')}): give another --out")
-    done = {key(r["cell"]) for r in saved["cells"]}
+    done = set() if args.remeasure else {key(r["cell"]) for r in saved["cells"]}
     grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b)} for g, lo, ln, b in itertools.product(
         args.groups.split(","), args.loras.split(","), args.lengths.split(","), args.betas.split(","))]
     print(f"GRPO step, {args.prompts} prompts x group x up to {args.new_tokens} tokens, torch threads "
@@ -338,8 +347,8 @@ def main() -> None:
         if key(cell) in done:
             continue
         res = {"cell": cell, "prompts": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps,
-               **measure(cell, args)}
-        saved["cells"].append(res)
+               "date": datetime.date.today().isoformat(), "commit": commit(), **measure(cell, args)}
+        saved["cells"] = [r for r in saved["cells"] if key(r["cell"]) != key(cell)] + [res]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
