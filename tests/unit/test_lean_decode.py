@@ -125,3 +125,24 @@ def test_lean_step_matches_each_family_it_covers(model_type, over):
 def test_families_it_does_not_cover_keep_transformers_forward(model_type, over):
     policy = _family(model_type, **over)
     assert not hasattr(RolloutModel(policy, torch.bfloat16).model, "lean_decoder")
+
+
+def test_multi_turn_episodes_take_the_lean_step_and_equal_transformers_episodes(scripted_episodes):
+    """Multi-turn sampling (`turns.py`) decodes through the same step as single-turn sampling: on
+    the bfloat16 copy the lean one, with the same episodes (tokens and sampler log-probs) as
+    transformers' forward gives."""
+    policy, tok = tiny_model(seed=0, initializer_range=0.2)
+    copy_ = RolloutModel(policy, torch.bfloat16)
+    lean = copy_.model.lean_decoder
+    calls = []
+    step = lean.step
+    lean.step = lambda *a: calls.append(1) or step(*a)
+    fast = scripted_episodes(copy_.model, tok, 2)
+    del copy_.model.lean_decoder
+    plain = scripted_episodes(copy_.model, tok, 2)
+    assert len(calls) > 20  # every turn's tokens after the first
+    a, b = fast.rollouts, plain.rollouts
+    assert torch.equal(a.completion_ids_BC, b.completion_ids_BC)
+    assert torch.equal(a.completion_mask_BC, b.completion_mask_BC)
+    assert torch.equal(a.sample_logp_BC, b.sample_logp_BC)
+    assert int(a.completion_mask_BC.sum()) > 30  # turns were sampled

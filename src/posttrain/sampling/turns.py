@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from posttrain.sampling.generation import (Rollouts, SamplingConfig, eos_ids, left_pad, positions,
-                                           sample_next)
+from posttrain.sampling.generation import (Rollouts, SamplingConfig, decode_step, eos_ids, left_pad, positions,
+                                           prefill, sample_next)
 from posttrain.sampling.kv_cache import decode_cache, set_reserve
 from posttrain.sampling.skinny_linear import skinny_linears
 
@@ -167,14 +167,12 @@ class _Sampler:
         prompt_PL, pmask_PL = (x.to(self.device) for x in left_pad(self.prompts, self.pad_id))
         self.prompt_PL, self.pmask_PL = prompt_PL, pmask_PL  # the result's prompts
         cache = decode_cache(getattr(self.model, "config", None), reserve=self.cfg.max_new_tokens)
-        out = self.model(input_ids=prompt_PL, attention_mask=pmask_PL, position_ids=positions(pmask_PL),
-                         cache=cache, use_cache=True, logits_to_keep=1)
+        cache, logits_PV = prefill(self.model, prompt_PL, pmask_PL, positions(pmask_PL), cache)
         self.prefilled += int(pmask_PL.sum())
-        cache = out.cache if getattr(out, "cache", None) is not None else cache
         cache.batch_repeat_interleave(self.G)
         self.reuse = self.reuse and _plain_cache(cache)
         attn_BL = pmask_PL.repeat_interleave(self.G, dim=0)
-        return cache, attn_BL, attn_BL.sum(-1), out.logits[:, -1].repeat_interleave(self.G, dim=0)
+        return cache, attn_BL, attn_BL.sum(-1), logits_PV.repeat_interleave(self.G, dim=0)
 
     def _continue_cache(self, rows: torch.Tensor):
         """The cache, mask, next positions and next-token logits of ``rows`` for their next turn."""
@@ -201,11 +199,9 @@ class _Sampler:
             pos_BF, attn_BL = positions(fmask_BF), fmask_BF
         for ep in eps:
             ep.kv, ep.pending = None, []
-        out = self.model(input_ids=feed_BF, attention_mask=attn_BL, position_ids=pos_BF, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        cache, logits_BV = prefill(self.model, feed_BF, attn_BL, pos_BF, cache)
         self.prefilled += int(fmask_BF.sum())
-        cache = out.cache if getattr(out, "cache", None) is not None else cache
-        return cache, attn_BL, attn_BL.sum(-1), out.logits[:, -1]
+        return cache, attn_BL, attn_BL.sum(-1), logits_BV
 
     def _keep_kv(self, cache, attn_BL: torch.Tensor, i: int, b: int) -> None:
         """Episode b (row i of the decode batch) leaves it: keep its real positions' keys and values."""
@@ -242,9 +238,7 @@ class _Sampler:
                 set_reserve(cache, self.cfg.max_new_tokens - t)
                 active, token_A, attn_BL, next_pos_B = active[keep], token_A[keep], attn_BL[keep], next_pos_B[keep]
             attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=-1)
-            out = self.model(input_ids=token_A[:, None], attention_mask=attn_BL, position_ids=next_pos_B[:, None],
-                             cache=cache, use_cache=True)
-            logits_BV = out.logits[:, -1]
+            logits_BV = decode_step(self.model, token_A, attn_BL, next_pos_B, cache)
             next_pos_B = next_pos_B + 1
 
     # ------------------------------------------------------------------------------ the result
