@@ -77,50 +77,109 @@ class Peak:
 
 
 # ------------------------------------------------------------------------------------------ ours
+def _adapter(cell: dict) -> dict:
+    targets = TARGETS[cell["lora"]]
+    return dict(lora=targets is not None, **({} if targets is None else dict(
+        lora_rank=16, lora_alpha=32, lora_target=",".join(targets) if isinstance(targets, list) else targets)))
+
+
 class Ours:
+    """Our GRPO step, its stages called as `train_grpo`'s loop calls them."""
+
     def __init__(self, cell: dict, args):
-        from posttrain import rewards as rw
         from posttrain.algorithms import common, grpo
         from posttrain.algorithms.optim import OptimizerStep, trainable_params
         from posttrain.algorithms.reference import Reference
-        from posttrain.sampling.rollout_model import rollout_model
 
-        lora = cell["lora"] != "full"
-        forced = args.new_tokens if cell["lengths"] == "forced" else 0
-        targets = TARGETS[cell["lora"]]
         self.grpo = grpo
-        adapter = dict(lora_rank=16, lora_alpha=32, lora_target=",".join(targets) if isinstance(targets, list)
-                       else targets) if lora else {}
-        self.cfg = grpo.GRPOConfig(
-            data="unused", group_size=cell["group"], prompts_per_step=args.prompts, max_new_tokens=args.new_tokens,
-            min_new_tokens=forced, beta=cell["beta"], lora=lora, lr=LR, temperature=1.0, **adapter)
-        common.start(self.cfg)  # as train_grpo: seeds, and on CPU keeps freed memory for reuse
-        self.policy, self.tok = common.load_policy(self.cfg)
+        self.cfg = grpo.GRPOConfig(beta=cell["beta"], **self._shape(cell, args))
+        self._load(common)
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
         self.ref = Reference(self.policy, self.cfg.lora) if self.cfg.beta > 0 else None  # as train_grpo
         self.rule = OptimizerStep(self.opt, [trainable_params(self.policy)], self.cfg.max_grad_norm, [self.policy])
-        self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as train_grpo samples
+        self._sampler(common)
+
+    @staticmethod
+    def _shape(cell: dict, args) -> dict:
+        forced = args.new_tokens if cell["lengths"] == "forced" else 0
+        return dict(data="unused", group_size=cell["group"], prompts_per_step=args.prompts, lr=LR, temperature=1.0,
+                    max_new_tokens=args.new_tokens, min_new_tokens=forced, **_adapter(cell))
+
+    def _load(self, common) -> None:
+        common.start(self.cfg)  # as the trainers: seeds, and on CPU keeps freed memory for reuse
+        self.policy, self.tok = common.load_policy(self.cfg)
+
+    def _sampler(self, common) -> None:
+        from posttrain import rewards as rw
+        from posttrain.sampling.rollout_model import rollout_model
+
+        self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as the trainers sample
         self.stream = common.PromptStream([{"prompt": p} for p in prompts(64)], 0)
         self.sampling = self.cfg.sampling()
         self.reward = rw.from_spec("format(pattern=.*Answer.*)")
         self.gen = torch.Generator().manual_seed(0)
 
-    def step(self) -> dict[str, float]:
+    def _collect(self):
         from posttrain.algorithms.collect import collect
 
-        t0 = time.perf_counter()
         self.policy.eval()
-        batch, m = collect(self.policy, self.tok, self.stream, self.cfg.prompts_per_step, self.cfg.group_size,
-                           self.sampling, self.reward, self.gen, rollout=self.rollout)
-        t1 = time.perf_counter()
-        prepared = self.grpo.advantages(self.policy, self.ref, self.cfg, batch)
-        t2 = time.perf_counter()
+        return collect(self.policy, self.tok, self.stream, self.cfg.prompts_per_step, self.cfg.group_size,
+                       self.sampling, self.reward, self.gen, rollout=self.rollout)[0]
+
+    def _before_update(self, batch):
+        return self.grpo.advantages(self.policy, self.ref, self.cfg, batch)
+
+    def _update(self, batch, prepared) -> None:
         self.grpo.optimise(self.policy, self.rule, self.cfg, batch, prepared)
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch = self._collect()
+        t1 = time.perf_counter()
+        prepared = self._before_update(batch)
+        t2 = time.perf_counter()
+        self._update(batch, prepared)
         self.sched.step()  # as the loop does once per step
         t3 = time.perf_counter()
         tokens = int(batch.rollouts.completion_mask_BC.sum())
         return {"step": t3 - t0, "gen": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2, "tokens": tokens}
+
+
+class OursPPO(Ours):
+    """Our PPO step on the same shape (`ppo_vs_grpo.py`): kl_coef = the cell's beta, `ppo_epochs` passes
+    of one minibatch, the critic as `train_ppo` builds it (a LoRA adapter on the policy's base with
+    LoRA, a second model with full fine-tuning). "logprobs" is `rollout_stats`: the old log-probs,
+    the reference's and the critic's values."""
+
+    def __init__(self, cell: dict, args):
+        from posttrain.algorithms import common, ppo
+        from posttrain.algorithms.optim import OptimizerStep
+        from posttrain.algorithms.ppo_parts import build_optimizer, make_value_model, policy_params
+        from posttrain.algorithms.reference import Reference
+
+        self.ppo = ppo
+        self.cfg = ppo.PPOConfig(kl_coef=cell["beta"], ppo_epochs=cell["ppo_epochs"], minibatches=1,
+                                 **self._shape(cell, args))
+        self._load(common)
+        self.ref = Reference(self.policy, self.cfg.lora) if self.cfg.kl_coef > 0 else None
+        self.critic = make_value_model(self.cfg, self.policy, self.cfg.seed)
+        sets = (policy_params(self.policy), self.critic.parameters())
+        self.opt = build_optimizer(*sets, self.cfg, LR, LR * ppo.VALUE_LR_MULTIPLIER)
+        self.sched = common.build_scheduler(self.opt, self.cfg)
+        separate = self.critic.model if self.critic.adapter is None else None
+        self.rule = OptimizerStep(self.opt, sets, self.cfg.max_grad_norm, [self.policy, separate])
+        self.mb_gen = torch.Generator().manual_seed(1)
+        self._sampler(common)
+
+    def _before_update(self, batch):
+        return self.ppo.rollout_stats(self.policy, self.critic, self.ref, self.cfg, batch, self.cfg.kl_coef)
+
+    def _update(self, batch, ro) -> None:
+        self.ppo.update(self.policy, self.critic, self.rule, self.cfg, batch, ro, self.mb_gen)
+
+
+OURS = {"ours": Ours, "ppo": OursPPO}  # worker name -> our trainer's step
 
 
 # ------------------------------------------------------------------------------------------- TRL
@@ -179,8 +238,8 @@ def worker(framework: str, cell: dict, args) -> None:
     """One framework in its own process: 'ready', then a step per line read from stdin, each
     reported with the peak memory growth so far."""
     total = args.warmup + args.steps
-    if framework == "ours":
-        ours = Ours(cell, args)
+    if framework in OURS:
+        ours = OURS[framework](cell, args)
         peak = Peak()
         _send("ready")
         for _ in range(total):
@@ -239,16 +298,17 @@ def _shape_args(args) -> list[str]:
             "--warmup", str(args.warmup)]
 
 
-def measure(cell: dict, args) -> dict:
-    """One cell: both workers alternating step by step; medians after warm-up and the final peaks."""
+def measure(cell: dict, args, pair: tuple[str, str] = ("trl", "ours")) -> dict:
+    """One cell: both workers alternating step by step; medians after warm-up and the final peaks.
+    The ratios are the second worker's over the first's."""
     workers = []
     try:
-        trl = Worker("trl", cell, args, workers)
-        ours = Worker("ours", cell, args, workers)
-        rows = {"trl": [], "ours": []}
+        for name in pair:
+            Worker(name, cell, args, workers)
+        rows = {name: [] for name in pair}
         for _ in range(args.warmup + args.steps):
-            rows["trl"].append(trl.step())
-            rows["ours"].append(ours.step())
+            for w in workers:
+                rows[w.name].append(w.step())
         for w in workers:
             w.close()
     finally:  # a worker that failed or was left behind must not run on ungated
@@ -260,8 +320,8 @@ def measure(cell: dict, args) -> dict:
         kept = steps[args.warmup:]
         out[name] = {k: statistics.median(r[k] for r in kept) for k in ("step", "gen", "logprobs", "update", "tokens")}
         out[name]["peak_mb"] = steps[-1]["peak_mb"]
-    out["time_ratio"] = out["ours"]["step"] / out["trl"]["step"]
-    out["memory_ratio"] = out["ours"]["peak_mb"] / out["trl"]["peak_mb"]
+    out["time_ratio"] = out[pair[1]]["step"] / out[pair[0]]["step"]
+    out["memory_ratio"] = out[pair[1]]["peak_mb"] / out[pair[0]]["peak_mb"]
     return out
 
 
@@ -324,7 +384,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default="bench/results/grpo_grid.json")
-    p.add_argument("--worker", choices=["ours", "trl"])
+    p.add_argument("--worker", choices=[*OURS, "trl"])
     p.add_argument("--cell")
     p.add_argument("--remeasure", action="store_true", help="measure the chosen cells again, replacing their results")
     args = p.parse_args()
