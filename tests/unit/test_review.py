@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
+from collections import Counter
 import tempfile
 import urllib.error
 import urllib.request
@@ -83,6 +84,47 @@ def test_samples_have_ids_flags_and_filters(tmp_path):
     assert apply(samples, Filter(length_min=10_000), {}) == []
     assert [s.index for s in group(samples, 5, 0)] == [0, 1, 2, 3]
     assert {s.step for s in same_prompt(samples, "What is 2 + 3?")} == set(range(1, 13))
+
+
+def test_sample_log_reads_a_growing_file_incrementally(tmp_path, monkeypatch):
+    """The server's reader of a live run: each read parses only what was appended (each sample's
+    own signs computed once), waits for a line still being written, reads afresh a file a resume
+    replaced, and gives the flags a whole-file read gives."""
+    from posttrain.review import samples as sm
+    from posttrain.runtime.tracking import RunFileError, _truncate_after
+
+    run = make_run(tmp_path)
+    path = run / "samples.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    calls = []
+    signs_of = sm.signs_of
+    monkeypatch.setattr(sm, "signs_of", lambda s: calls.append(s.id) or signs_of(s))
+    path.write_text("".join(lines[:10]))
+    log = sm.SampleLog(path)
+
+    def whole(n):  # what a whole-file read gives for the first n lines (its signs not counted)
+        out = sm._samples((json.loads(x) for x in lines[:n]), Counter())
+        sm.set_flags(out, [signs_of(x) for x in out])
+        return [(x.id, x.flags) for x in out]
+
+    assert [(s.id, s.flags) for s in log.read()] == whole(10) and len(calls) == 40
+    assert len(log.read()) == 40 and len(calls) == 40  # unchanged: nothing parsed again
+    with path.open("a") as f:  # 20 more records and half of the next line, as a writer mid-line leaves it
+        f.write("".join(lines[10:30]) + lines[30][:25])
+    assert [(s.id, s.flags) for s in log.read()] == whole(30) and len(calls) == 120  # 80 new samples only
+    with path.open("a") as f:
+        f.write(lines[30][25:] + "".join(lines[31:]))
+    got = log.read()
+    assert [(s.id, s.flags) for s in got] == whole(len(lines)) and len(calls) == len(got)
+    assert any("repeated_closer" in s.flags or "long" in s.flags for s in got)  # flags over the whole run
+    _truncate_after(path, 4)  # a resume from step 4: the file rewritten with steps 1-4 only
+    assert [(s.id, s.flags) for s in log.read()] == whole(12)
+    with path.open("a") as f:
+        f.write("{not json\n" + lines[12])
+    with pytest.raises(RunFileError, match=r"samples.jsonl:13: not a JSON object"):
+        log.read()
+    path.unlink()
+    assert log.read() == []
 
 
 def _label_many(run: str, offset: int, n: int) -> None:

@@ -19,14 +19,16 @@ scores; seen on rg:number_sequence, README). A multi-turn episode is stored as o
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, closing_line, echoes
-from posttrain.runtime.tracking import read_jsonl
+from posttrain.runtime.tracking import RunFileError, read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 _TURN = re.compile(rf"^\[({'|'.join(ROLES)})\] ", re.MULTILINE)
@@ -80,9 +82,10 @@ def conversation(text: str) -> list[dict] | None:
     return out
 
 
-def samples_of(records: Iterable[dict]) -> list[Sample]:
-    """One :class:`Sample` per completion of the ``samples.jsonl`` records, flags set."""
-    out, per_step = [], Counter()
+def _samples(records: Iterable[dict], per_step: Counter) -> list[Sample]:
+    """The completions of ``records`` as samples, no flags; ``per_step`` counts the records already
+    seen per step (a record's group is its place among its step's), and is updated."""
+    out = []
     for rec in records:
         step = int(rec.get("step", 0))
         group = per_step[step]
@@ -96,39 +99,119 @@ def samples_of(records: Iterable[dict]) -> list[Sample]:
                 parts={name: _number(v[k]) if isinstance(v, list) and k < len(v) else None
                        for name, v in parts.items()},
                 advantage=_number(advantages[k]) if k < len(advantages) else None))
+    return out
+
+
+def samples_of(records: Iterable[dict]) -> list[Sample]:
+    """One :class:`Sample` per completion of the ``samples.jsonl`` records, flags set."""
+    out = _samples(records, Counter())
     set_flags(out)
     return out
 
 
-def set_flags(samples: list[Sample]) -> None:
-    """Set each sample's ``flags`` (module docstring) from the run's samples as a whole."""
+@dataclasses.dataclass(frozen=True)
+class Signs:
+    """What a sample's flags take from the sample alone (computed once per sample)."""
+
+    closer: str | None
+    closer_in_prompt: bool
+    stock_phrase: bool
+    echo: bool
+
+
+def signs_of(s: Sample) -> Signs:
+    low, prompt = s.completion.lower(), s.prompt.lower()
+    closer = closing_line(s.completion)
+    return Signs(closer, bool(closer) and closer in prompt, any(p in low and p not in prompt for p in STOCK_PHRASES),
+                 echoes(s.prompt, s.completion))
+
+
+def set_flags(samples: list[Sample], signs: list[Signs] | None = None) -> None:
+    """Set each sample's ``flags`` (module docstring) from the run's samples as a whole; ``signs``:
+    each sample's own (``signs_of``), when already known."""
     if not samples:
         return
+    signs = signs if signs is not None else [signs_of(s) for s in samples]
     lengths = sorted(s.length for s in samples)
     long_from = lengths[min(len(lengths) - 1, int(LONG_QUANTILE * len(lengths)))]
-    closers = {s.id: closing_line(s.completion) for s in samples}
-    closer_counts = Counter(c for c in closers.values() if c)
+    closer_counts = Counter(g.closer for g in signs if g.closer)
     common = {c for c, n in closer_counts.items() if n >= max(2, CLOSER_SHARE * len(samples))}
     group_rewards: dict[tuple[int, int], list[float]] = {}
     for s in samples:  # one pass: the group means of a long run
         group_rewards.setdefault((s.step, s.group), []).extend([s.reward] if s.reward is not None else [])
     group_mean = {k: sum(rs) / len(rs) if rs else math.nan for k, rs in group_rewards.items()}
-    for s in samples:
+    for s, g in zip(samples, signs):
         flags = []
         if s.length >= long_from and s.reward is not None and s.reward > group_mean[(s.step, s.group)]:
             flags.append("long")
-        low, prompt = s.completion.lower(), s.prompt.lower()
-        if any(p in low and p not in prompt for p in STOCK_PHRASES):
+        if g.stock_phrase:
             flags.append("stock_phrase")
-        if closers[s.id] in common and closers[s.id] not in prompt:
+        if g.closer in common and not g.closer_in_prompt:
             flags.append("repeated_closer")
-        if echoes(s.prompt, s.completion):
+        if g.echo:
             flags.append("echo")
         s.flags = flags
 
 
 def read_samples(run_dir: str | Path) -> list[Sample]:
     return samples_of(read_jsonl(Path(run_dir) / "samples.jsonl"))
+
+
+class SampleLog:
+    """A run's ``samples.jsonl`` read as it grows (the review server keeps one per run): a read
+    parses only the whole lines appended since the last (a line still being written waits for the
+    next read) and sets the flags over all samples from each one's ``Signs``, computed once. A file
+    replaced (a resumed run rewrites it atomically: a new inode) or shorter than what was read is
+    read afresh. A line that is not a JSON object: ``RunFileError`` naming the file and line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._start(None)
+
+    def _start(self, inode: int | None) -> None:
+        self.inode, self.offset, self.lines = inode, 0, 0
+        self.per_step: Counter = Counter()
+        self.samples: list[Sample] = []
+        self.signs: list[Signs] = []
+
+    def read(self) -> list[Sample]:
+        """The samples so far (a new list each call; the samples' flags are set again as it grows)."""
+        with self._lock:
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                self._start(None)
+                return []
+            if st.st_ino != self.inode or st.st_size < self.offset:
+                self._start(st.st_ino)
+            if st.st_size > self.offset:
+                with self.path.open("rb") as f:
+                    f.seek(self.offset)
+                    chunk = f.read(st.st_size - self.offset)
+                whole = chunk[:chunk.rfind(b"\n") + 1]
+                records = []
+                for line in whole.decode("utf-8", errors="replace").split("\n")[:-1]:
+                    self.lines += 1
+                    if line.strip():
+                        records.append(self._record(line))
+                self.offset += len(whole)
+                new = _samples(records, self.per_step)
+                self.samples += new
+                self.signs += [signs_of(s) for s in new]
+                if new:
+                    set_flags(self.samples, self.signs)
+            return list(self.samples)
+
+    def _record(self, line: str) -> dict:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise RunFileError(f"{self.path}:{self.lines}: not a JSON object ({line[:60]!r}); the file was edited or "
+                               "damaged: fix or delete that line")
+        return record
 
 
 # -------------------------------------------------------------------------------- filters

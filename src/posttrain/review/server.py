@@ -42,7 +42,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from posttrain.review import labels as lab
-from posttrain.review.samples import FLAGS, LABELS, Filter, Sample, apply, group, read_samples, same_prompt
+from posttrain.review.samples import FLAGS, LABELS, Filter, Sample, SampleLog, apply, group, same_prompt
 from posttrain.runtime.tracking import read_jsonl
 
 STATIC = Path(__file__).parent / "static"
@@ -92,7 +92,7 @@ class Review:
         self._plots_dir = Path(tempfile.mkdtemp(prefix="posttrain-review-"))
         self._plots: dict[str, tuple[tuple, float, Path, list[tuple[str, str]]]] = {}
         self._drawn = 0
-        self._samples: dict[str, tuple[tuple | None, list[Sample]]] = {}
+        self._samples: dict[str, SampleLog] = {}
         self._events: dict[str, tuple[tuple, list[dict]]] = {}
         self._lock = threading.Lock()
 
@@ -127,17 +127,13 @@ class Review:
             return names
 
     def samples(self, run_dir: Path) -> list[Sample]:
-        """The run's samples, read again only when samples.jsonl changed."""
+        """The run's samples: samples.jsonl read as it grows (``SampleLog``)."""
         path = run_dir / "samples.jsonl"
-        stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
         with self._lock:
-            cached = self._samples.get(run_dir.name)
-            if cached and cached[0] == stamp:
-                return cached[1]
-        found = read_samples(run_dir)
-        with self._lock:
-            self._samples[run_dir.name] = (stamp, found)
-        return found
+            log = self._samples.get(run_dir.name)
+            if log is None or log.path != path:
+                log = self._samples[run_dir.name] = SampleLog(path)
+        return log.read()
 
     def events(self, run_dir: Path) -> list[dict]:
         """The doctor's events of the run (``run_events``: doctor.jsonl, else a replay, and the
