@@ -36,11 +36,12 @@ class Scripted:
         return None if n >= self.turns else [40 + i for i in range(n + 1 + b % 3)]
 
 
-def sample(tiny, env, temperature=1.0, reuse=True, max_new=16, limits=TurnLimits(max_turns=8, max_total_tokens=200)):
+def sample(tiny, env, temperature=1.0, reuse=True, max_new=16, limits=TurnLimits(max_turns=8, max_total_tokens=200),
+           min_new=0):
     model, tok = tiny
     model.eval()
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    cfg = SamplingConfig(temperature=temperature, max_new_tokens=max_new)
+    cfg = SamplingConfig(temperature=temperature, max_new_tokens=max_new, min_new_tokens=min_new)
     return sample_episodes(model, tok, PROMPTS, 3, cfg, env, limits, prompt_generators=gens, reuse_cache=reuse)
 
 
@@ -117,3 +118,14 @@ def test_episodes_over_at_the_first_turn_are_single_turn_sampling(tiny):
     assert torch.equal(ep.rollouts.completion_ids_BC, single.completion_ids_BC)
     assert torch.equal(ep.rollouts.completion_mask_BC, single.completion_mask_BC)
     assert torch.allclose(ep.rollouts.sample_logp_BC, single.sample_logp_BC, atol=1e-6)
+
+
+def test_min_new_tokens_holds_for_every_turn(tiny):
+    """--min-new-tokens applies to each model turn, as to a single-turn completion: no end-of-turn
+    token before it (this model ends about half of its turns earlier without it)."""
+    free, forced = Scripted(turns=3), Scripted(turns=3)
+    sample(tiny, free, max_new=12)
+    sample(tiny, forced, max_new=12, min_new=8)
+    lengths = lambda env: [len(turn) for turns in env.seen.values() for turn, _ in turns]  # noqa: E731
+    assert min(lengths(free)) < 8  # without it some turns end sooner
+    assert min(lengths(forced)) >= 8 and len(lengths(forced)) == 18

@@ -218,6 +218,8 @@ class _Sampler:
         active = torch.arange(len(rows), device=self.device)  # positions in ``rows``, in cache order
         t = 0
         while True:
+            if t < self.cfg.min_new_tokens and len(self.stop):  # each turn at least min_new_tokens, as single-turn
+                logits_BV = logits_BV.index_fill(-1, self.stop, float("-inf"))
             groups = ((rows[active] // self.G), self.prompt_generators) if self.prompt_generators is not None else None
             token_A, logp_A = sample_next(logits_BV, self.cfg, self.generator, groups)
             for j, (tok, lp) in enumerate(zip(token_A.tolist(), logp_A.tolist())):
