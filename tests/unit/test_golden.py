@@ -24,7 +24,6 @@ def specs(peaked: str, tiny: str, prompts: str, pairs: str, out: Path) -> dict[s
     common = dict(output_dir=str(out), eval_at_start=True, log_every=100, device="cpu", seed=3,
                   rollout_dtype="float32")
     grpo = dict(common, model=peaked, data=prompts, reward=TOY_REWARD, max_steps=3, group_size=4, prompts_per_step=2,
-                micro_batch_prompts=1,
                 max_new_tokens=3, lr=1e-3, lora=True, beta=0.04, eval_fraction=0.25, checkpoint_every=2)
     dpo = dict(common, model=tiny, data=pairs, lora=True, lr=1e-3, batch_size=4, micro_batch_size=2, max_steps=3,
                eval_fraction=0.25, checkpoint_every=0)

@@ -58,7 +58,7 @@ def test_metrics_and_samples_written(tmp_path, peaked_dir, toy_prompts):
     assert (res.run_dir / "checkpoints" / "step-2" / "state.json").is_file()
 
 
-def _one_update(peaked_dir, toy_prompts, tmp_path, micro, group=8):
+def _one_update(peaked_dir, toy_prompts, tmp_path, micro):
     from posttrain.algorithms import common
     from posttrain.algorithms.collect import collect
     from posttrain.sampling.generation import SamplingConfig
@@ -73,7 +73,7 @@ def _one_update(peaked_dir, toy_prompts, tmp_path, micro, group=8):
     stream = common.PromptStream(inputs.load_rows_for(cfg, "prompt")[0], 0)
     from posttrain import rewards as rw
 
-    batch, _ = collect(policy, tok, stream, 4, group, SamplingConfig(max_new_tokens=3), rw.from_spec(TOY_REWARD),
+    batch, _ = collect(policy, tok, stream, 4, 8, SamplingConfig(max_new_tokens=3), rw.from_spec(TOY_REWARD),
                        torch.Generator().manual_seed(0))
     from posttrain.algorithms.optim import OptimizerStep, trainable_params
     from posttrain.algorithms.reference import Reference
@@ -83,29 +83,13 @@ def _one_update(peaked_dir, toy_prompts, tmp_path, micro, group=8):
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, metrics
 
 
-@pytest.mark.parametrize("group, micro", [(8, 1), (4, None)])
-def test_gradient_accumulation_equals_one_batch(tmp_path, peaked_dir, toy_prompts, group, micro):
-    """One group per pass, and the default packing (group size 4: two groups per pass, so 2 passes
-    for 4 prompts), give one big batch's update."""
-    whole, m1 = _one_update(peaked_dir, toy_prompts, tmp_path / "whole", micro=0, group=group)
-    parts, m2 = _one_update(peaked_dir, toy_prompts, tmp_path / "parts", micro=micro, group=group)
+def test_gradient_accumulation_equals_one_batch(tmp_path, peaked_dir, toy_prompts):
+    whole, m1 = _one_update(peaked_dir, toy_prompts, tmp_path, micro=0)
+    parts, m2 = _one_update(peaked_dir, toy_prompts, tmp_path, micro=1)
     assert abs(m1["loss"] - m2["loss"]) < 1e-6
     assert abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-5 * max(1.0, m1["grad_norm"])
     for name in whole:
         assert torch.allclose(whole[name], parts[name], atol=1e-6), name
-
-
-@pytest.mark.parametrize("size, group, tokens, per_pass", [
-    (None, 4, 64, 2), (None, 2, 256, 4), (None, 8, 64, 1), (None, 16, 64, 1), (None, 4, 1024, 1),
-    (None, 1, 16, 8), (1, 4, 64, 1), (0, 4, 64, 0), (3, 16, 4096, 3)])
-def test_default_micro_batch_packs_small_groups_up_to_8_rows_and_4096_tokens(size, group, tokens, per_pass):
-    from posttrain.algorithms.collect import micro_groups, prompts_per_pass
-
-    assert prompts_per_pass(size, group, tokens) == per_pass
-    micro = micro_groups(5, group, size, tokens)
-    assert torch.equal(torch.cat([p for p, _ in micro]), torch.arange(5))  # every prompt once, in order
-    assert all(torch.equal(rows, torch.arange(p[0] * group, (p[-1] + 1) * group)) for p, rows in micro)
-    assert len(micro) == (1 if per_pass == 0 else -(-5 // per_pass))
 
 
 def test_dynamic_sampling_fills_batch_with_informative_groups(tmp_path, peaked_dir, toy_prompts):

@@ -442,10 +442,6 @@ class RolloutConfig(TrainConfig):
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.min_new_tokens)
 
-    def row_tokens(self) -> int:
-        """The bound on a sample's completion tokens (what a micro-batch's size is set from)."""
-        return self.max_new_tokens
-
 
 @dataclasses.dataclass
 class EpisodeConfig(RolloutConfig):
@@ -468,9 +464,6 @@ class EpisodeConfig(RolloutConfig):
         "max_episode_tokens": ("with --env", lambda c: c.env is not None),
         "env_timeout": ("with --env", lambda c: c.env is not None),
     }
-
-    def row_tokens(self) -> int:
-        return self.max_episode_tokens if self.env is not None else super().row_tokens()
 
     def check_inputs(self) -> None:
         if self.env is None:

@@ -40,8 +40,8 @@ import torch
 
 from posttrain.algorithms import common, inputs, loop
 from posttrain.algorithms import grpo
-from posttrain.algorithms.collect import (ScoredBatch, collect_timed, micro_groups,
-                                          review_samples, step_metrics, tokens_of)
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, micro_groups, review_samples, step_metrics,
+                                          tokens_of)
 from posttrain.algorithms.evaluate import greedy_eval_sharded
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.run import Run, RunResult, closes_runs_on_failure
@@ -67,10 +67,9 @@ class DistillConfig(common.RolloutConfig):
     group_size: Annotated[int, Positive] = 4
     """Completions sampled per prompt (no baseline is taken from the group: 1 works; larger groups
     share each prompt's forward pass)."""
-    micro_batch_prompts: Optional[Annotated[int, NonNegative]] = None
-    """Prompts per forward/backward pass (gradient accumulation; 0 = all at once). Changes only
-    memory, speed and float rounding. Default: whole groups up to 8 completions and 4096 completion
-    tokens per pass, at least one group (as GRPO's)."""
+    micro_batch_prompts: Annotated[int, NonNegative] = 1
+    """Prompts per forward/backward pass (gradient accumulation; 0 = all at once). Does not change
+    the result, only memory and speed."""
     clip_low: Optional[Annotated[float, common.ClipRange]] = None
     """Clip: the ratio is kept within [1 - clip_low, 1 + clip_high] (None = the policy loss's default)."""
     clip_high: Optional[Annotated[float, Positive]] = None
@@ -163,7 +162,7 @@ def advantages(policy, teacher, config: DistillConfig, batch: ScoredBatch) -> tu
     sampler's log-probs, and what ``grpo.optimise`` needs (``grpo.Prepared``); plus the distill metrics."""
     r = batch.rollouts
     mask_BC = r.completion_mask_BC.float()
-    micro = micro_groups(r.num_prompts, r.group_size, config.micro_batch_prompts, config.row_tokens())
+    micro = micro_groups(r.num_prompts, r.group_size, config.micro_batch_prompts)
     order = torch.cat([b for _, b in micro])
     parts = [dobj.teacher_scores(teacher, r, rows=mb) for mb, _ in micro]
     teacher_BC = grpo._in_batch_order([p[0] for p in parts], order, mask_BC.shape)

@@ -59,8 +59,8 @@ from typing import Annotated, ClassVar, Literal, Optional
 import torch
 
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect_timed, micro_groups,
-                                          review_samples, sequence_advantages, step_metrics, tokens_of)
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, micro_groups, review_samples,
+                                          sequence_advantages, step_metrics, tokens_of)
 from posttrain.algorithms.optim import OptimizerStep, trainable_params
 from posttrain.algorithms.reference import Reference
 from posttrain.algorithms.evaluate import greedy_eval_sharded
@@ -81,12 +81,11 @@ class GRPOConfig(common.EpisodeConfig):
 
     advantage: Literal["grpo", "dr_grpo", "reinforce_pp", "rloo"] = "grpo"
     """Advantage estimator, an entry of ``advantages.ESTIMATORS`` (see the module docstring)."""
-    micro_batch_prompts: Optional[Annotated[int, NonNegative]] = None
+    micro_batch_prompts: Annotated[int, NonNegative] = 1
     """Prompts per forward/backward pass on each process (gradient accumulation); 0 = all of the
-    process's prompts at once. Changes only memory, speed and float rounding, not the math.
-    Default: whole groups up to 8 completions and 4096 completion tokens per pass, at least one
-    group (``collect.prompts_per_pass``; TRL's default micro-batch is 8): activation memory stays
-    bounded whatever prompts_per_step is, and small groups share a pass."""
+    process's prompts at once. Does not change the result, only memory and speed. Default: one
+    group per pass (group_size rows, TRL's default micro-batch of 8 at the default group size):
+    activation memory is one group's, whatever prompts_per_step is."""
     beta: Annotated[float, NonNegative] = 0.04
     """KL coefficient (k3 estimator in the loss; in the reward for reinforce_pp); 0 = no reference."""
     clip_low: Optional[Annotated[float, common.ClipRange]] = None
@@ -161,7 +160,7 @@ def advantages(policy, reference: Reference | None, config: GRPOConfig, batch: S
     r = batch.rollouts
     estimator = advmod.ESTIMATORS[config.advantage]
     mask_BC = r.completion_mask_BC * batch.valid_B[:, None].to(r.completion_mask_BC.dtype)
-    micro = micro_groups(r.num_prompts, r.group_size, config.micro_batch_prompts, config.row_tokens())
+    micro = micro_groups(r.num_prompts, r.group_size, config.micro_batch_prompts)
     order = torch.cat([b for _, b in micro])
     T = config.temperature
     ref_BC = None
