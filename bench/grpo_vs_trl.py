@@ -92,7 +92,7 @@ class Ours:
         from posttrain.algorithms.reference import Reference
 
         self.grpo = grpo
-        self.cfg = grpo.GRPOConfig(beta=cell["beta"], **self._shape(cell, args))
+        self.cfg = self._config(grpo, cell, args)
         self._load(common)
         self.opt = common.build_optimizer(self.policy, self.cfg, self.cfg.lr)
         self.sched = common.build_scheduler(self.opt, self.cfg)
@@ -106,18 +106,24 @@ class Ours:
         return dict(data="unused", group_size=cell["group"], prompts_per_step=args.prompts, lr=LR, temperature=1.0,
                     max_new_tokens=args.new_tokens, min_new_tokens=forced, **_adapter(cell))
 
+    def _config(self, grpo, cell: dict, args):
+        return grpo.GRPOConfig(beta=cell["beta"], **self._shape(cell, args))
+
     def _load(self, common) -> None:
+        """The policy, the rows and the reward."""
+        from posttrain import rewards as rw
+
         common.start(self.cfg)  # as the trainers: seeds, and on CPU keeps freed memory for reuse
         self.policy, self.tok = common.load_policy(self.cfg)
+        self.rows = [{"prompt": p} for p in prompts(64)]
+        self.reward = rw.from_spec("format(pattern=.*Answer.*)")
 
     def _sampler(self, common) -> None:
-        from posttrain import rewards as rw
         from posttrain.sampling.rollout_model import rollout_model
 
         self.rollout = rollout_model(self.policy, self.cfg.rollout_dtype)  # as the trainers sample
-        self.stream = common.PromptStream([{"prompt": p} for p in prompts(64)], 0)
+        self.stream = common.PromptStream(self.rows, 0)
         self.sampling = self.cfg.sampling()
-        self.reward = rw.from_spec("format(pattern=.*Answer.*)")
         self.gen = torch.Generator().manual_seed(0)
 
     def _collect(self):
@@ -207,6 +213,13 @@ def build_trl(cell: dict, args, max_steps: int, callbacks=()):
                                                           task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=cfg, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=peft_config, callbacks=list(callbacks))
+    return trainer, timed_phases(trainer)
+
+
+def timed_phases(trainer) -> dict:
+    """Time TRL's generation and its generate-and-score stage (the log-prob passes are the
+    difference), and count the tokens the model sampled: its ``_generate`` returns (prompt_ids,
+    completion_ids, tool_mask, ...); with tools, tool_mask marks the model's tokens among them."""
     phases = {"gen": 0.0, "gen_and_score": 0.0, "tokens": 0}
 
     def timed(name, fn, count=False):
@@ -214,8 +227,8 @@ def build_trl(cell: dict, args, max_steps: int, callbacks=()):
             t = time.perf_counter()
             try:
                 out = fn(*a, **k)
-                if count:  # _generate returns (prompt_ids, completion_ids, ...)
-                    phases["tokens"] += sum(len(c) for c in out[1])
+                if count:
+                    phases["tokens"] += sum(map(sum, out[2])) if out[2] is not None else sum(map(len, out[1]))
                 return out
             finally:
                 phases[name] += time.perf_counter() - t
@@ -223,7 +236,7 @@ def build_trl(cell: dict, args, max_steps: int, callbacks=()):
 
     trainer._generate = timed("gen", trainer._generate, count=True)
     trainer._generate_and_score_completions = timed("gen_and_score", trainer._generate_and_score_completions)
-    return trainer, phases
+    return phases
 
 
 # ------------------------------------------------------------------------------------ the workers
@@ -234,12 +247,14 @@ def _send(obj) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
-def worker(framework: str, cell: dict, args) -> None:
+def worker(framework: str, cell: dict, args, ours_table: dict | None = None, build=None) -> None:
     """One framework in its own process: 'ready', then a step per line read from stdin, each
-    reported with the peak memory growth so far."""
+    reported with the peak memory growth so far. ``ours_table`` (name -> our step's class) and
+    ``build`` (TRL's trainer and its phases) default to this bench's."""
     total = args.warmup + args.steps
-    if framework in OURS:
-        ours = OURS[framework](cell, args)
+    ours_table = OURS if ours_table is None else ours_table
+    if framework in ours_table:
+        ours = ours_table[framework](cell, args)
         peak = Peak()
         _send("ready")
         for _ in range(total):
@@ -260,15 +275,16 @@ def worker(framework: str, cell: dict, args) -> None:
             _send({"step": dt, "gen": gen, "logprobs": gs - gen, "update": dt - gs,
                    "tokens": phases["tokens"] - self.p0["tokens"], "peak_mb": peak.mb()})
 
-    trainer, phases = build_trl(cell, args, total, callbacks=[Gate()])
+    trainer, phases = (build or build_trl)(cell, args, total, callbacks=[Gate()])
     peak = Peak()
     _send("ready")
     trainer.train()
 
 
 class Worker:
-    def __init__(self, framework: str, cell: dict, args, started: list):
-        cmd = [sys.executable, __file__, "--worker", framework, "--cell", json.dumps(cell), *_shape_args(args)]
+    def __init__(self, framework: str, cell: dict, args, started: list, script: str | None = None):
+        cmd = [sys.executable, script or __file__, "--worker", framework, "--cell", json.dumps(cell),
+               *_shape_args(args)]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -298,13 +314,13 @@ def _shape_args(args) -> list[str]:
             "--warmup", str(args.warmup)]
 
 
-def measure(cell: dict, args, pair: tuple[str, str] = ("trl", "ours")) -> dict:
-    """One cell: both workers alternating step by step; medians after warm-up and the final peaks.
-    The ratios are the second worker's over the first's."""
+def measure(cell: dict, args, pair: tuple[str, str] = ("trl", "ours"), script: str | None = None) -> dict:
+    """One cell: both workers (of ``script``, default this file) alternating step by step; medians
+    after warm-up and the final peaks. The ratios are the second worker's over the first's."""
     workers = []
     try:
         for name in pair:
-            Worker(name, cell, args, workers)
+            Worker(name, cell, args, workers, script)
         rows = {name: [] for name in pair}
         for _ in range(args.warmup + args.steps):
             for w in workers:
