@@ -40,12 +40,12 @@ def test_ppo_refuses_env_with_task_before_anything_loads(tmp_path):
 
 
 def _grads(policy, critic, cfg, r, ro):
-    from posttrain.algorithms.ppo import minibatch_loss
+    from posttrain.algorithms.ppo import micro_loss, normalisers
 
     for q in list(policy.parameters()) + list(critic.parameters()):
         q.grad = None
-    mb = torch.arange(r.num_prompts)
-    loss = minibatch_loss(policy, critic, cfg, r, ro, mb, torch.arange(r.num_prompts * r.group_size))[0]
+    mb, rows = torch.arange(r.num_prompts), torch.arange(r.num_prompts * r.group_size)
+    loss = micro_loss(policy, critic, cfg, r, ro, normalisers(ro, rows), mb, rows)[0]
     loss.backward()
     params = list(policy.parameters()) + [p for p in critic.parameters() if p.requires_grad]
     return torch.cat([q.grad.flatten() for q in dict.fromkeys(params) if q.grad is not None]).clone()

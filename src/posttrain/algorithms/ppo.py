@@ -77,7 +77,7 @@ import torch
 
 from posttrain.objectives import advantages as advmod
 from posttrain.algorithms import common, inputs, loop
-from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_batches, review_samples,
+from posttrain.algorithms.collect import (ScoredBatch, collect_timed, group_rows, micro_groups, review_samples,
                                           sequence_advantages, step_metrics, tokens_of)
 from posttrain.algorithms.optim import OptimizerStep
 from posttrain.algorithms.ppo_parts import (KLController, build_optimizer, explained_variance, make_value_model,
@@ -143,6 +143,11 @@ class PPOConfig(common.EpisodeConfig):
     minibatches: Annotated[int, Positive] = 1
     """Optimizer steps per pass: the batch's prompts are split into this many shuffled minibatches (each
     process splits its own prompts_per_step / N, so at most that many)."""
+    micro_batch_prompts: Optional[Annotated[int, NonNegative]] = None
+    """Prompts per forward/backward inside a minibatch (gradient accumulation; 0 = the whole
+    minibatch at once). Changes only memory, speed and float rounding, not the math. Default: whole
+    groups up to 8 completions per pass, at least one group (``pass_prompts``): the activations of
+    the policy's and the critic's passes stay those of 8 rows, however large the minibatch."""
     value_model: Literal["auto", "adapter", "separate"] = "auto"
     """Critic: 'adapter' (own LoRA adapter on the policy's base), 'separate' (a second model), 'auto' (adapter with LoRA)."""
     value_lr: Optional[Annotated[float, Positive]] = None
@@ -167,6 +172,19 @@ class PPOConfig(common.EpisodeConfig):
                          "--prompts-per-step", "prompts_per_step")
 
 
+PASS_ROWS = 8
+"""The default micro-batch: whole groups up to this many completions (TRL's default per-device batch)."""
+
+
+def pass_prompts(config: PPOConfig, n_prompts: int, group_size: int) -> int:
+    """Prompts per forward pass: ``micro_batch_prompts`` (default: ``PASS_ROWS`` rows of whole
+    groups), at most a minibatch's."""
+    minibatch = -(-n_prompts // config.minibatches)
+    size = config.micro_batch_prompts
+    size = max(1, PASS_ROWS // group_size) if size is None else size
+    return minibatch if size == 0 else min(size, minibatch)
+
+
 @torch.no_grad()
 def rollout_stats(policy, critic: ValueModel, reference: Reference | None, config: PPOConfig, batch: ScoredBatch,
                   kl_coef: float) -> dict:
@@ -178,8 +196,7 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
     old_BC = torch.zeros(mask_BC.shape)
     ref_BC = torch.zeros(mask_BC.shape)
     v_BC = torch.zeros(mask_BC.shape)
-    for mb in micro_batches(r.num_prompts, -(-r.num_prompts // config.minibatches)):
-        b = group_rows(mb, G)
+    for mb, b in micro_groups(r.num_prompts, G, pass_prompts(config, r.num_prompts, G)):
         old_BC[b] = rollout_logprobs(policy, r, T, rows=mb)
         if reference is not None:
             with reference.model() as ref_model:
@@ -211,12 +228,22 @@ def rollout_stats(policy, critic: ValueModel, reference: Reference | None, confi
             "pg_mask": mask_BC * keep_BC.to(mask_BC.dtype), "weight": weight_BC}
 
 
-def minibatch_loss(policy, critic: ValueModel, config: PPOConfig, r, ro: dict, mb: torch.Tensor, b: torch.Tensor):
-    """The minibatch ``mb`` (prompts; ``b`` their completion rows)'s weighted loss and its parts:
+def normalisers(ro: dict, rows_B: torch.Tensor) -> tuple:
+    """The minibatch ``rows_B``'s normalisers (``losses.reduction_counts``) of the value loss's and
+    the policy loss's masks: over every process (the loss's weights), and this process's (its stats')."""
+    local = (losses.reduction_counts(ro["mask"][rows_B]), losses.reduction_counts(ro["pg_mask"][rows_B]))
+    return tuple(distributed.all_sum(c) for c in local), local
+
+
+def micro_loss(policy, critic: ValueModel, config: PPOConfig, r, ro: dict, whole: tuple, mb: torch.Tensor,
+               b: torch.Tensor):
+    """The micro-batch ``mb`` (prompts; ``b`` their completion rows)'s weighted loss and its stats:
     the policy loss and entropy bonus over ``ro["pg_mask"]``, the value loss over ``ro["mask"]``
-    (model tokens only: environment tokens in an episode are holes in both). Called through DDP's
-    forward in data-parallel runs (``OptimizerStep.forward``)."""
+    (model tokens only: environment tokens in an episode are holes in both), each weighted by its
+    share of the minibatch's ``whole`` normalisers (global, and this process's for the stats).
+    Called through DDP's forward in data-parallel runs (``OptimizerStep.forward``)."""
     m, pm_BC = ro["mask"][b], ro["pg_mask"][b]  # the critic's mask, the policy loss's (corrected)
+    (whole_v, whole_pg), (local_v, local_pg) = whole
     clip = losses.clip_range(config.policy_loss, config.clip_ratio, config.clip_ratio)
     logp, ent = rollout_logprobs(policy, r, config.temperature, with_entropy=True, rows=mb)
     pg, pm = losses.POLICY_LOSSES[config.policy_loss].compute(
@@ -225,23 +252,29 @@ def minibatch_loss(policy, critic: ValueModel, config: PPOConfig, r, ro: dict, m
     ent_loss, em = losses.entropy_bonus(ent, pm_BC, config.entropy_coef, config.reduce, config.max_new_tokens)
     v = critic.values(r, rows=mb)
     vl, vm = losses.value_loss(v, ro["values"][b], ro["returns"][b], m, clip=config.value_clip)
-    # the global minibatch's normalisers, of each loss's mask
-    whole, whole_pg = (distributed.all_sum(losses.reduction_counts(x)) for x in (m, pm_BC))
     w_pg = losses.reduction_share(config.reduce, pm_BC, whole_pg)
-    w_v = losses.reduction_share("token-mean", m, whole)  # the value loss is a token mean
-    return w_pg * (pg + ent_loss) + w_v * config.value_coef * vl, pg, vl, pm, em, vm
+    w_v = losses.reduction_share("token-mean", m, whole_v)  # the value loss is a token mean
+    loss = w_pg * (pg + ent_loss) + w_v * config.value_coef * vl
+    # this process's minibatch statistics: losses by their share, per-token rates by token share
+    s_pg, s_v = losses.reduction_share(config.reduce, pm_BC, local_pg), losses.reduction_share("token-mean", m, local_v)
+    t_pg, t_v = float(pm_BC.sum()) / max(1.0, float(local_pg[0])), float(m.sum()) / max(1.0, float(local_v[0]))
+    stats = {"pg_loss": s_pg * float(pg.detach()), "value_loss": s_v * float(vl.detach()),
+             "clip_frac": t_pg * float(pm["clip_frac"]), "approx_kl": t_pg * float(pm["approx_kl"]),
+             "ratio/mean": t_pg * float(pm["ratio/mean"]), "entropy": t_pg * float(em["entropy"]),
+             "value_clip_frac": t_v * float(vm["value_clip_frac"])}
+    return loss, stats
 
 
 def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, batch: ScoredBatch, ro: dict,
            generator: torch.Generator) -> dict:
     """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches of whole groups;
-    one optimizer update each (``rule``: the policy and the critic clipped separately). Returns the
-    update's metrics (means over the updates taken)."""
+    one optimizer update each (``rule``: the policy and the critic clipped separately), accumulated
+    over micro-batches of ``pass_prompts`` prompts. Returns the update's metrics (means over the
+    updates taken)."""
     r = batch.rollouts
     P, G = r.num_prompts, r.group_size
-    size = -(-P // config.minibatches)
+    size, per_pass = -(-P // config.minibatches), pass_prompts(config, P, G)
     mask_BC, adv_BC = ro["mask"], ro["adv"]
-    loss_of = functools.partial(minibatch_loss, policy, critic, config, r, ro)
     sums: dict[str, float] = {}
     n_steps, nonfinite = 0, 0
     policy.train()
@@ -251,18 +284,23 @@ def update(policy, critic: ValueModel, rule: OptimizerStep, config: PPOConfig, b
         order = torch.randperm(P, generator=generator)
         for i in range(0, P, size):
             mb = order[i:i + size]
-            loss, pg, vl, pm, em, vm = rule.forward(loss_of, mb, group_rows(mb, G))
-            rule.backward(loss)
+            loss_of = functools.partial(micro_loss, policy, critic, config, r, ro, normalisers(ro, group_rows(mb, G)))
+            step = {}
+            for k in range(0, len(mb), per_pass):
+                sub = mb[k:k + per_pass]
+                last = k + per_pass >= len(mb)
+                out = rule.forward(loss_of, sub, group_rows(sub, G), last=last)
+                if out is None:  # a non-finite loss earlier in this update: it will not step
+                    break
+                rule.backward(out[0], 1.0, last)
+                for name, val in {"loss": float(out[0].detach()), **out[1]}.items():
+                    step[name] = step.get(name, 0.0) + val
             (norm_p, norm_v), ok = rule.step()
             if not ok:
                 nonfinite += 1
                 continue
-            stats = {"loss": loss.detach(), "pg_loss": pg.detach(), "value_loss": vl.detach(),
-                     "clip_frac": pm["clip_frac"], "approx_kl": pm["approx_kl"], "ratio/mean": pm["ratio/mean"],
-                     "entropy": em["entropy"], "value_clip_frac": vm["value_clip_frac"], "grad_norm": norm_p,
-                     "value_grad_norm": norm_v}
-            for k, val in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(val)
+            for name, val in {**step, "grad_norm": norm_p, "value_grad_norm": norm_v}.items():
+                sums[name] = sums.get(name, 0.0) + float(val)
             n_steps += 1
     metrics = distributed.reduce_metrics({k: v / max(1, n_steps) for k, v in sums.items()}, sum_keys=["loss"])
     lengths = r.completion_mask_BC.sum(1).float()
