@@ -408,31 +408,39 @@ def main() -> None:
     if args.worker:
         worker(args.worker, json.loads(args.cell), args)
         return
+    grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b)} for g, lo, ln, b in itertools.product(
+        args.groups.split(","), args.loras.split(","), args.lengths.split(","), args.betas.split(","))]
+    print(f"GRPO step, {args.prompts} prompts x group x up to {args.new_tokens} tokens, torch threads "
+          f"{torch.get_num_threads()}, {len(grid)} cells")
+    saved = run_cells(grid, args, key, lambda cell: measure(cell, args), table)
+    print(f"\n{saved['machine'].get('cpu', '')}; targets: time ratio <= 0.5, memory ratio <= 0.7")
+    wanted = {key(c) for c in grid}
+    print(table([r for r in saved["cells"] if key(r["cell"]) in wanted]))
+
+
+def run_cells(grid: list[dict], args, key_of, measure_one, table_of) -> dict:
+    """Measure the cells of ``grid`` missing from ``args.out`` (all of them with ``args.remeasure``),
+    saving the file atomically after each, and return its contents. Exits when the file holds
+    cells of another machine or setup."""
     out = Path(args.out)
     here = machine()
     saved = json.loads(out.read_text()) if out.exists() else {"machine": here, "cells": []}
     if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "trl", "threads")):
         sys.exit(f"{out} holds cells measured on another machine or setup ({saved['machine'].get('cpu')}, torch "
                  f"{saved['machine'].get('torch')}): give another --out")
-    done = set() if args.remeasure else {key(r["cell"]) for r in saved["cells"]}
-    grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b)} for g, lo, ln, b in itertools.product(
-        args.groups.split(","), args.loras.split(","), args.lengths.split(","), args.betas.split(","))]
-    print(f"GRPO step, {args.prompts} prompts x group x up to {args.new_tokens} tokens, torch threads "
-          f"{torch.get_num_threads()}, {len(grid)} cells ({len([c for c in grid if key(c) in done])} already in {out})")
+    done = set() if args.remeasure else {key_of(r["cell"]) for r in saved["cells"]}
     for cell in grid:
-        if key(cell) in done:
+        if key_of(cell) in done:
             continue
         res = {"cell": cell, "prompts": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps,
-               "date": datetime.date.today().isoformat(), "commit": commit(), **measure(cell, args)}
-        saved["cells"] = [r for r in saved["cells"] if key(r["cell"]) != key(cell)] + [res]
+               "date": datetime.date.today().isoformat(), "commit": commit(), **measure_one(cell)}
+        saved["cells"] = [r for r in saved["cells"] if key_of(r["cell"]) != key_of(cell)] + [res]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(saved, indent=1))
         os.replace(tmp, out)
-        print(table([res]).splitlines()[-1], flush=True)
-    print(f"\n{saved['machine'].get('cpu', '')}, {saved['machine']['date']}; targets: time ratio <= 0.5, memory ratio <= 0.7")
-    wanted = {key(c) for c in grid}
-    print(table([r for r in saved["cells"] if key(r["cell"]) in wanted]))
+        print(table_of([res]).splitlines()[-1], flush=True)
+    return saved
 
 
 if __name__ == "__main__":

@@ -27,13 +27,10 @@ usage: python bench/multiturn_vs_trl.py [--groups 8] [--loras all,full] [--lengt
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -163,27 +160,10 @@ def main() -> None:
     if args.worker:
         B.worker(args.worker, json.loads(args.cell), args, ours_table={"ours": OursEnv}, build=build_trl_env)
         return
-    out = Path(args.out)
-    here = B.machine()
-    saved = json.loads(out.read_text()) if out.exists() else {"machine": here, "cells": []}
-    if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "trl", "threads")):
-        sys.exit(f"{out} holds cells measured on another machine or setup: give another --out")
-    done = set() if args.remeasure else {key(r["cell"]) for r in saved["cells"]}
     grid = [{"group": int(g), "lora": lo, "lengths": ln, "beta": float(b), "turns": args.turns}
             for g, lo, ln, b in itertools.product(args.groups.split(","), args.loras.split(","),
                                                  args.lengths.split(","), args.betas.split(","))]
-    for cell in grid:
-        if key(cell) in done:
-            continue
-        res = {"cell": cell, "prompts": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps,
-               "date": datetime.date.today().isoformat(), "commit": B.commit(),
-               **B.measure(cell, args, script=__file__)}
-        saved["cells"] = [r for r in saved["cells"] if key(r["cell"]) != key(cell)] + [res]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, out)
-        print(B.table([res]).splitlines()[-1], flush=True)
+    saved = B.run_cells(grid, args, key, lambda cell: B.measure(cell, args, script=__file__), B.table)
     wanted = {key(c) for c in grid}
     print(f"\n{saved['machine'].get('cpu', '')}: {env_spec({'turns': args.turns})}, {args.prompts} prompts x group, "
           f"up to {args.new_tokens} tokens a turn; targets: time ratio <= 0.5, memory ratio <= 0.7")

@@ -16,12 +16,8 @@ usage: python bench/ppo_vs_grpo.py [--loras all,full] [--epochs 1,4] [--group 8]
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -57,26 +53,9 @@ def main() -> None:
     p.add_argument("--remeasure", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    out = Path(args.out)
-    here = B.machine()
-    saved = json.loads(out.read_text()) if out.exists() else {"machine": here, "cells": []}
-    if any(saved["machine"].get(k) != here.get(k) for k in ("cpu", "cpu_flags", "torch", "threads")):
-        sys.exit(f"{out} holds cells measured on another machine or setup: give another --out")
-    done = set() if args.remeasure else {key(r["cell"]) for r in saved["cells"]}
     grid = [{"group": args.group, "lora": lo, "lengths": "forced", "beta": 0.04, "ppo_epochs": int(e)}
             for lo, e in itertools.product(args.loras.split(","), args.epochs.split(","))]
-    for cell in grid:
-        if key(cell) in done:
-            continue
-        res = {"cell": cell, "prompts": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps,
-               "date": datetime.date.today().isoformat(), "commit": B.commit(),
-               **B.measure(cell, args, pair=("ours", "ppo"))}
-        saved["cells"] = [r for r in saved["cells"] if key(r["cell"]) != key(cell)] + [res]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, out)
-        print(table([res]).splitlines()[-1], flush=True)
+    saved = B.run_cells(grid, args, key, lambda cell: B.measure(cell, args, pair=("ours", "ppo")), table)
     wanted = {key(c) for c in grid}
     print(f"\n{saved['machine'].get('cpu', '')}; ratios are PPO's over GRPO's (forced {args.new_tokens} tokens, "
           f"{args.prompts} prompts x {args.group}, KL 0.04)")
