@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.doctrine.doctor.rules.format import STOCK_PHRASES, closing_line, echoes
-from posttrain.runtime.tracking import RunFileError, read_jsonl
+from posttrain.runtime.tracking import bad_line, read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 _TURN = re.compile(rf"^\[({'|'.join(ROLES)})\] ", re.MULTILINE)
@@ -209,8 +209,7 @@ class SampleLog:
         except ValueError:
             record = None
         if not isinstance(record, dict):
-            raise RunFileError(f"{self.path}:{self.lines}: not a JSON object ({line[:60]!r}); the file was edited or "
-                               "damaged: fix or delete that line")
+            raise bad_line(self.path, self.lines, line)
         return record
 
 

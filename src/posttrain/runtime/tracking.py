@@ -179,6 +179,12 @@ def note_once(path: Path, message: str) -> None:
         print(f"note: {message}", file=sys.stderr)
 
 
+def bad_line(path: str | Path, number: int, line: str) -> RunFileError:
+    """The error for line ``number`` of a run file that is not a JSON object."""
+    return RunFileError(f"{path}:{number}: not a JSON object ({line[:60]!r}); the file was edited or damaged: "
+                        "fix or delete that line")
+
+
 def read_lines(path: str | Path) -> tuple[list[tuple[str, dict]], bool]:
     """The records of a JSON-lines run file as (line, record) pairs, and whether a torn last line
     (written in part when the run was killed: no newline at its end, not JSON) was left out. Any
@@ -199,8 +205,7 @@ def read_lines(path: str | Path) -> tuple[list[tuple[str, dict]], bool]:
         if not isinstance(record, dict):
             if number == len(lines):  # the last line, without its newline: torn by a kill
                 return out, True
-            raise RunFileError(f"{path}:{number}: not a JSON object ({line[:60]!r}); the file was edited or damaged: "
-                               f"fix or delete that line")
+            raise bad_line(path, number, line)
         out.append((line, record))
     return out, False
 
