@@ -92,9 +92,13 @@ def test_models_it_does_not_cover_decode_through_transformers():
     for override in (dict(attention_bias=True), dict(mlp_bias=True), dict(hidden_act="gelu")):
         policy, _ = tiny_model(seed=0, **override)
         assert not lean_decode.supports(policy.config)
-        assert not hasattr(RolloutModel(policy, torch.bfloat16).model, "lean_decoder")
+        copy_ = RolloutModel(policy, torch.bfloat16).model
+        assert not hasattr(copy_, "lean_decoder")
+        assert copy_.config._attn_implementation == "eager"  # every step through transformers: eager is faster
     policy, _ = tiny_model(seed=0)
     assert lean_decode.supports(policy.config)
+    # the lean step's attention is torch's fused kernel: the copy pre-fills with the same one
+    assert RolloutModel(policy, torch.bfloat16).model.config._attn_implementation == "sdpa"
     assert not hasattr(RolloutModel(policy, torch.float32).model, "lean_decoder")  # float32: the policy itself
 
 

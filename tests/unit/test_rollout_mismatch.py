@@ -102,9 +102,10 @@ def test_tis_gradient_is_the_loss_weighted_by_truncated_ratios(tmp_path, peaked_
 
 
 def test_masking_kind_normalisers_are_the_corrected_masks(tmp_path, peaked_dir, toy_prompts):
-    # a narrow band drops some bfloat16 tokens; the old log-probs come from one extra no-grad pass
+    # a band of +-2% (about the spread of bfloat16's log-prob error on this model, |log r| ~ 2e-2)
+    # drops some tokens and keeps others; the old log-probs come from one extra no-grad pass
     cfg = _cfg(tmp_path, peaked_dir, toy_prompts, rollout_dtype="bfloat16", rollout_correction="token_mask",
-               rollout_correction_low=0.998, rollout_correction_high=1.002, micro_batch_prompts=1)
+               rollout_correction_low=0.98, rollout_correction_high=1.02, micro_batch_prompts=1)
     policy, rule, batch = _setup(cfg)
     p = grpo.advantages(policy, None, cfg, batch)
     r = batch.rollouts
@@ -112,7 +113,7 @@ def test_masking_kind_normalisers_are_the_corrected_masks(tmp_path, peaked_dir, 
     with torch.no_grad():
         start = rollout_logprobs(policy, r, cfg.temperature)
     ratio = torch.exp(start - r.sample_logp_BC)
-    keep = ((ratio >= 0.998) & (ratio <= 1.002)).to(valid.dtype)
+    keep = ((ratio >= 0.98) & (ratio <= 1.02)).to(valid.dtype)
     torch.testing.assert_close(p.mask_BC, valid * keep)
     dropped = float(((valid != 0) & (keep == 0)).sum())
     assert 0 < dropped < float(valid.sum())
