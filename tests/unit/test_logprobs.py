@@ -308,6 +308,35 @@ def test_module_head_gradcheck(with_entropy):
     assert torch.autograd.gradcheck(f, tuple(x.requires_grad_() for x in (h, W, A, B)), fast_mode=True)
 
 
+@pytest.mark.parametrize("head_kind", ["linear", "module"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_shifted_logprobs_are_the_entropy_passes_to_the_bit(head_kind, grad):
+    """`shifted` (GRPO's reference pass) gives the log-probs of the entropy pass (the policy's) to
+    the bit, without computing an entropy; the plain pass rounds differently, which is why it exists."""
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 64, 32, 3001
+    h = torch.randn(N, H, generator=g) * 3
+    W = torch.randn(V, H, generator=g)
+    tok = torch.randint(0, V, (N,), generator=g)
+    head = nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(W)
+    if head_kind == "module":
+        head = nn.Sequential(head)
+    with torch.set_grad_enabled(grad):
+        x = h.clone().requires_grad_(grad)
+        with_ent, ent = head_logprobs(head, x, tok, chunk_size=24, with_entropy=True)
+        shifted, none = head_logprobs(head, x, tok, chunk_size=24, shifted=True)
+        plain, _ = head_logprobs(head, x, tok, chunk_size=24)
+    assert none is None and ent is not None
+    assert torch.equal(shifted, with_ent)
+    assert not torch.equal(plain, with_ent)  # measured: they differ in the last bits
+    if grad:  # and it is differentiable like the others
+        (gs,) = torch.autograd.grad(shifted.sum(), x)
+        (gp,) = torch.autograd.grad(plain.sum(), x)
+        torch.testing.assert_close(gs, gp)
+
+
 class _Call(nn.Module):
     def __init__(self, model, ids, am, cm, **kw):
         super().__init__()

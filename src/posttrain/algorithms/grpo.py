@@ -165,10 +165,10 @@ def advantages(policy, reference: Reference | None, config: GRPOConfig, batch: S
     T = config.temperature
     ref_BC = None
     if reference is not None:
-        # with_entropy=True: the same arithmetic as the policy's pass in `optimise`, so an unchanged
-        # policy has a KL of exactly 0 (the entropy path computes log-probs on shifted logits)
+        # shifted=True: the log-probs of the policy's entropy pass in `optimise` (computed on shifted
+        # logits) to the bit, so an unchanged policy has a KL of exactly 0; the entropy is not needed
         with reference.model() as ref_model:
-            ref_BC = _in_batch_order([rollout_logprobs(ref_model, r, T, with_entropy=True, rows=mb)[0]
+            ref_BC = _in_batch_order([rollout_logprobs(ref_model, r, T, rows=mb, shifted=True)
                                       for mb, _ in micro], order, mask_BC.shape)
     kl_in_reward = estimator.kl == "reward" and ref_BC is not None
     old_BC = None

@@ -80,11 +80,13 @@ def rollout_logprobs(
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     rows: torch.Tensor | None = None,
+    shifted: bool = False,
 ):
     """``logp_BC`` (and ``entropy_BC``) of the completion tokens of ``rollouts`` under ``model``.
 
     ``rows`` selects whole groups (a micro-batch): indices of prompts; default all. Values are 0
-    where the completion mask is 0. Differentiable when grad is enabled."""
+    where the completion mask is 0. Differentiable when grad is enabled. ``shifted``: the log-probs
+    of the ``with_entropy`` pass to the bit, without its entropy (``logprobs.head_logprobs``)."""
     T = temperature if temperature > 0 else 1.0
     split = split_model(model)
     if isinstance(split, str):
@@ -95,7 +97,7 @@ def rollout_logprobs(
     b_N, t_N = cmask_BC.bool().nonzero(as_tuple=True)
     h_NH = h_BCH[b_N, t_N]
     transform = then_scale(transform, 1.0 / T)  # after the model's own transform, as the sampler does
-    logp_N, ent_N = head_logprobs(head, h_NH, comp_BC[b_N, t_N], chunk_size, with_entropy, transform)
+    logp_N, ent_N = head_logprobs(head, h_NH, comp_BC[b_N, t_N], chunk_size, with_entropy, transform, shifted)
     B, C = comp_BC.shape
     logp_BC = logp_N.new_zeros((B, C)).index_put((b_N, t_N), logp_N)
     if not with_entropy:

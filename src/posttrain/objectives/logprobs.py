@@ -129,14 +129,16 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None):
+def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None,
+                    shift=False):
     """Chunked forward: returns logp_N, entropy_N, lse_N, m_N, ezs_N, dh_NH, probs (None when not
     computed).
 
-    With `with_entropy` the logits z are shifted by their row max m first (m_N), and then
-    ``lse = logsumexp(z - m)`` (>= 0), ``ezs = sum softmax(z) * (z - m)`` (<= 0) and
-    ``entropy = lse - ezs``: two non-negative terms, accurate in float32. Without it, lse is
-    ``logsumexp(z)`` and m_N is None.
+    With `with_entropy` (or `shift`) the logits z are shifted by their row max m first (m_N), and
+    then ``lse = logsumexp(z - m)`` (>= 0), and with `with_entropy` ``ezs = sum softmax(z) * (z - m)``
+    (<= 0) and ``entropy = lse - ezs``: two non-negative terms, accurate in float32. Without either,
+    lse is ``logsumexp(z)`` and m_N is None. `shift` alone gives the log-probs of the entropy pass to
+    the bit, without the entropy's work.
     ``dh_NH`` = d logp / d h = (onehot(y) - softmax(z)) @ W, only when `precompute` (frozen head).
     ``probs``: the list of softmax(z) chunks, only when `keep_probs`.
     With a logit transform `tf` (`models.split.LogitTransform`), z above is tf(W h + b), and
@@ -147,7 +149,8 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
     lse_N = torch.empty_like(logp_N)
     ent_N = torch.empty_like(logp_N) if with_entropy else None
     ezs_N = torch.empty_like(logp_N) if with_entropy else None
-    m_N = torch.empty_like(logp_N) if with_entropy else None
+    shift = shift or with_entropy
+    m_N = torch.empty_like(logp_N) if shift else None
     dh_NH = torch.empty_like(h_NH) if precompute else None
     probs = [] if keep_probs else None
     for s, e in _chunks(N, chunk_size):
@@ -155,7 +158,7 @@ def _linear_forward(h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute
         slope = None
         if tf is not None:
             z_CV, slope = tf.value_and_slope(z_CV)
-        if with_entropy:
+        if shift:
             m_C1 = z_CV.max(dim=-1, keepdim=True).values
             m_N[s:e] = m_C1.squeeze(1)
             z_CV.sub_(m_C1)  # z - m from here on
@@ -195,9 +198,10 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None):
+    def forward(ctx, h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs=False, tf=None,
+                shift=False):
         logp_N, ent_N, lse_N, m_N, ezs_N, dh_NH, probs = _linear_forward(
-            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs, tf
+            h_NH, W_VH, b_V, tok_N, chunk_size, with_entropy, precompute, keep_probs, tf, shift
         )
         ctx.tf = tf
         ctx.probs = probs
@@ -221,7 +225,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             grad_h = g_logp_N[:, None].to(dh_NH.dtype) * dh_NH
             g_logp_N = None  # its part of the gradient is done
         if g_logp_N is None and g_ent_N is None:
-            return grad_h, None, None, None, None, None, None, None, None
+            return grad_h, None, None, None, None, None, None, None, None, None
         if need_h and grad_h is None:
             grad_h = torch.zeros_like(h_NH)
         if need_W:
@@ -263,7 +267,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 dz_CV = dz_CV.mul_(slope)
                 del slope
             _accumulate(dz_CV.to(W_VH.dtype), h_CH, W_VH, grad_h, grad_W, grad_b, s, e)
-        return grad_h, grad_W, grad_b, None, None, None, None, None, None
+        return grad_h, grad_W, grad_b, None, None, None, None, None, None, None
 
 
 def _accumulate(dz_CV, h_CH, W_VH, grad_h, grad_W, grad_b, s, e) -> None:
@@ -280,9 +284,9 @@ def _accumulate(dz_CV, h_CH, W_VH, grad_h, grad_W, grad_b, s, e) -> None:
 # The chunked head for any module
 
 
-def _logp_entropy(z_CV: torch.Tensor, tok_C: torch.Tensor, with_entropy: bool):
+def _logp_entropy(z_CV: torch.Tensor, tok_C: torch.Tensor, with_entropy: bool, shift: bool = False):
     z_CV = z_CV.to(_out_dtype(z_CV.dtype))
-    if with_entropy:  # shift by the max: see _linear_forward
+    if with_entropy or shift:  # shift by the max: see _linear_forward
         z_CV = z_CV - z_CV.max(dim=-1, keepdim=True).values.detach()
     lse_C = torch.logsumexp(z_CV, dim=-1)
     logp_C = z_CV.gather(1, tok_C[:, None]).squeeze(1) - lse_C
@@ -291,17 +295,17 @@ def _logp_entropy(z_CV: torch.Tensor, tok_C: torch.Tensor, with_entropy: bool):
     return logp_C, lse_C - (torch.softmax(z_CV, dim=-1) * z_CV).sum(-1)
 
 
-def _module_chunk(head, h_CH, tok_C, with_entropy, tf=None):
+def _module_chunk(head, h_CH, tok_C, with_entropy, tf=None, shift=False):
     z_CV = head(h_CH)
-    return _logp_entropy(z_CV if tf is None else tf(z_CV.to(_out_dtype(z_CV.dtype))), tok_C, with_entropy)
+    return _logp_entropy(z_CV if tf is None else tf(z_CV.to(_out_dtype(z_CV.dtype))), tok_C, with_entropy, shift)
 
 
-def _module_head(head, h_NH, tok_N, chunk_size, with_entropy, grad, tf=None):
+def _module_head(head, h_NH, tok_N, chunk_size, with_entropy, grad, tf=None, shift=False):
     """Call `head` on chunks of rows; with `grad`, each chunk under non-reentrant activation
     checkpointing (its logits are recomputed in backward, RNG state included for dropout)."""
     logps, ents = [], []
     for s, e in _chunks(h_NH.shape[0], chunk_size):
-        args = (head, h_NH[s:e], tok_N[s:e], with_entropy, tf)
+        args = (head, h_NH[s:e], tok_N[s:e], with_entropy, tf, shift)
         if grad:
             lp, en = checkpoint(_module_chunk, *args, use_reentrant=False)
         else:
@@ -326,10 +330,13 @@ def head_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
     transform: LogitTransform | None = None,
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log softmax(transform(head(h)))[tok]`` (and the entropy) for each row of `h_NH`, chunked
     over rows (`transform`: the model's logit transform from `split_model`, then the temperature;
-    None: the identity).
+    None: the identity). `shifted`: the log-probs as the entropy pass computes them (on the logits
+    less their row max), to the bit, without the entropy (a reference pass whose log-probs must
+    equal the policy's entropy pass at equal weights).
 
     Plain ``nn.Linear`` heads go through `_ChunkedLinearLogprob`; other modules are called per chunk
     under activation checkpointing. Returns ``(logp_N, entropy_N or None)`` in float32 (float64 for
@@ -346,15 +353,16 @@ def head_logprobs(
         )
         if not grad:
             with torch.no_grad():
-                logp, ent = _linear_forward(h_NH, W, b, tok_N, chunk_size, with_entropy, False, tf=tf)[:2]
+                logp, ent = _linear_forward(h_NH, W, b, tok_N, chunk_size, with_entropy, False, tf=tf, shift=shifted)[:2]
             return logp, ent
         precompute = h_NH.requires_grad and not W.requires_grad and (b is None or not b.requires_grad)
         probs_bytes = h_NH.shape[0] * W.shape[0] * _out_dtype(h_NH.dtype).itemsize
         keep = not precompute and tf is None and probs_bytes <= KEEP_PROBS_MAX_BYTES  # (tf: the slope needs z)
-        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute, keep, tf)
+        logp, ent = _ChunkedLinearLogprob.apply(h_NH, W, b, tok_N, chunk_size, with_entropy, precompute, keep, tf,
+                                                shifted)
         return logp, (ent if with_entropy else None)
     # a module may use tensors that are not its parameters: checkpoint whenever grad mode is on
-    return _module_head(head, h_NH, tok_N, chunk_size, with_entropy, torch.is_grad_enabled(), tf)
+    return _module_head(head, h_NH, tok_N, chunk_size, with_entropy, torch.is_grad_enabled(), tf, shifted)
 
 
 # ---------------------------------------------------------------------------------------------
