@@ -241,7 +241,8 @@ def test_pure_scales_take_the_plain_path(model_type, monkeypatch):
 
     seen = []
     real = lp_mod._ChunkedLinearLogprob.apply
-    monkeypatch.setattr(lp_mod._ChunkedLinearLogprob, "apply", lambda *a: seen.append(a[-1]) or real(*a))
+    # apply(h, W, b, tok, chunk_size, with_entropy, precompute, keep_probs, tf, shifted): a[8] is the transform
+    monkeypatch.setattr(lp_mod._ChunkedLinearLogprob, "apply", lambda *a: seen.append(a[8]) or real(*a))
     model = build(model_type)
     rollout_logprobs(model, rollouts(), 0.7)
     assert seen == [None]
