@@ -16,10 +16,10 @@ same step from the layers' weights directly:
   * attention through torch's fused kernel (`scaled_dot_product_attention`: scores, softmax and the
     weighted sum in float32, rounded to bfloat16 once), as transformers' ``sdpa`` attention computes
     it, which is why the copy runs ``sdpa`` (`rollout_model.ATTENTION`). The plain matmul path
-    (eager) was 2.5-3x slower here: on a CPU, a matmul over the cache's views (a buffer with room
-    for more tokens) copies the keys and values into a packed tensor first, every layer, every step
-    (measured, 16 rows x ~100 cached tokens: 198 us a layer against 76 us; g=8 sampling
-    3.09 s -> 2.77 s).
+    (eager) took 1.9-3.5x as long (8-32 rows, 40-160 cached tokens): on a CPU, a matmul over the
+    cache's views (a buffer with room for more tokens) copies the keys and values into a packed
+    tensor first, every layer, every step (16 rows x ~100 cached tokens: 198 us a layer against
+    76 us; g=8 sampling 3.09 s -> 2.77 s).
 Results equal transformers' ``sdpa`` step up to bfloat16 rounding (the fused matmuls group the same
 sums differently); `tests/unit/test_lean_decode.py` checks the logits over several steps, padding
 and dropped rows included.
