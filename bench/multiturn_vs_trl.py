@@ -166,7 +166,8 @@ def main() -> None:
     saved = B.run_cells(grid, args, key, lambda cell: B.measure(cell, args, script=__file__), B.table)
     wanted = {key(c) for c in grid}
     print(f"\n{saved['machine'].get('cpu', '')}: {env_spec({'turns': args.turns})}, {args.prompts} prompts x group, "
-          f"up to {args.new_tokens} tokens a turn; targets: time ratio <= 0.5, memory ratio <= 0.7")
+          f"up to {args.new_tokens} tokens a turn; targets (bold where met): time ratio <= "
+          f"{B.TARGETS_MET['time_ratio']}, memory ratio <= {B.TARGETS_MET['memory_ratio']}")
     print(B.table([r for r in saved["cells"] if key(r["cell"]) in wanted]))
 
 
